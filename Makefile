@@ -1,0 +1,34 @@
+# The two commands in README.md are `make demo` and `make test`.
+# Both create ./.venv on first use (CPU torch pinned), so a fresh clone needs
+# nothing but python3 (3.10+) and make.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# CPU build that lies on this kind of machine; GPU users: see README.
+TORCH_SPEC ?= torch==2.13.0
+CORES  ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: setup demo test jsrt clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES)
+
+jsrt: setup
+	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES) \
+	    --configfile config/jsrt.yaml --config data_root=$(abspath ../shared/data/jsrt-scr-fold1)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf results logs .snakemake

@@ -1,0 +1,3 @@
+from medseg.cli import main
+
+raise SystemExit(main())

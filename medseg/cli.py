@@ -1,0 +1,3 @@
+"""Command-line interface: `medseg <stage> ...`."""
+def main(argv=None) -> int:
+    return 0

@@ -1,0 +1,18 @@
+"""Errors raised for bad input. Each names the file and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(Exception):
+    """An input file cannot be used.
+
+    The message always starts with the file's path so that a batch report
+    points the user straight at the bad file.
+    """
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
