@@ -1,3 +1,233 @@
-"""Command-line interface: `medseg <stage> ...`."""
-def main(argv=None) -> int:
-    return 0
+"""Command-line interface: ``medseg <stage> [options]``.
+
+Each stage is usable on its own; the Snakemake rules call these commands.
+Exit status: 0 success, 1 some inputs failed (listed at the end and in a
+failures file), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from medseg import __version__
+
+log = logging.getLogger("medseg")
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+
+
+def _csv_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _label_values(text: str) -> dict[int, str]:
+    """'1=heart,2=left_lung' -> {1: 'heart', 2: 'left_lung'}."""
+    table = {}
+    for item in _csv_list(text):
+        value, _, name = item.partition("=")
+        if not name or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected VALUE=STRUCTURE, got {item!r}")
+        table[int(value)] = name.strip()
+    return table
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_read_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reading images without metadata (PNG/JPEG/TIFF)")
+    group.add_argument("--invert", action="store_true",
+                       help="PNG/JPEG/TIFF are stored white-is-zero (bone dark), e.g. the JSRT PNGs")
+    group.add_argument("--pixel-spacing", type=float, default=1.0, metavar="MM",
+                       help="pixel spacing for PNG/JPEG/TIFF, and fallback for DICOM without one (default 1.0)")
+    group.add_argument("--no-voi", action="store_true", help="do not apply the DICOM VOI LUT / window")
+
+
+def _read_options(args: argparse.Namespace):
+    from medseg.ingest.types import ReadOptions
+
+    return ReadOptions(invert=args.invert, pixel_spacing_mm=args.pixel_spacing, apply_voi=not args.no_voi)
+
+
+def cmd_phantoms(args: argparse.Namespace) -> int:
+    from medseg.phantoms.write import write_phantom_dataset
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            log.info("phantoms %d/%d", done, total)
+
+    ids = write_phantom_dataset(
+        Path(args.out), n=args.n, seed=args.seed, shape=(args.height, args.width),
+        pixel_spacing_mm=args.pixel_spacing, progress=progress,
+    )
+    log.info("wrote %d phantoms to %s", len(ids), args.out)
+    return EXIT_OK
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Read files and print what the pipeline sees (one JSON line each)."""
+    from medseg.batch import report_failures, run_batch
+    from medseg.ingest import load_image
+    from medseg.preprocessing.preprocess import list_image_files
+
+    files = [f for item in args.inputs for f in list_image_files(item)]
+    options = _read_options(args)
+
+    def describe(path: Path) -> dict:
+        image = load_image(path, options)
+        return {
+            "case_id": image.case_id,
+            "source": image.source,
+            "format": image.source_format,
+            "shape": list(image.shape),
+            "spacing_mm": list(image.spacing_mm),
+            "spacing_source": image.spacing_source,
+            "photometric": image.photometric,
+            "min": float(image.pixels.min()),
+            "max": float(image.pixels.max()),
+        }
+
+    results, failures = run_batch(files, describe, label="ingest")
+    for record in results:
+        print(json.dumps(record))
+    report_failures(failures, len(files), "ingest")
+    return EXIT_FAILURES if failures else EXIT_OK
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
+
+    try:
+        spec = DatasetSpec(
+            images=Path(args.images),
+            masks_root=Path(args.masks) if args.masks else None,
+            mask_format=args.mask_format,
+            structures=tuple(args.structures),
+            label_values=args.label_values or {},
+            read_options=_read_options(args),
+            case_id_from=args.case_id_from,
+        )
+    except ValueError as err:
+        log.error("%s", err)
+        return EXIT_USAGE
+    settings = PreprocessSettings(size=args.size, lower_percentile=args.lower_percentile,
+                                  upper_percentile=args.upper_percentile)
+    result = preprocess_dataset(spec, settings, args.out, workers=args.workers)
+    log.info("manifest: %s (%d cases); failures: %s (%d)", result.manifest_path, len(result.rows),
+             result.failures_path, len(result.failures))
+    if result.failures and not args.tolerate_failures:
+        return EXIT_FAILURES
+    return EXIT_OK
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from medseg.preprocessing.manifest import read_manifest
+    from medseg.preprocessing.splits import make_splits, write_splits
+
+    case_ids = read_manifest(args.manifest)["case_id"].tolist()
+    try:
+        splits = make_splits(case_ids, args.scheme, k=args.k, seed=args.seed, val_fraction=args.val_fraction)
+    except ValueError as err:
+        log.error("%s: %s", args.manifest, err)
+        return EXIT_USAGE
+    write_splits(args.out, splits)
+    for fold in splits["folds"]:
+        log.info("fold %d: %d train, %d val, %d test", fold["fold"], len(fold["train"]), len(fold["val"]), len(fold["test"]))
+    return EXIT_OK
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from medseg.preprocessing.preview import preview_manifest
+
+    labels = json.loads(args.labels) if args.labels else None
+    n = preview_manifest(args.manifest, args.out, max_cases=args.max_cases, **({"labels": labels} if labels else {}))
+    log.info("drew %d cases into %s", n, args.out)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medseg.preprocessing.splits import SPLIT_SCHEMES
+    from medseg.structures import SCR_STRUCTURES
+
+    parser = argparse.ArgumentParser(prog="medseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("phantoms", help="write synthetic chest radiographs (DICOM) with SCR-layout masks")
+    p.add_argument("--out", required=True, help="output folder (gets images/ and masks/<structure>/)")
+    p.add_argument("--n", type=_positive_int, default=24, help="number of phantoms (default 24)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=_positive_int, default=512)
+    p.add_argument("--width", type=_positive_int, default=512)
+    p.add_argument("--pixel-spacing", type=float, default=0.7, metavar="MM")
+    p.set_defaults(func=cmd_phantoms)
+
+    p = sub.add_parser("ingest", help="read images and print what the pipeline sees (JSON lines)")
+    p.add_argument("inputs", nargs="+", help="files or folders (searched recursively)")
+    _add_read_options(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("preprocess", help="images (+ masks) -> NIfTI at a square size + manifest.csv")
+    p.add_argument("--images", required=True, help="image file or folder (recursive; DICOM may lack an extension)")
+    p.add_argument("--masks", help="mask folder: SCR layout (<structure>/<ID>.gif) or label images (<ID>.png/.nii.gz)")
+    p.add_argument("--mask-format", choices=["scr", "label_image"], default="scr")
+    p.add_argument("--structures", type=_csv_list, default=list(SCR_STRUCTURES),
+                   help=f"source structures, comma-separated (default {','.join(SCR_STRUCTURES)})")
+    p.add_argument("--label-values", type=_label_values,
+                   help="for label images: VALUE=STRUCTURE,... e.g. 1=heart,2=left_lung")
+    p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename")
+    p.add_argument("--size", type=_positive_int, default=256, help="square output side in pixels (default 256)")
+    p.add_argument("--lower-percentile", type=float, default=0.5)
+    p.add_argument("--upper-percentile", type=float, default=99.5)
+    p.add_argument("--workers", type=_positive_int, default=1, help="processes (default 1)")
+    p.add_argument("--tolerate-failures", action="store_true",
+                   help="exit 0 even if some inputs failed (they are still listed in failures.csv)")
+    p.add_argument("--out", required=True, help="output folder (images/, labels/, manifest.csv, failures.csv)")
+    _add_read_options(p)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("split", help="train/val/test splits from a manifest (k-fold or SCR's official folds)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--scheme", choices=SPLIT_SCHEMES, default="kfold")
+    p.add_argument("--k", type=int, default=5, help="folds for kfold (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--out", required=True, help="splits JSON")
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("preview", help="contact sheet PNG of preprocessed cases with label overlays")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("--max-cases", type=_positive_int, default=12)
+    p.add_argument("--labels", help='label groups as JSON, e.g. \'{"lungs": ["left_lung", "right_lung"]}\'')
+    p.set_defaults(func=cmd_preview)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except FileNotFoundError as err:
+        log.error("%s", err)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Run one function over many inputs; a bad input never stops the batch.
+
+Failures are collected with the file and the reason, reported at the end and
+written to a CSV, so the caller can set an exit status that says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from medseg.atomic import write_text_atomic
+from medseg.errors import InputError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One input that could not be processed."""
+
+    file: str
+    problem: str
+
+
+def _guarded(work: Callable[[T], R], item: T) -> tuple[R | None, Failure | None]:
+    try:
+        return work(item), None
+    except InputError as err:
+        return None, Failure(err.path, err.problem)
+    except Exception as err:  # noqa: BLE001 - an unexpected error in one file must not stop the others
+        return None, Failure(str(item), f"{type(err).__name__}: {err}")
+
+
+class _Guard:
+    """Picklable wrapper so the guard runs inside worker processes."""
+
+    def __init__(self, work: Callable) -> None:
+        self.work = work
+
+    def __call__(self, item):
+        return _guarded(self.work, item)
+
+
+def run_batch(
+    items: Sequence[T],
+    work: Callable[[T], R],
+    *,
+    label: str,
+    workers: int = 1,
+) -> tuple[list[R], list[Failure]]:
+    """Apply ``work`` to every item, logging progress as ``label k/N``.
+
+    Args:
+        items: inputs, usually file paths.
+        work: a picklable callable (module-level function or partial) when
+            ``workers > 1``.
+        label: what is being done, shown in progress lines.
+        workers: processes to use; 1 runs in this process.
+
+    Returns:
+        (results of the items that succeeded, in input order; failures).
+    """
+    total = len(items)
+    results: list[R] = []
+    failures: list[Failure] = []
+    start = time.perf_counter()
+    outcomes: Iterable[tuple[R | None, Failure | None]]
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and total > 1 else None
+    try:
+        guard = _Guard(work)
+        outcomes = pool.map(guard, items, chunksize=4) if pool else map(guard, items)
+        for done, (result, failure) in enumerate(outcomes, start=1):
+            elapsed = time.perf_counter() - start
+            eta = elapsed / done * (total - done)
+            name = Path(str(items[done - 1])).name
+            if failure is None:
+                results.append(result)  # type: ignore[arg-type]
+                log.info("%s %d/%d %s ok (%.1f s elapsed, ETA %.0f s)", label, done, total, name, elapsed, eta)
+            else:
+                failures.append(failure)
+                log.warning("%s %d/%d %s FAILED: %s", label, done, total, name, failure.problem)
+    finally:
+        if pool:
+            pool.shutdown()
+    return results, failures
+
+
+def write_failures(path: str | Path, failures: Sequence[Failure]) -> None:
+    """Write failures as CSV (columns: file, problem), header only when none."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["file", "problem"])
+    for failure in failures:
+        writer.writerow([failure.file, failure.problem])
+    write_text_atomic(path, buffer.getvalue())
+
+
+def report_failures(failures: Sequence[Failure], total: int, label: str) -> None:
+    """Log the end-of-batch summary, listing every failure."""
+    if not failures:
+        log.info("%s: all %d inputs succeeded", label, total)
+        return
+    log.error("%s: %d of %d inputs failed:", label, len(failures), total)
+    for failure in failures:
+        log.error("  %s: %s", failure.file, failure.problem)

@@ -1,0 +1,58 @@
+"""The per-dataset manifest: one row per preprocessed case (CSV)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from medseg.atomic import atomic_path
+
+# Columns a manifest must have; more may follow.
+MANIFEST_COLUMNS = (
+    "case_id",
+    "image",
+    "label",
+    "source",
+    "source_format",
+    "mask_source",
+    "structures",
+    "photometric",
+    "spacing_source",
+    "original_rows",
+    "original_cols",
+    "spacing_row_mm",
+    "spacing_col_mm",
+    "resized_rows",
+    "resized_cols",
+    "pad_top",
+    "pad_left",
+    "size",
+    "preprocessed_spacing_mm",
+    "scr_fold",
+)
+
+
+def write_manifest(path: str | Path, rows: Sequence[dict]) -> None:
+    """Write rows as CSV atomically, columns in :data:`MANIFEST_COLUMNS` order."""
+    frame = pd.DataFrame(list(rows), columns=list(MANIFEST_COLUMNS))
+    frame = frame.sort_values("case_id", kind="stable")
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest; ``image``/``label`` stay relative to its folder."""
+    frame = pd.read_csv(path, dtype={"case_id": str, "label": str, "scr_fold": str}, keep_default_na=False)
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: not a medseg manifest, missing columns {missing}")
+    return frame
+
+
+def manifest_fingerprint(path: str | Path) -> str:
+    """SHA-256 of the manifest's content columns (not machine-specific paths)."""
+    frame = read_manifest(path).drop(columns=["source", "mask_source"])
+    return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()

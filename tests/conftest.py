@@ -1,0 +1,29 @@
+"""Shared fixtures: repository paths and the optional shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the project, or $MEDSEG_SHARED_DATA."""
+    env = os.environ.get("MEDSEG_SHARED_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def jsrt_root() -> Path:
+    root = shared_data_dir() / "jsrt-scr-fold1"
+    if not (root / "images").is_dir():
+        pytest.skip(f"JSRT/SCR data not present at {root}")
+    return root
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT

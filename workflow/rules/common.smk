@@ -1,0 +1,76 @@
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+
+validate(config, "../schemas/config.schema.yaml")
+
+
+def _check_config_consistency(cfg):
+    """Cross-key checks the JSON schema cannot express."""
+    structures = set(cfg["structures"])
+    for label, members in cfg["labels"].items():
+        unknown = sorted(set(members) - structures)
+        if unknown:
+            raise ValueError(
+                f"config key labels.{label}: {', '.join(unknown)} not in 'structures' ({', '.join(cfg['structures'])})"
+            )
+    if cfg["mask_format"] == "label_image":
+        missing = sorted(structures - set(cfg.get("label_values", {}).values()))
+        if missing:
+            raise ValueError(f"config key label_values: no pixel value for structures {', '.join(missing)}")
+
+
+_check_config_consistency(config)
+
+# Rules call the medseg CLI with this environment's interpreter, so a cluster
+# job uses the same installation as the submitting process.
+MEDSEG = f"{shlex.quote(sys.executable)} -m medseg"
+DATASET = config["dataset"]
+
+
+def dataset_path(relative):
+    """Path under results/<dataset>/ for the configured dataset."""
+    return f"results/{DATASET}/{relative}"
+
+
+def images_input(wildcards):
+    if config["source"] == "phantoms":
+        return f"results/{wildcards.dataset}/raw"
+    return str(Path(config["data_root"]) / config["images_subdir"])
+
+
+def masks_input(wildcards):
+    if config["source"] == "phantoms":
+        return f"results/{wildcards.dataset}/raw"
+    if not config.get("masks_subdir"):
+        return []
+    return str(Path(config["data_root"]) / config["masks_subdir"])
+
+
+def masks_argument(wildcards, input):
+    if config["source"] == "phantoms":
+        return f"--masks {shlex.quote(str(Path(input.masks) / 'masks'))}"
+    if not config.get("masks_subdir"):
+        return ""
+    return f"--masks {shlex.quote(input.masks)} --mask-format {config['mask_format']}"
+
+
+def read_arguments():
+    read = config["read"]
+    args = [f"--pixel-spacing {read['pixel_spacing_mm']}", f"--case-id-from {read['case_id_from']}"]
+    if read["invert"]:
+        args.append("--invert")
+    if not read["apply_voi"]:
+        args.append("--no-voi")
+    return " ".join(args)
+
+
+def label_values_argument():
+    values = config.get("label_values") or {}
+    if config["mask_format"] != "label_image" or not values:
+        return ""
+    return "--label-values " + ",".join(f"{k}={v}" for k, v in values.items())
