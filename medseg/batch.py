@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import multiprocessing
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -76,7 +77,12 @@ def run_batch(
     failures: list[Failure] = []
     start = time.perf_counter()
     outcomes: Iterable[tuple[R | None, Failure | None]]
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and total > 1 else None
+    pool = None
+    if workers > 1 and total > 1:
+        # Not "fork": a child forked after torch started its thread pool can
+        # deadlock on that pool's locks.
+        context = multiprocessing.get_context("forkserver")
+        pool = ProcessPoolExecutor(max_workers=min(workers, total), mp_context=context)
     try:
         guard = _Guard(work)
         outcomes = pool.map(guard, items, chunksize=4) if pool else map(guard, items)

@@ -18,7 +18,7 @@ over the lung field (so they overlap the lung masks, multi-label).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -104,24 +104,23 @@ def _ribbon(centerline: Points, half_widths: np.ndarray) -> Points:
 class _Anatomy:
     """One phantom's geometry; every curve is (N, 2) normalised (x, y)."""
 
-    body: Points
-    lungs: dict[str, Points]  # "right_lung"/"left_lung" outline incl. the part behind the heart
+    body: Points  # skin outline (neck, shoulders, flanks), extends past the frame
+    lungs: dict[str, Points]  # "right_lung"/"left_lung" fields incl. the part behind the heart
     heart: Points
     clavicles: dict[str, Points]  # full bone outlines
-    trachea: Points
+    clavicle_axes: list[Points]  # their centrelines
+    trachea: Points  # with the main bronchi
     stomach_bubble: Points | None
-    posterior_ribs: list[Points] = field(default_factory=list)  # centerlines
-    anterior_ribs: list[Points] = field(default_factory=list)
-    rib_width: float = 0.02
-    vertebrae: list[Points] = field(default_factory=list)
-    pedicles: list[Points] = field(default_factory=list)
-    spine_x: float = 0.5
-    spine_half_width: float = 0.035
-    scapulae: list[Points] = field(default_factory=list)
-    humeri: list[Points] = field(default_factory=list)
-    breasts: list[Points] = field(default_factory=list)
-    vessels: list[tuple[Points, float]] = field(default_factory=list)  # (segment, width)
-    hila: list[Points] = field(default_factory=list)
+    posterior_ribs: list[Points]  # centrelines
+    anterior_ribs: list[Points]
+    rib_width: float
+    vertebrae: list[Points]
+    pedicles: list[Points]
+    spine_x: float
+    spine_half_width: float
+    shoulder_girdle: list[Points]  # scapulae and shoulder muscles, rendered very smooth
+    vessels: list[tuple[Points, float, float]]  # (polyline, width, relative density)
+    hila: list[Points]
 
 
 def _lung_outline(rng: np.random.Generator, cx: float, side: int, apex_y: float,
@@ -132,10 +131,12 @@ def _lung_outline(rng: np.random.Generator, cx: float, side: int, apex_y: float,
     image's right. ``lateral``/``medial`` are distances from the midline,
     ``apex_y``/``dome_y`` the top of the apex and of the diaphragm dome.
     """
-    j = lambda scale: rng.uniform(-scale, scale)  # noqa: E731 - tiny local jitter helper
+    def j(scale: float) -> float:  # small jitter of a control point
+        return float(rng.uniform(-scale, scale))
+
     height = dome_y - apex_y
-    cp_y = dome_y + rng.uniform(0.06, 0.10)  # costophrenic angle sits below the dome
-    apex_d = medial + (lateral - medial) * rng.uniform(0.28, 0.38)
+    cp_y = dome_y + rng.uniform(0.07, 0.12)  # costophrenic angle sits below the dome
+    apex_d = medial + (lateral - medial) * rng.uniform(0.40, 0.52)
     # Medial border: mediastinum; on the patient's left, the aortic knob bulges in.
     knob = rng.uniform(0.025, 0.045) if is_left else 0.0
     border = [
@@ -143,13 +144,13 @@ def _lung_outline(rng: np.random.Generator, cx: float, side: int, apex_y: float,
         (medial + j(0.006), apex_y + 0.62 * height),
         (medial + 0.5 * knob + j(0.006), apex_y + 0.42 * height),
         (medial + knob + j(0.005), apex_y + 0.30 * height),
-        (medial + 0.004 + j(0.004), apex_y + 0.17 * height),
-        (apex_d - 0.045, apex_y + 0.045),
+        (medial + 0.01 + j(0.004), apex_y + 0.16 * height),
+        (apex_d - 0.065, apex_y + 0.045),
         (apex_d, apex_y),
-        (apex_d + 0.06 + j(0.01), apex_y + 0.025),
-        (lateral * rng.uniform(0.84, 0.90), apex_y + 0.16 * height),
-        (lateral * rng.uniform(0.96, 0.99), apex_y + 0.40 * height),
-        (lateral, apex_y + 0.68 * height),
+        (apex_d + 0.065 + j(0.01), apex_y + 0.04),
+        (lateral * rng.uniform(0.78, 0.84), apex_y + 0.20 * height),
+        (lateral * rng.uniform(0.93, 0.96), apex_y + 0.45 * height),
+        (lateral, apex_y + 0.78 * height),
         (lateral * rng.uniform(0.95, 0.99), cp_y),  # costophrenic angle
     ]
     dome_d = medial + (lateral - medial) * rng.uniform(0.40, 0.55)
@@ -173,11 +174,11 @@ def _heart_outline(rng: np.random.Generator, cx: float, top_y: float, bottom_y: 
     pts = np.array([
         (cx + 0.05 * left_r, top_y),
         (cx + 0.40 * left_r, top_y + 0.08 * h),  # pulmonary trunk / left atrial appendage
-        (cx + 0.68 * left_r, top_y + 0.35 * h),
-        (cx + 0.95 * left_r, top_y + 0.68 * h),  # left ventricle
-        (cx + 0.92 * left_r, bottom_y - 0.06 * h),  # apex
-        (cx + 0.45 * left_r, bottom_y + 0.02 * h),
-        (cx - 0.45 * right_r, bottom_y),
+        (cx + 0.62 * left_r, top_y + 0.32 * h),
+        (cx + 0.88 * left_r, top_y + 0.62 * h),  # left ventricle
+        (cx + left_r, bottom_y - 0.12 * h),  # apex, broad on the diaphragm
+        (cx + 0.55 * left_r, bottom_y + 0.02 * h),
+        (cx - 0.5 * right_r, bottom_y),
         (cx - 0.98 * right_r, top_y + 0.78 * h),  # right atrium
         (cx - 0.85 * right_r, top_y + 0.38 * h),
         (cx - 0.45 * right_r, top_y + 0.06 * h),
@@ -188,25 +189,133 @@ def _heart_outline(rng: np.random.Generator, cx: float, top_y: float, bottom_y: 
 
 
 def _vessel_tree(rng: np.random.Generator, root: np.ndarray, direction: float, length: float,
-                 width: float, depth: int, out: list[tuple[Points, float]]) -> None:
+                 width: float, depth: int, out: list[tuple[Points, float, float]]) -> None:
     """Branching pulmonary vessels from a hilum: each branch forks in two,
-    shorter and thinner, until ``depth`` is exhausted."""
+    shorter, thinner and fainter, until ``depth`` is exhausted.
+
+    Appends (polyline (3, 2), width, relative density) to ``out``.
+    """
     end = root + length * np.array([np.cos(direction), np.sin(direction)])
-    mid = (root + end) / 2 + rng.normal(0, 0.08 * length, 2)  # a slight bend
-    out.append((np.stack([root, mid, end]), width))
+    mid = (root + end) / 2 + rng.normal(0, 0.1 * length, 2)  # a slight bend
+    out.append((np.stack([root, mid, end]), width, 0.55 + 0.15 * depth))
     if depth <= 0:
         return
+    spread = rng.uniform(0.3, 0.6)
+    bias = rng.uniform(-0.3, 0.3)  # asymmetric forks look less like a drawing
     for sign in (-1, 1):
-        _vessel_tree(rng, end, direction + sign * rng.uniform(0.25, 0.55), length * rng.uniform(0.62, 0.8),
-                     width * 0.68, depth - 1, out)
+        _vessel_tree(rng, end, direction + sign * spread + bias * spread, length * rng.uniform(0.6, 0.85),
+                     width * rng.uniform(0.6, 0.75), depth - 1, out)
+
+
+def _body_outline(rng: np.random.Generator, cx: float, lateral: float, shoulder_y: float) -> Points:
+    """Skin outline: neck, sloping shoulders, chest wall and flanks. It runs
+    far past the frame so tall or wide images never see its ends."""
+    bw = lateral + rng.uniform(0.05, 0.10)  # half width at the chest
+    neck = rng.uniform(0.10, 0.13)
+    half = [
+        (neck, -2.0), (neck, -0.3), (neck, shoulder_y - 0.1), (neck + 0.03, shoulder_y - 0.055),
+        (neck + 0.12, shoulder_y - 0.025), (bw * 0.75, shoulder_y), (bw * 1.0, shoulder_y + 0.05),
+        (bw * 1.12, shoulder_y + 0.14),
+        (bw * 1.14, 0.4), (bw * 1.06, 0.62), (bw * 1.0, 0.8), (bw * 1.03, 1.0), (bw * 1.1, 1.3), (bw * 1.1, 3.0),
+    ]
+    right_side = np.array([(cx - x, y) for x, y in half])
+    left_side = np.array([(cx + x, y) for x, y in half])[::-1]
+    return np.concatenate([_catmull_rom(right_side, 8), _catmull_rom(left_side, 8)])
+
+
+def _clavicles(rng: np.random.Generator, cx: float, apex_y: float) -> tuple[dict[str, Points], list[Points]]:
+    """S-shaped clavicles from the sternal head (medial, low) to the acromion
+    (lateral, higher), crossing the lung apices obliquely.
+
+    Returns ({name: outline}, [centreline, ...]).
+    """
+    outlines, axes = {}, []
+    clav_y = apex_y + rng.uniform(0.10, 0.13)
+    tilt = rng.uniform(0.08, 0.11)
+    for name, side in (("right_clavicle", -1), ("left_clavicle", +1)):
+        y0 = clav_y + rng.uniform(-0.01, 0.01)
+        d = np.array([0.03, 0.09, 0.17, 0.26, 0.34, 0.40]) * rng.uniform(0.95, 1.08)
+        # Gentle S: the medial shaft rises steeply, the lateral third flattens.
+        y = y0 - tilt * np.array([0.0, 0.3, 0.62, 0.85, 0.97, 1.0]) + np.array([0.0, 0.008, 0.01, 0.0, -0.01, -0.006])
+        axis = _catmull_rom(np.stack([cx + side * d, y], axis=1), 8)
+        t = np.linspace(0.0, 1.0, len(axis))
+        # Thick sternal head, slimmer shaft, slightly flared acromial end.
+        half_width = rng.uniform(0.013, 0.016) * (0.85 + 0.6 * np.exp(-t / 0.1) + 0.3 * np.exp(-(1 - t) / 0.08))
+        outlines[name] = _ribbon(axis, half_width)
+        axes.append(axis)
+    return outlines, axes
+
+
+def _trachea(rng: np.random.Generator, cx: float, carina_y: float) -> Points:
+    """Air column down the midline, forking into the main bronchi at the carina."""
+    tw = rng.uniform(0.014, 0.02)  # half width
+    tx = cx - rng.uniform(0.0, 0.01)  # often pushed slightly right by the aortic arch
+    return np.array([(tx - tw, -2.0), (tx - tw, carina_y), (tx - 3.2 * tw, carina_y + 0.05),
+                     (tx - 2.2 * tw, carina_y + 0.055), (tx, carina_y + 0.01), (tx + 2.4 * tw, carina_y + 0.06),
+                     (tx + 3.4 * tw, carina_y + 0.055), (tx + tw, carina_y), (tx + tw, -2.0)])
+
+
+def _ribs(rng: np.random.Generator, cx: float, lateral: float, first_y: float,
+          last_y: float) -> tuple[list[Points], list[Points]]:
+    """Ten ribs a side. Each posterior rib arches laterally from the spine,
+    turns down along the chest wall and comes back as the anterior rib, which
+    runs down and medially towards the sternum (cartilage is invisible).
+
+    Returns (posterior centrelines, anterior centrelines).
+    """
+    posterior, anterior = [], []
+    n_ribs = 10
+    growth = 0.045  # lower rib spaces are wider
+    spacing = (last_y - first_y) / sum(1.0 + growth * i for i in range(n_ribs - 1))
+    slope = rng.uniform(0.3, 0.5)  # anterior ribs: drop per unit of medial run
+    for side in (-1, 1):
+        y0 = first_y
+        wall = lateral * rng.uniform(1.05, 1.1)  # inner chest wall, a little outside the lung
+        for i in range(n_ribs):
+            span = wall * (0.55, 0.8, 0.93)[i] if i < 3 else wall  # upper ribs are short and curved
+            rise = 0.02 + 0.025 * (1.0 - i / n_ribs)  # posterior ribs arch upwards
+            end_d = rng.uniform(0.08, 0.14) if i else 0.06
+            post = [(0.03, y0), (0.07, y0 - 0.6 * rise), (0.35 * span, y0 - rise),
+                    (0.7 * span, y0 - 0.2 * rise + 0.012), (0.93 * span, y0 + 0.04), (span, y0 + 0.075)]
+            ant = [(0.96 * span, y0 + 0.11), (0.75 * span, y0 + 0.14),
+                   (end_d, y0 + 0.14 + slope * (0.75 * span - end_d))]
+            pts = np.array(post + ant)
+            pts[:, 1] += rng.normal(0, 0.002, len(pts))
+            pts[:, 0] = cx + side * pts[:, 0]
+            samples = 6
+            curve = _catmull_rom(pts, samples)
+            turn = samples * (len(post) - 1)  # sample index of the lateral turn
+            posterior.append(curve[: turn + 1])
+            anterior.append(curve[turn:])
+            y0 += spacing * (1.0 + growth * i)
+    return posterior, anterior
+
+
+def _vertebrae(cx: float, half_width: float) -> tuple[list[Points], list[Points]]:
+    """Vertebral bodies (rounded boxes, taller lower down) and their pedicles,
+    from above the frame to below it: tall images show more neck and abdomen.
+
+    Returns (bodies, pedicles).
+    """
+    bodies, pedicles = [], []
+    y = -0.6
+    while y < 1.6:
+        h = 0.028 + 0.018 * np.clip(y, 0, 1)
+        w = half_width * (0.85 + 0.3 * np.clip(y, 0, 1))
+        bodies.append(_ellipse((cx, y + h / 2), (w, h * 0.42), 0.0, 5.0, 32))
+        for side in (-1, 1):
+            pedicles.append(_ellipse((cx + side * half_width * 0.75, y + h * 0.4), (half_width * 0.22, h * 0.25),
+                                     0.0, 2.0, 16))
+        y += h
+    return bodies, pedicles
 
 
 def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
-    """Draw one anatomy; all sizes are fractions of the image height/width."""
-    cx = 0.5 + rng.normal(0.0, 0.012)
-    lateral = rng.uniform(0.33, 0.39)  # lung half width of the thorax
-    apex_y = rng.uniform(0.05, 0.11)
-    dome_r = rng.uniform(0.60, 0.70)  # right hemidiaphragm is higher ...
+    """Draw one anatomy; all sizes are fractions of the image width/height."""
+    cx = 0.5 + rng.normal(0.0, 0.012)  # midline
+    lateral = rng.uniform(0.35, 0.41)  # lung half width of the thorax
+    apex_y = rng.uniform(0.04, 0.10)
+    dome_r = rng.uniform(0.64, 0.74)  # right hemidiaphragm is higher ...
     dome_l = dome_r + rng.uniform(0.015, 0.045)  # ... than the left
     medial_r = rng.uniform(0.035, 0.055)
     medial_l = rng.uniform(0.035, 0.055)
@@ -218,121 +327,55 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
                                    is_left=True),
     }
 
-    # Heart: about a third to a half of the thoracic width, on the diaphragm.
+    # Heart: a cardiothoracic ratio of 0.38-0.52, mostly left of the midline,
+    # sitting on the diaphragm.
     thoracic = 2 * lateral
     ctr = rng.uniform(0.38, 0.52)
     right_r = ctr * thoracic * rng.uniform(0.30, 0.38)
     left_r = ctr * thoracic - right_r
-    heart_top = rng.uniform(0.37, 0.43)
+    heart_top = apex_y + (dome_r - apex_y) * rng.uniform(0.50, 0.58)
     heart_bottom = (dome_r + dome_l) / 2 + rng.uniform(0.02, 0.05)
     heart = _heart_outline(rng, cx + rng.uniform(-0.005, 0.015), heart_top, heart_bottom, right_r, left_r)
 
-    # Body: neck, sloping shoulders, chest wall and flanks (extends past the frame).
-    bw = lateral + rng.uniform(0.06, 0.11)  # half width at the chest
-    shoulder_y = apex_y - rng.uniform(0.0, 0.04)
-    neck = rng.uniform(0.07, 0.09)
-    half = [
-        (neck, -0.2), (neck, shoulder_y - 0.08), (neck + 0.06, shoulder_y - 0.035),
-        (bw * 0.62, shoulder_y - 0.01), (bw * 0.95, shoulder_y + 0.04), (bw * 1.12, shoulder_y + 0.14),
-        (bw * 1.14, 0.4), (bw * 1.06, 0.62), (bw * 1.0, 0.8), (bw * 1.03, 1.0), (bw * 1.1, 1.3),
-    ]
-    right_side = np.array([(cx - x, y) for x, y in half])
-    left_side = np.array([(cx + x, y) for x, y in half])[::-1]
-    body = np.concatenate([_catmull_rom(right_side, 8), _catmull_rom(left_side, 8)])
-
-    # Clavicles: S-shaped bones from the sternal head (medial, low) to the
-    # acromion (lateral, higher), crossing the lung apex obliquely.
-    clavicles = {}
-    clav_y = apex_y + rng.uniform(0.07, 0.11)
-    clav_tilt = rng.uniform(0.04, 0.08)
-    for name, side in (("right_clavicle", -1), ("left_clavicle", +1)):
-        y0 = clav_y + rng.uniform(-0.01, 0.01)
-        d = np.array([0.035, 0.09, 0.16, 0.24, 0.31, 0.37]) * rng.uniform(0.95, 1.08)
-        y = y0 - clav_tilt * np.array([0.0, 0.25, 0.5, 0.75, 0.95, 1.1]) + np.array(
-            [0.0, 0.006, 0.008, 0.0, -0.008, -0.004])
-        line = _catmull_rom(np.stack([cx + side * d, y], axis=1), 8)
-        s = np.linspace(0.0, 1.0, len(line))
-        hw = rng.uniform(0.012, 0.016) * (1.0 + 0.45 * np.exp(-s / 0.08) + 0.25 * np.exp(-(1 - s) / 0.1))
-        clavicles[name] = _ribbon(line, hw)
-
-    # Trachea: air column down the midline to the carina.
-    carina_y = heart_top - rng.uniform(0.06, 0.1)
-    tw = rng.uniform(0.014, 0.02)
-    tx = cx - rng.uniform(0.0, 0.01)
-    trachea = np.array([(tx - tw, -0.1), (tx - tw, carina_y), (tx - 3.2 * tw, carina_y + 0.05),
-                        (tx - 2.2 * tw, carina_y + 0.055), (tx, carina_y + 0.01), (tx + 2.4 * tw, carina_y + 0.06),
-                        (tx + 3.4 * tw, carina_y + 0.055), (tx + tw, carina_y), (tx + tw, -0.1)])
-
+    shoulder_y = apex_y - rng.uniform(0.02, 0.06)
+    body = _body_outline(rng, cx, lateral, shoulder_y)
+    clavicles, clavicle_axes = _clavicles(rng, cx, apex_y)
+    trachea = _trachea(rng, cx, carina_y=heart_top - rng.uniform(0.06, 0.1))
     stomach = None
-    if rng.random() < 0.6:
+    if rng.random() < 0.6:  # gastric air bubble under the left hemidiaphragm
         stomach = _ellipse((cx + rng.uniform(0.12, 0.2), dome_l + rng.uniform(0.045, 0.07)),
                            (rng.uniform(0.04, 0.07), rng.uniform(0.02, 0.035)), rng.uniform(-0.3, 0.3), 2.6)
 
-    anatomy = _Anatomy(body=body, lungs=lungs, heart=heart, clavicles=clavicles, trachea=trachea,
-                       stomach_bubble=stomach, spine_x=cx, spine_half_width=rng.uniform(0.03, 0.04))
+    rib_width = rng.uniform(0.017, 0.022)
+    posterior_ribs, anterior_ribs = _ribs(rng, cx, lateral, apex_y - rng.uniform(0.0, 0.02), max(dome_r, dome_l))
+    spine_half_width = rng.uniform(0.03, 0.04)
+    vertebrae, pedicles = _vertebrae(cx, spine_half_width)
 
-    # Ribs: posterior ribs arch laterally from the spine, then turn into the
-    # anterior ribs which run down and medially towards the sternum.
-    anatomy.rib_width = rng.uniform(0.017, 0.022)
-    n_ribs = 10
-    first = apex_y - rng.uniform(0.0, 0.02)
-    growth = 0.045  # lower rib spaces are wider
-    spacing = (max(dome_r, dome_l) - first) / sum(1.0 + growth * i for i in range(n_ribs - 1))
-    slope = rng.uniform(0.3, 0.5)  # anterior ribs: drop per unit of medial run
+    shoulder_girdle = []
     for side in (-1, 1):
-        y0 = first
-        wall = lateral * rng.uniform(1.05, 1.1)  # inner chest wall, a little outside the lung
-        for i in range(n_ribs):
-            span = wall * (0.55, 0.8, 0.93)[i] if i < 3 else wall  # upper ribs are short and curved
-            rise = 0.012 + 0.02 * (1.0 - i / n_ribs)
-            end_d = rng.uniform(0.08, 0.14) if i else 0.06
-            post = [(0.03, y0), (0.07, y0 - 0.6 * rise), (0.35 * span, y0 - rise),
-                    (0.7 * span, y0 - 0.2 * rise + 0.012), (0.93 * span, y0 + 0.04), (span, y0 + 0.075)]
-            ant = [(0.96 * span, y0 + 0.11), (0.75 * span, y0 + 0.14),
-                   (end_d, y0 + 0.14 + slope * (0.75 * span - end_d))]
-            pts = np.array(post + ant)
-            pts[:, 1] += rng.normal(0, 0.002, len(pts))
-            pts[:, 0] = cx + side * pts[:, 0]
-            curve = _catmull_rom(pts, 6)
-            turn = 6 * (len(post) - 1)  # sample index of the lateral turn
-            anatomy.posterior_ribs.append(curve[: turn + 1])
-            anatomy.anterior_ribs.append(curve[turn:])
-            y0 += spacing * (1.0 + growth * i)
-
-    # Vertebral bodies with pedicles, from the neck to the abdomen.
-    sw = anatomy.spine_half_width
-    y = -0.02
-    while y < 1.05:
-        h = 0.028 + 0.018 * np.clip(y, 0, 1)
-        anatomy.vertebrae.append(_ellipse((cx, y + h / 2), (sw * (0.85 + 0.3 * np.clip(y, 0, 1)), h * 0.42), 0.0, 5.0, 32))
-        for side in (-1, 1):
-            anatomy.pedicles.append(_ellipse((cx + side * sw * 0.75, y + h * 0.4), (sw * 0.22, h * 0.25), 0.0, 2.0, 16))
-        y += h
-
-    for side in (-1, 1):
-        # Scapula: a faint wedge over the upper lateral chest.
+        # A wedge over the upper lateral chest: scapula and shoulder muscles.
         sx = cx + side * (lateral + rng.uniform(-0.03, 0.01))
-        anatomy.scapulae.append(np.array([(sx + side * 0.06, shoulder_y + 0.03), (sx - side * 0.07, shoulder_y + 0.08),
-                                          (sx - side * 0.02, 0.42 + rng.uniform(-0.03, 0.03)),
-                                          (sx + side * 0.05, 0.3)]))
-        anatomy.humeri.append(_ellipse((cx + side * (bw * 1.05 + rng.uniform(0.0, 0.04)), shoulder_y + 0.07),
-                                       (0.065, 0.075), 0.0, 2.0, 40))
-    if rng.random() < 0.4:  # breast shadows over the lower lung fields
-        for side in (-1, 1):
-            anatomy.breasts.append(_ellipse((cx + side * lateral * 0.7, dome_r + rng.uniform(-0.02, 0.04)),
-                                            (lateral * 0.55, rng.uniform(0.12, 0.17)), 0.0, 2.0, 40))
+        shoulder_girdle.append(np.array([(sx + side * 0.06, shoulder_y + 0.03), (sx - side * 0.07, shoulder_y + 0.08),
+                                         (sx - side * 0.02, 0.42 + rng.uniform(-0.03, 0.03)), (sx + side * 0.05, 0.3)]))
 
-    # Hila and vessel trees fanning out into each lung.
-    for side, name in ((-1, "right_lung"), (1, "left_lung")):
+    # Hila, and vessel trees fanning out from them into each lung.
+    hila: list[Points] = []
+    vessels: list[tuple[Points, float, float]] = []
+    for side in (-1, 1):
         hilum = np.array([cx + side * (right_r if side < 0 else left_r * 0.6) * rng.uniform(0.75, 0.95),
                           heart_top + rng.uniform(-0.05, 0.0)])
-        anatomy.hila.append(_ellipse(tuple(hilum), (0.03, 0.05), side * 0.3, 2.0, 24))
-        base = np.pi / 2 - side * np.pi / 2  # pointing laterally
-        for angle in np.linspace(-1.1, 1.2, 7):
-            direction = base + side * (-angle) + rng.normal(0, 0.08)
-            _vessel_tree(rng, hilum, direction, rng.uniform(0.06, 0.09), rng.uniform(0.006, 0.009), 3,
-                         anatomy.vessels)
-    return anatomy
+        hila.append(_ellipse((float(hilum[0]), float(hilum[1])), (0.03, 0.05), side * 0.3, 2.0, 24))
+        lateral_direction = np.pi / 2 - side * np.pi / 2
+        for angle in np.linspace(-1.2, 1.3, 8):  # from up-and-out to down-and-out
+            direction = lateral_direction - side * angle + rng.normal(0, 0.12)
+            _vessel_tree(rng, hilum, direction, rng.uniform(0.04, 0.07), rng.uniform(0.006, 0.009), 4, vessels)
+
+    return _Anatomy(
+        body=body, lungs=lungs, heart=heart, clavicles=clavicles, clavicle_axes=clavicle_axes, trachea=trachea,
+        stomach_bubble=stomach, posterior_ribs=posterior_ribs, anterior_ribs=anterior_ribs, rib_width=rib_width,
+        vertebrae=vertebrae, pedicles=pedicles, spine_x=cx, spine_half_width=spine_half_width,
+        shoulder_girdle=shoulder_girdle, vessels=vessels, hila=hila,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -356,6 +399,7 @@ class _Frame:
     angle: float  # radians
 
     def to_px(self, points: Points) -> list[tuple[float, float]]:
+        """Normalised (N, 2) points -> N (x, y) pixel tuples, as PIL draws them."""
         p = np.asarray(points, dtype=np.float64)
         x = (p[:, 0] - 0.5) * self.sx + self.shift[0]
         y = (p[:, 1] - 0.5) * self.sy + self.shift[1]
@@ -365,6 +409,7 @@ class _Frame:
         return list(zip(px.tolist(), py.tolist()))
 
     def length_px(self, length: float) -> float:
+        """A normalised length in pixels (geometric mean of the two axes)."""
         return length * float(np.sqrt(self.sx * self.sy))
 
     def scaled(self, factor: float) -> _Frame:
@@ -386,10 +431,23 @@ class _Canvas:
         self.draw.polygon(self.frame.to_px(points), fill=float(value))
 
     def line(self, points: Points, width: float, value: float = 1.0) -> None:
+        """Polyline of ``width`` normalised units (at least one pixel)."""
         w = max(1, round(self.frame.length_px(width)))
-        self.draw.line(self.frame.to_px(points), fill=float(value), width=w, joint="curve")
+        self.draw.line(self.frame.to_px(points), fill=float(value), width=w)
+
+    def lines(self, polylines: list[Points], widths: list[float], values: list[float]) -> None:
+        """Many polylines at once (one coordinate transform: much faster)."""
+        if not polylines:
+            return
+        xy = self.frame.to_px(np.concatenate(polylines))
+        start = 0
+        for line, width, value in zip(polylines, widths, values):
+            w = max(1, round(self.frame.length_px(width)))
+            self.draw.line(xy[start : start + len(line)], fill=float(value), width=w)
+            start += len(line)
 
     def array(self) -> np.ndarray:
+        """The raster as float32 (H, W)."""
         return np.asarray(self.image, dtype=np.float32)
 
 
@@ -421,9 +479,11 @@ def _upsample(small: np.ndarray, frame: _Frame) -> np.ndarray:
 
 
 def _bone_band(canvas: _Canvas, line: Points, width: float, value: float, marrow: float = 0.55) -> None:
-    """Draw a tubular bone: a bright cortex with a dimmer medullary centre."""
-    canvas.line(line, width, value)
-    canvas.line(line, width * 0.5, value * marrow)
+    """Draw a tubular bone of total ``width`` along ``line`` (N, 2): a bright
+    cortex with a dimmer medullary centre."""
+    half = np.full(len(line), width / 2)
+    canvas.polygon(_ribbon(line, half), value)
+    canvas.polygon(_ribbon(line, half * 0.5), value * marrow)
 
 
 # ---------------------------------------------------------------------------
@@ -432,6 +492,8 @@ def _bone_band(canvas: _Canvas, line: Points, width: float, value: float, marrow
 
 
 def _make_frame(rng: np.random.Generator, shape: tuple[int, int]) -> _Frame:
+    """Fit the anatomy to an (H, W) image with a random zoom, shift and
+    rotation (+-5 degrees), as patients are never positioned identically."""
     height, width = shape
     sx, sy = float(width), float(height)
     # Bound the anisotropy so a wide or tall frame does not squash the chest.
@@ -443,6 +505,123 @@ def _make_frame(rng: np.random.Generator, shape: tuple[int, int]) -> _Frame:
     shift = (rng.normal(0, 0.015) * sx, rng.normal(0, 0.015) * sy + 0.01 * sy)
     angle = np.deg2rad(rng.uniform(-5.0, 5.0))
     return _Frame(height, width, sx * zoom, sy * zoom, shift, angle)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 8-connected component of a bool (H, W) mask: cutting
+    the heart out of a lung field can leave slivers an annotator would not draw."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def _render_masks(anatomy: _Anatomy, frame: _Frame) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Exact SCR-style masks, plus the aerated lung region (bool (H, W)),
+    which includes the lung behind the heart."""
+    heart = _mask(frame, anatomy.heart)
+    masks: dict[str, np.ndarray] = {"heart": heart}
+    aerated = np.zeros_like(heart)
+    # SCR clavicles cover only the part over the lung field (plus a small margin).
+    margin = _Canvas(frame)
+    for name, poly in anatomy.lungs.items():
+        lung_field = _mask(frame, poly)
+        masks[name] = _largest_component(lung_field & ~heart)
+        aerated |= masks[name] | (lung_field & heart)
+        margin.polygon(poly)
+        margin.line(np.concatenate([poly, poly[:1]]), 0.012)
+    near_lungs = margin.array() > 0.5
+    for name, poly in anatomy.clavicles.items():
+        masks[name] = _mask(frame, poly) & near_lungs
+    return {name: masks[name] for name in SCR_STRUCTURES}, aerated
+
+
+def _render_density(anatomy: _Anatomy, frame: _Frame, heart: np.ndarray, aerated: np.ndarray,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Projected density (H, W) float32 in display units: 0 = air outside the
+    body, about 1 = abdomen; bone and soft tissue add, lung air subtracts."""
+    px = frame.length_px(1.0) / _REFERENCE_SIZE  # blur widths were tuned at 512 px
+    body = _mask(frame, anatomy.body).astype(np.float32)
+    body_depth = _smooth_lowres(frame, [anatomy.body], 0.09)  # rounded chest: thicker centrally
+    density = body * (rng.uniform(0.2, 0.3) + rng.uniform(0.5, 0.6) * body_depth)
+    # Uneven soft tissue (muscle, fat, organs): very smooth random thickness.
+    coarse = rng.standard_normal((max(2, frame.height // 16), max(2, frame.width // 16)), dtype=np.float32)
+    density += rng.uniform(0.03, 0.06) * body * _upsample(ndimage.gaussian_filter(coarse, 1.5), frame)
+    # Shoulder girdle muscles make the apices brighter than the lung bases.
+    density += rng.uniform(0.08, 0.14) * _smooth_lowres(frame, anatomy.shoulder_girdle, 0.06)
+
+    # Lung air: sharp at the borders, deepest in the middle of each lung;
+    # behind the heart only part of the air thickness remains.
+    lung_edge = ndimage.gaussian_filter(aerated.astype(np.float32), 0.9 * px)
+    lung_depth = _smooth_lowres(frame, list(anatomy.lungs.values()), 0.04)
+    # The heart border stays sharp (it is tangent to the beam); the final blur softens it.
+    air = lung_edge * (0.05 + 0.95 * lung_depth**1.6) * (1.0 - rng.uniform(0.7, 0.85) * heart.astype(np.float32))
+    density -= rng.uniform(0.38, 0.5) * air
+    density += rng.uniform(0.03, 0.06) * _smooth_lowres(frame, [anatomy.heart], 0.03)
+
+    # Vessels and hila: visible only against lung air.
+    vessels = _Canvas(frame)
+    for hilum in anatomy.hila:
+        vessels.polygon(hilum, 0.6)
+    segments, widths, values = zip(*anatomy.vessels) if anatomy.vessels else ((), (), ())
+    vessels.lines(list(segments), list(widths), list(values))
+    detail = rng.uniform(0.05, 0.08) * vessels.array() * lung_edge  # blurred with the bones below
+    # Parenchyma texture: smoothed noise inside the lungs.
+    texture = rng.standard_normal((max(1, frame.height // 2), max(1, frame.width // 2)), dtype=np.float32)
+    texture = _upsample(ndimage.gaussian_filter(texture, 1.0) + 0.6 * ndimage.gaussian_filter(texture, 3.0), frame)
+    density += rng.uniform(0.02, 0.035) * texture * lung_edge
+
+    # Other air: trachea and main bronchi, gastric bubble.
+    gas = _Canvas(frame)
+    gas.polygon(anatomy.trachea, -0.1)
+    if anatomy.stomach_bubble is not None:
+        gas.polygon(anatomy.stomach_bubble, -0.08)
+    detail += gas.array()
+
+    # Bones. Posterior and anterior ribs on separate canvases so crossings add up.
+    # Each rib a little different in width and density, as real ones are.
+    posterior, anterior, spine_bones, clavicles = (_Canvas(frame) for _ in range(4))
+    for rib in anatomy.posterior_ribs:
+        _bone_band(posterior, rib, anatomy.rib_width * rng.uniform(0.85, 1.15), rng.uniform(0.8, 1.2), marrow=0.75)
+    for rib in anatomy.anterior_ribs:
+        _bone_band(anterior, rib, anatomy.rib_width * rng.uniform(1.0, 1.25), rng.uniform(0.7, 1.2), marrow=0.85)
+    for vertebra in anatomy.vertebrae:
+        spine_bones.polygon(vertebra, 0.2)
+    for pedicle in anatomy.pedicles:
+        spine_bones.polygon(pedicle, 0.35)
+    for clavicle in anatomy.clavicles.values():
+        clavicles.polygon(clavicle, 1.0)
+    for axis in anatomy.clavicle_axes:  # medullary cavity: dimmer core
+        clavicles.line(axis, 0.01, 0.75)
+    ribs = rng.uniform(0.05, 0.08) * posterior.array() + rng.uniform(0.03, 0.05) * anterior.array()
+    # Scatter lowers bone contrast over thick soft tissue (abdomen, mediastinum).
+    contrast = 0.35 + 0.65 * _smooth_lowres(frame, list(anatomy.lungs.values()), 0.02)
+    bone = (ribs + rng.uniform(0.14, 0.2) * spine_bones.array()) * contrast
+    bone += rng.uniform(0.1, 0.14) * clavicles.array()
+    density += ndimage.gaussian_filter(bone * body + detail, 1.2 * px)
+    x, w = anatomy.spine_x, anatomy.spine_half_width  # widens slightly downwards
+    spine = np.array([(x - w, -2.0), (x + w, -2.0), (x + 1.25 * w, 1.3), (x + 1.25 * w, 3.0),
+                      (x - 1.25 * w, 3.0), (x - 1.25 * w, 1.3)])
+    density += rng.uniform(0.05, 0.08) * _smooth_lowres(frame, [spine], 0.008)
+    return density
+
+
+def _film(density: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Detector/film response: a saturating curve, a smooth exposure gradient
+    (heel effect, uneven thickness), blur and noise. Returns float32 in [0, 1]."""
+    height, width = density.shape
+    px = np.sqrt(height * width) / _REFERENCE_SIZE
+    k = rng.uniform(1.0, 1.8)
+    image = (1.0 - np.exp(-k * np.clip(density, 0.0, None))) / (1.0 - np.exp(-k))
+    yy = (np.arange(height, dtype=np.float32) / height - 0.5)[:, None]
+    xx = (np.arange(width, dtype=np.float32) / width - 0.5)[None, :]
+    gx, gy, gq = rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08), rng.uniform(-0.12, 0.04)
+    image = image * rng.uniform(0.85, 0.95) + rng.uniform(0.02, 0.06) + gx * xx + gy * yy + gq * (xx * xx + yy * yy)
+    image = ndimage.gaussian_filter(image.astype(np.float32), rng.uniform(0.5, 0.9) * px)
+    image += rng.uniform(0.006, 0.015) * rng.standard_normal((height, width), dtype=np.float32)
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
 def render_phantom(seed: int, shape: tuple[int, int] = (512, 512)) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -465,99 +644,6 @@ def render_phantom(seed: int, shape: tuple[int, int] = (512, 512)) -> tuple[np.n
     rng = np.random.default_rng(seed)
     anatomy = _sample_anatomy(rng)
     frame = _make_frame(rng, (height, width))
-    px = np.sqrt(height * width) / _REFERENCE_SIZE  # pixel-size scale for blur widths
-
-    # --- masks (exact) -------------------------------------------------------
-    heart = _mask(frame, anatomy.heart)
-    lung_fields = {name: _mask(frame, poly) for name, poly in anatomy.lungs.items()}
-    # SCR clavicles: only the part over the lung field (plus a small margin).
-    margin = _Canvas(frame)
-    for poly in anatomy.lungs.values():
-        margin.polygon(poly)
-        margin.line(np.concatenate([poly, poly[:1]]), 0.012)
-    near_lungs = margin.array() > 0.5
-    masks = {
-        "heart": heart,
-        "left_lung": lung_fields["left_lung"] & ~heart,
-        "right_lung": lung_fields["right_lung"] & ~heart,
-        "left_clavicle": _mask(frame, anatomy.clavicles["left_clavicle"]) & near_lungs,
-        "right_clavicle": _mask(frame, anatomy.clavicles["right_clavicle"]) & near_lungs,
-    }
-    assert set(masks) == set(SCR_STRUCTURES)
-
-    # --- image: additive density in display units (bright = dense) ------------
-    body_sharp = _mask(frame, anatomy.body).astype(np.float32)
-    body_depth = _smooth_lowres(frame, [anatomy.body], 0.05)  # rounded chest wall
-    density = body_sharp * (rng.uniform(0.35, 0.45) + rng.uniform(0.35, 0.5) * body_depth)
-
-    lung_any = (lung_fields["left_lung"] | lung_fields["right_lung"]).astype(np.float32)
-    lung_depth = _smooth_lowres(frame, list(anatomy.lungs.values()), 0.035)
-    heart_soft = ndimage.gaussian_filter(heart.astype(np.float32), 1.2 * px)
-    lung_edge = ndimage.gaussian_filter(lung_any, 1.0 * px)
-    air = lung_edge * (0.35 + 0.65 * lung_depth)
-    density -= rng.uniform(0.45, 0.55) * air * (1.0 - rng.uniform(0.55, 0.75) * heart_soft)
-    density += rng.uniform(0.04, 0.08) * _smooth_lowres(frame, [anatomy.heart], 0.02)  # heart is thick
-
-    # Small-scale anatomy on one full-resolution canvas each, then one blur.
-    soft = _Canvas(frame)  # soft tissue and air structures
-    soft.polygon(anatomy.trachea, -0.12)
-    if anatomy.stomach_bubble is not None:
-        soft.polygon(anatomy.stomach_bubble, -0.2)
-    for hilum in anatomy.hila:
-        soft.polygon(hilum, 0.05)
-    for segment, w in anatomy.vessels:
-        soft.line(segment, w, 0.07)
-    for breast in anatomy.breasts:
-        soft.polygon(breast, 0.05)
-    soft_layer = soft.array()
-    density += ndimage.gaussian_filter(soft_layer, 1.6 * px)
-
-    # Lung parenchyma texture: band-pass noise only inside the lungs.
-    texture = rng.standard_normal((max(1, height // 2), max(1, width // 2)), dtype=np.float32)
-    texture = ndimage.gaussian_filter(texture, 1.2)
-    texture = _upsample(texture, frame)
-    density += rng.uniform(0.02, 0.035) * texture * lung_edge
-
-    bones = _Canvas(frame)
-    posterior = _Canvas(frame)
-    for rib in anatomy.posterior_ribs:
-        _bone_band(posterior, rib, anatomy.rib_width, 1.0)
-    anterior = _Canvas(frame)
-    for rib in anatomy.anterior_ribs:
-        _bone_band(anterior, rib, anatomy.rib_width * 0.85, 1.0, marrow=0.7)
-    for verte in anatomy.vertebrae:
-        bones.polygon(verte, 0.6)
-    for ped in anatomy.pedicles:
-        bones.polygon(ped, 1.0)
-    for scap in anatomy.scapulae:
-        bones.polygon(_catmull_rom(scap, 8, closed=True), 0.2)
-    for hum in anatomy.humeri:
-        bones.polygon(hum, 0.7)
-    for clav in anatomy.clavicles.values():
-        bones.polygon(clav, 1.0)
-    bone = (
-        rng.uniform(0.10, 0.14) * posterior.array()
-        + rng.uniform(0.05, 0.08) * anterior.array()
-        + rng.uniform(0.14, 0.2) * bones.array()
-    )
-    density += ndimage.gaussian_filter(bone, 1.0 * px) * body_sharp
-
-    # Spine column (visible through the mediastinum) as a smooth band.
-    spine_poly = np.array([(anatomy.spine_x - anatomy.spine_half_width, -0.2),
-                           (anatomy.spine_x + anatomy.spine_half_width, -0.2),
-                           (anatomy.spine_x + anatomy.spine_half_width * 1.25, 1.3),
-                           (anatomy.spine_x - anatomy.spine_half_width * 1.25, 1.3)])
-    density += rng.uniform(0.06, 0.1) * _smooth_lowres(frame, [spine_poly], 0.008)
-
-    # --- film response, exposure gradient, blur and noise ---------------------
-    k = rng.uniform(1.3, 2.2)
-    image = (1.0 - np.exp(-k * np.clip(density, 0.0, None))) / (1.0 - np.exp(-k))
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    yy, xx = yy / height - 0.5, xx / width - 0.5
-    gx, gy, gq = rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08), rng.uniform(-0.1, 0.05)
-    image = image * rng.uniform(0.85, 1.0) + rng.uniform(0.02, 0.08) + gx * xx + gy * yy + gq * (xx * xx + yy * yy)
-    image = ndimage.gaussian_filter(image.astype(np.float32), rng.uniform(0.5, 1.0) * px)
-    noise = rng.standard_normal((height, width), dtype=np.float32)
-    image = image + rng.uniform(0.006, 0.018) * noise
-    image = np.clip(image, 0.0, 1.0).astype(np.float32)
-    return image, masks
+    masks, aerated = _render_masks(anatomy, frame)
+    density = _render_density(anatomy, frame, masks["heart"], aerated, rng)
+    return _film(density, rng), masks
