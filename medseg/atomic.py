@@ -35,3 +35,9 @@ def write_text_atomic(final: str | Path, text: str) -> None:
     """Write ``text`` to ``final`` atomically."""
     with atomic_path(final) as tmp:
         tmp.write_text(text)
+
+
+def write_bytes_atomic(final: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``final`` atomically."""
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)

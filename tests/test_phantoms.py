@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 
-from medseg.phantoms import write as phantom_write
+import medseg.atomic
 from medseg.phantoms.anatomy import render_phantom
 from medseg.phantoms.write import case_seed, write_phantom_dataset
 from medseg.structures import SCR_STRUCTURES
@@ -163,7 +163,7 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: p
     def failing_replace(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(phantom_write.os, "replace", failing_replace)
+    monkeypatch.setattr(medseg.atomic.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         write_phantom_dataset(tmp_path, 1, 0, shape=(64, 64))
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

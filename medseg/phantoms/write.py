@@ -5,15 +5,13 @@ Layout (as JSRT/SCR, with DICOM in place of the raw JSRT files)::
     out_dir/images/PHANTOM0001.dcm
     out_dir/masks/<structure>/PHANTOM0001.gif   (8-bit, 0 or 255, image size)
 
-Every file is written atomically (temporary name in the same folder, then
-``os.replace``), so an interrupted run never leaves a truncated file behind.
+Every file is written atomically (medseg.atomic: temporary name in the same
+folder, then rename), so an interrupted run never leaves a truncated file behind.
 """
 
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from medseg.atomic import write_bytes_atomic
 from medseg.phantoms.anatomy import render_phantom
 from medseg.structures import SCR_STRUCTURES
 
@@ -44,22 +43,6 @@ def case_seed(seed: int, index: int) -> int:
     """Seed of case ``index`` in a data set drawn with ``seed``: depends only
     on the pair, so case k is the same whatever the number of cases."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and
-    ``os.replace``: readers see either the old file or the complete new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files should be readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _dicom_bytes(image: np.ndarray, index: int, seed: int, pixel_spacing_mm: float) -> bytes:
@@ -171,9 +154,9 @@ def write_phantom_dataset(
     for index in range(1, n + 1):
         case_id = phantom_id(index)
         image, masks = render_phantom(case_seed(seed, index), shape)
-        _atomic_write(image_dir / f"{case_id}.dcm", _dicom_bytes(image, index, seed, pixel_spacing_mm))
+        write_bytes_atomic(image_dir / f"{case_id}.dcm", _dicom_bytes(image, index, seed, pixel_spacing_mm))
         for name in SCR_STRUCTURES:
-            _atomic_write(out_dir / "masks" / name / f"{case_id}.gif", _gif_bytes(masks[name]))
+            write_bytes_atomic(out_dir / "masks" / name / f"{case_id}.gif", _gif_bytes(masks[name]))
         ids.append(case_id)
         if progress is not None:
             progress(index, n)

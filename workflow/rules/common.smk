@@ -6,6 +6,27 @@ from pathlib import Path
 from snakemake.utils import validate
 
 
+def _typed_nested_values(value, depth=0):
+    """Snakemake parses nested --config values with YAML's BaseLoader, so
+    `--config preprocess='{size: 512}'` arrives as the string '512'. Re-read
+    nested scalar strings that are plainly numbers or booleans; anything else
+    is left for the schema to judge."""
+    import yaml
+
+    if isinstance(value, dict):
+        return {k: _typed_nested_values(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed_nested_values(v, depth + 1) for v in value]
+    if depth > 0 and isinstance(value, str):
+        parsed = yaml.safe_load(value) if value.strip() else value
+        if isinstance(parsed, (bool, int, float)):
+            return parsed
+    return value
+
+
+for _key in list(config):
+    config[_key] = _typed_nested_values(config[_key])
+
 validate(config, "../schemas/config.schema.yaml")
 
 
@@ -49,6 +70,12 @@ def masks_input(wildcards):
     if not config.get("masks_subdir"):
         return []
     return str(Path(config["data_root"]) / config["masks_subdir"])
+
+
+def images_argument(wildcards, input):
+    if config["source"] == "phantoms":
+        return shlex.quote(str(Path(input.images) / "images"))
+    return shlex.quote(input.images)
 
 
 def masks_argument(wildcards, input):

@@ -8,6 +8,7 @@ rule preprocess:
         failures="results/{dataset}/preprocessed/failures.csv",
     params:
         out=subpath(output.manifest, parent=True),
+        images=images_argument,
         masks=masks_argument,
         read=read_arguments(),
         label_values=label_values_argument(),
@@ -25,7 +26,7 @@ rule preprocess:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{MEDSEG} preprocess --images {input.images:q} {params.masks} {params.label_values}"
+        "{MEDSEG} preprocess --images {params.images} {params.masks} {params.label_values}"
         " --structures {params.structures} {params.read} --size {params.size}"
         " --lower-percentile {params.lower} --upper-percentile {params.upper}"
         " --workers {threads} {params.tolerate} --out {params.out} > {log} 2>&1"
