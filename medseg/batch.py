@@ -43,6 +43,14 @@ def _guarded(work: Callable[[T], R], item: T) -> tuple[R | None, Failure | None]
         return None, Failure(str(item), f"{type(err).__name__}: {err}")
 
 
+def _single_threaded_worker() -> None:
+    """Parallelism comes from the processes; torch's own threads in each
+    worker would oversubscribe the cores and spin."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 class _Guard:
     """Picklable wrapper so the guard runs inside worker processes."""
 
@@ -82,7 +90,10 @@ def run_batch(
         # Not "fork": a child forked after torch started its thread pool can
         # deadlock on that pool's locks.
         context = multiprocessing.get_context("forkserver")
-        pool = ProcessPoolExecutor(max_workers=min(workers, total), mp_context=context)
+        # The fork server imports the heavy modules once; workers fork from it.
+        context.set_forkserver_preload([getattr(work, "func", work).__module__])
+        pool = ProcessPoolExecutor(max_workers=min(workers, total), mp_context=context,
+                                   initializer=_single_threaded_worker)
     try:
         guard = _Guard(work)
         outcomes = pool.map(guard, items, chunksize=4) if pool else map(guard, items)

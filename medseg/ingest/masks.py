@@ -66,7 +66,9 @@ def read_scr_masks(
 
 def binary_mask(array: np.ndarray, path: Path) -> np.ndarray:
     """0/255 (or 0/1) array -> bool; anything else is refused."""
-    values = np.unique(array)
+    # bincount is O(n); np.unique sorts.
+    counts = np.bincount(array.ravel(), minlength=2) if array.dtype == np.uint8 else None
+    values = np.flatnonzero(counts) if counts is not None else np.unique(array)
     if values.size > 2 or (values.size == 2 and values[0] != 0):
         raise InputError(path, f"not a binary mask: values {values[:8].tolist()}")
     return array > 0
