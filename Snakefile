@@ -1,6 +1,7 @@
 # medseg workflow: phantoms or a folder of radiographs -> preprocessed NIfTI +
-# manifest -> splits -> preview. Later stages (train, predict, evaluate,
-# report) hang off the same results/<dataset>/ tree.
+# manifest -> splits -> preview -> training (one job per fold, tracked in
+# MLflow). Later stages (predict, evaluate, report) hang off the same
+# results/<dataset>/ tree.
 #
 #   snakemake --profile workflow/profiles/default              # phantoms demo
 #   snakemake --profile workflow/profiles/default \
@@ -17,10 +18,12 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/phantoms.smk"
 include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:
     input:
         dataset_path("splits.json"),
         dataset_path("preprocessed/preview.png"),
+        dataset_path("models/summary.json"),
     default_target: True

@@ -154,6 +154,110 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load_config(path: str) -> dict:
+    """The workflow config (config/config.yaml or a run's resolved config.json)."""
+    import yaml
+
+    with open(path) as handle:
+        config = yaml.safe_load(handle)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a config mapping")
+    return config
+
+
+def _tracking_target(config: dict, tracking_uri: str | None):
+    from medseg.tracking import default_tracking_uri
+    from medseg.training.run import TrackingTarget
+
+    section = config.get("mlflow") or {}
+    dataset = config.get("dataset", "dataset")
+    return TrackingTarget(
+        tracking_uri=default_tracking_uri(tracking_uri or section.get("tracking_uri")),
+        experiment=section.get("experiment") or dataset,
+        registered_model=section.get("registered_model") or f"medseg-{dataset}",
+        alias=section.get("alias") or "candidate",
+        system_metrics=bool(section.get("system_metrics", True)),
+    )
+
+
+def _train_settings(config: dict, args: argparse.Namespace):
+    from medseg.training.settings import TrainSettings
+
+    values = dict(config.get("train") or {})
+    for key in ("epochs", "batch_size", "network", "preset", "upsample", "device", "seed", "learning_rate"):
+        override = getattr(args, key, None)
+        if override is not None:
+            values[key] = override
+    return TrainSettings.from_dict(values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medseg.tracking import TrackingUnavailable, flatten
+    from medseg.training.run import train_fold
+
+    try:
+        config = _load_config(args.config)
+        settings = _train_settings(config, args)
+        labels = config.get("labels") or {}
+        if not labels:
+            raise ValueError(f"{args.config}: no 'labels' section")
+    except (ValueError, TypeError, OSError) as err:
+        log.error("refusing to train: %s", err)
+        return EXIT_USAGE
+    target = _tracking_target(config, args.tracking_uri)
+    parent = None
+    if args.parent_run_file:
+        parent = json.loads(Path(args.parent_run_file).read_text())["parent_run_id"]
+    resolved = {**config, "train": settings.to_dict()}
+    try:
+        summary = train_fold(
+            settings=settings, labels=labels, manifest=args.manifest, splits=args.splits, fold=args.fold,
+            out_dir=args.out, target=target, params=flatten(resolved), config_file=args.config,
+            parent_run_id=parent,
+        )
+    except TrackingUnavailable as err:
+        log.error("%s", err)
+        return EXIT_USAGE
+    log.info("fold %d done: best epoch %d, %s; model %s", args.fold, summary["best_epoch"],
+             ", ".join(f"{k} {v:.3f}" for k, v in summary["best_metrics"].items()), summary["model_uri"])
+    return EXIT_OK
+
+
+def cmd_cv_start(args: argparse.Namespace) -> int:
+    from medseg import __version__
+    from medseg.atomic import write_text_atomic
+    from medseg.preprocessing.manifest import manifest_fingerprint
+    from medseg.tracking import TrackingUnavailable, flatten, git_commit
+    from medseg.training.run import start_cv_run
+
+    config = _load_config(args.config)
+    target = _tracking_target(config, args.tracking_uri)
+    tags = {"medseg.version": __version__, "git.commit": git_commit(),
+            "dataset.fingerprint": manifest_fingerprint(args.manifest)}
+    try:
+        run_id = start_cv_run(target, args.name, flatten(config), tags)
+    except TrackingUnavailable as err:
+        log.error("%s", err)
+        return EXIT_USAGE
+    write_text_atomic(args.out, json.dumps({"parent_run_id": run_id, "tracking_uri": target.tracking_uri}) + "\n")
+    log.info("cross-validation parent run %s", run_id)
+    return EXIT_OK
+
+
+def cmd_cv_finish(args: argparse.Namespace) -> int:
+    from medseg.atomic import write_text_atomic
+    from medseg.training.run import finish_cv_run
+
+    config = _load_config(args.config)
+    target = _tracking_target(config, args.tracking_uri)
+    parent = json.loads(Path(args.parent_run_file).read_text())["parent_run_id"]
+    summaries = [json.loads(Path(p).read_text()) for p in args.fold_summaries]
+    summary = finish_cv_run(target, parent, summaries)
+    write_text_atomic(args.out, json.dumps(summary, indent=1) + "\n")
+    log.info("best fold %s -> %s", summary["best_fold"], summary["model_uri"])
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medseg.preprocessing.splits import SPLIT_SCHEMES
     from medseg.structures import SCR_STRUCTURES
@@ -211,6 +315,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cases", type=_positive_int, default=12)
     p.add_argument("--labels", help='label groups as JSON, e.g. \'{"lungs": ["left_lung", "right_lung"]}\'')
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("train", help="train a U-Net on one fold, tracked in MLflow (resumes from last.pt)")
+    p.add_argument("--config", required=True, help="workflow config (config/config.yaml or a resolved copy)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for checkpoints, metrics.csv, curves, overlays, model.json")
+    p.add_argument("--parent-run-file", help="cv_run.json from `medseg cv-start` (nests this run under it)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else results/mlflow.db)")
+    group = p.add_argument_group("overrides of the config's train section")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--network")
+    group.add_argument("--preset")
+    group.add_argument("--upsample")
+    group.add_argument("--device")
+    group.add_argument("--seed", type=int)
+    group.add_argument("--learning-rate", type=float)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cv-start", help="create the MLflow parent run of a cross-validation")
+    p.add_argument("--config", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--name", default="cross-validation")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--out", required=True, help="cv_run.json")
+    p.set_defaults(func=cmd_cv_start)
+
+    p = sub.add_parser("cv-finish", help="summarise folds into the parent run; alias the best fold's model")
+    p.add_argument("--config", required=True)
+    p.add_argument("--parent-run-file", required=True)
+    p.add_argument("--tracking-uri")
+    p.add_argument("--out", required=True, help="summary.json")
+    p.add_argument("fold_summaries", nargs="+", help="model.json of each fold")
+    p.set_defaults(func=cmd_cv_finish)
     return parser
 
 

@@ -101,3 +101,8 @@ def label_values_argument():
     if config["mask_format"] != "label_image" or not values:
         return ""
     return "--label-values " + ",".join(f"{k}={v}" for k, v in values.items())
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9._-]+",
+    fold=r"\d+",

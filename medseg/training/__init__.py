@@ -1,0 +1,1 @@
+"""Training: network, loss, augmentation, loop, checkpoints."""

@@ -1,0 +1,232 @@
+"""One tracked training job (one fold) and cross-validation bookkeeping.
+
+These functions take explicit arguments; the CLI turns the workflow config
+into them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg import __version__
+from medseg.atomic import write_text_atomic
+from medseg.preprocessing.manifest import manifest_fingerprint
+from medseg.preprocessing.splits import read_splits
+from medseg.tracking import RunLogger, connect, git_commit
+from medseg.training.data import load_cases
+from medseg.training.network import SigmoidHead
+from medseg.training.settings import TrainSettings
+from medseg.training.trainer import Trainer, format_progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where a run is logged.
+
+    Attributes:
+        tracking_uri: MLflow tracking URI.
+        experiment: experiment name (one per dataset).
+        registered_model: model registry name.
+        alias: alias given to the chosen model version (e.g. "candidate").
+        system_metrics: log CPU/GPU/memory use alongside the run.
+    """
+
+    tracking_uri: str
+    experiment: str
+    registered_model: str
+    alias: str = "candidate"
+    system_metrics: bool = True
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned requirements for the logged model (skips MLflow's slow inference)."""
+    import monai
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}",
+            f"numpy=={np.__version__}"]
+
+
+def log_model(model: torch.nn.Module, size: int, target: TrackingTarget, fold: int | str) -> dict:
+    """Log ``model`` (logits) as a probability model, register it, alias it.
+
+    The logged model maps float32 (N, 1, size, size) in [0, 1] to float32
+    (N, C, size, size) probabilities. Returns {"version", "model_uri"}.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    wrapped = SigmoidHead(model).cpu().eval()
+    # Batch of 2: MLflow exports with torch.export, which would fix a batch
+    # dimension of 1 (a "specialised" size) into the saved program.
+    example = np.zeros((2, 1, size, size), dtype=np.float32)
+    with torch.no_grad():
+        output = wrapped(torch.from_numpy(example)).numpy()
+    info = mlflow.pytorch.log_model(
+        wrapped, name="model", signature=infer_signature(example, output), input_example=example,
+        registered_model_name=target.registered_model, pip_requirements=_pip_requirements(),
+    )
+    version = str(info.registered_model_version)
+    client = MlflowClient(target.tracking_uri)
+    client.set_registered_model_alias(target.registered_model, f"fold{fold}", version)
+    return {"version": version, "model_uri": f"models:/{target.registered_model}/{version}"}
+
+
+def train_fold(
+    *,
+    settings: TrainSettings,
+    labels: Mapping[str, Sequence[str]],
+    manifest: str | Path,
+    splits: str | Path,
+    fold: int,
+    out_dir: str | Path,
+    target: TrackingTarget,
+    params: Mapping[str, str],
+    config_file: str | Path | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    """Train one fold, tracked in MLflow; resumes from ``out_dir/last.pt``.
+
+    Args:
+        settings: training settings (already validated).
+        labels: {label: source structures}; output channels in this order.
+        manifest, splits: preprocessing outputs.
+        fold: index into the splits' folds.
+        out_dir: checkpoints, metrics.csv, curves, overlays, model.json.
+        target: tracking store, experiment and registry names.
+        params: flattened resolved config, logged as run parameters.
+        config_file: logged as an artifact when given.
+        parent_run_id: cross-validation parent run.
+
+    Returns:
+        The summary written to ``out_dir/model.json``.
+
+    Raises:
+        medseg.tracking.TrackingUnavailable: before any training work.
+    """
+    import mlflow
+
+    out_dir = Path(out_dir)
+    experiment_id = connect(target.tracking_uri, target.experiment)
+    folds = read_splits(splits)["folds"]
+    if not 0 <= fold < len(folds):
+        raise ValueError(f"{splits}: fold {fold} does not exist (there are {len(folds)})")
+    split = folds[fold]
+    label_names = list(labels)
+    train_cases = load_cases(manifest, split["train"], labels)
+    val_cases = load_cases(manifest, split["val"], labels)
+    log.info("fold %d: %d training, %d validation cases", fold, len(train_cases.case_ids), len(val_cases.case_ids))
+
+    dataset_fingerprint = manifest_fingerprint(manifest)
+    data_fingerprint = hashlib.sha256(
+        json.dumps([dataset_fingerprint, split["train"], split["val"], labels], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    trainer = Trainer(settings, label_names, train_cases, val_cases, out_dir,
+                      on_epoch=lambda m: log.info("%s", format_progress(m, label_names)),
+                      data_fingerprint=data_fingerprint)
+    trainer.try_resume()
+    tags = {
+        "medseg.version": __version__,
+        "git.commit": git_commit(),
+        "dataset.fingerprint": dataset_fingerprint,
+        "device": trainer.device.name,
+        "fold": str(fold),
+    }
+    if trainer.run_id:
+        run = mlflow.start_run(run_id=trainer.run_id, log_system_metrics=target.system_metrics)
+        log.info("continuing MLflow run %s", trainer.run_id)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=f"fold{fold}", parent_run_id=parent_run_id,
+                               tags=tags, log_system_metrics=target.system_metrics)
+        mlflow.log_params(dict(params))
+        if config_file:
+            mlflow.log_artifact(str(config_file))
+    run_id = run.info.run_id
+    trainer.run_id = run_id
+    tracker = RunLogger(run_id, out_dir)
+    trainer.tracker = tracker
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        tracker.log_artifact(out_dir / "curves.png")
+        tracker.log_artifact(out_dir / "metrics.csv")
+        best = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
+        trainer.model.load_state_dict(best["model"])
+        registered = tracker.call("log_model", log_model, trainer.model, trainer.size, target, fold) or {}
+        best_metrics = next((h for h in result.history if h["epoch"] == result.best_epoch), result.history[-1])
+        summary: dict[str, Any] = {
+            "fold": fold,
+            "run_id": run_id,
+            "experiment": target.experiment,
+            "tracking_uri": target.tracking_uri,
+            "registered_model": target.registered_model,
+            "model_version": registered.get("version"),
+            "model_uri": registered.get("model_uri"),
+            "best_epoch": result.best_epoch,
+            "best_metrics": {k: v for k, v in best_metrics.items() if k.startswith("val_")},
+            "labels": label_names,
+            "size": trainer.size,
+            "tracking_offline": tracker.offline,
+        }
+        write_text_atomic(out_dir / "model.json", json.dumps(summary, indent=1) + "\n")
+        status = "FINISHED"
+        if tracker.offline:
+            log.warning("MLflow was unreachable during training: results are in %s", out_dir)
+        return summary
+    finally:
+        tracker.call("end_run", mlflow.end_run, status=status)
+
+
+def start_cv_run(target: TrackingTarget, name: str, params: Mapping[str, str], tags: Mapping[str, str]) -> str:
+    """Create the parent run of a cross-validation; returns its ID."""
+    import mlflow
+
+    experiment_id = connect(target.tracking_uri, target.experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=dict(tags)) as run:
+        mlflow.log_params(dict(params))
+        mlflow.set_tag("medseg.role", "cross-validation")
+    # Left FINISHED now; finish_cv_run logs the summary into it later.
+    return run.info.run_id
+
+
+def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Sequence[dict]) -> dict:
+    """Summarise the folds into the parent run and alias the best fold's model.
+
+    Choice: the fold with the best mean validation Dice becomes
+    ``models:/<name>@<alias>`` (a single network keeps inference fast; the
+    other folds stay registered as ``@fold<k>``).
+    """
+    from mlflow.tracking import MlflowClient
+
+    connect(target.tracking_uri, target.experiment)
+    client = MlflowClient(target.tracking_uri)
+    usable = [s for s in fold_summaries if s.get("model_version")]
+    if not usable:
+        raise ValueError("no fold has a registered model")
+    best = max(usable, key=lambda s: s["best_metrics"].get("val_dice_mean", -1.0))
+    means: dict[str, float] = {}
+    for key in best["best_metrics"]:
+        values = [s["best_metrics"][key] for s in usable if key in s["best_metrics"]]
+        means[f"cv_mean_{key}"] = float(np.mean(values))
+    for key, value in means.items():
+        client.log_metric(parent_run_id, key, value)
+    client.set_tag(parent_run_id, "best_fold", str(best["fold"]))
+    client.set_registered_model_alias(target.registered_model, target.alias, best["model_version"])
+    return {
+        "parent_run_id": parent_run_id,
+        "best_fold": best["fold"],
+        "model_uri": f"models:/{target.registered_model}@{target.alias}",
+        "model_version": best["model_version"],
+        **means,
+    }

@@ -1,0 +1,122 @@
+"""Training settings: the ``train`` section of the workflow config."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from medseg.training.data import AugmentSettings
+from medseg.training.network import NETWORKS, PRESETS, UPSAMPLING, NetworkSpec
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "poly", "none")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides a training run's result.
+
+    Attributes:
+        network, preset, upsample: see :mod:`medseg.training.network`.
+        epochs: passes over the training cases (>= 1).
+        samples_per_epoch: augmented samples per epoch; 0 = one per training
+            case. Larger values repeat the cases (small datasets).
+        batch_size: images per step.
+        optimizer: "adamw" or "sgd" (Nesterov momentum).
+        learning_rate, weight_decay, momentum: optimiser settings.
+        scheduler: "cosine" (to 0 at the last epoch), "poly" (power 0.9), "none".
+        lambda_dice, lambda_ce: weights of the Dice and BCE terms.
+        label_weights: optional {label: weight} against class imbalance
+            (the clavicles are small); missing labels weigh 1.
+        validate_every: validate every N epochs (and at the last).
+        overlay_every: save validation overlays every N epochs.
+        seed: seeds initialisation, shuffling and augmentation.
+        amp: mixed precision on CUDA: "auto" (bf16 where supported, else
+            fp16), "bf16", "fp16" or "off". Never used on CPU.
+        device: "auto" (CUDA when present), "cpu" or "cuda".
+        num_workers: data-loading processes; -1 = auto (0 on CPU, where the
+            cores are better spent on the network; several on CUDA).
+        augment: see :class:`AugmentSettings`.
+    """
+
+    network: str = "basic_unet"
+    preset: str = "cpu_small"
+    upsample: str = "resize_bilinear"
+    epochs: int = 40
+    samples_per_epoch: int = 0
+    batch_size: int = 8
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-2
+    weight_decay: float = 1e-4
+    momentum: float = 0.99
+    scheduler: str = "cosine"
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
+    label_weights: Mapping[str, float] = field(default_factory=dict)
+    validate_every: int = 1
+    overlay_every: int = 5
+    seed: int = 0
+    amp: str = "auto"
+    device: str = "auto"
+    num_workers: int = -1
+    augment: AugmentSettings = AugmentSettings()
+
+    def __post_init__(self) -> None:
+        NetworkSpec(self.network, self.preset, self.upsample)  # raises on bad names
+        checks = [
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.samples_per_epoch >= 0, f"samples_per_epoch must be >= 0, got {self.samples_per_epoch}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"),
+            (self.scheduler in SCHEDULERS, f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}"),
+            (self.amp in AMP_MODES, f"unknown amp {self.amp!r}; choose from {', '.join(AMP_MODES)}"),
+            (self.device in DEVICES, f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}"),
+            (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
+            (self.validate_every >= 1, f"validate_every must be at least 1, got {self.validate_every}"),
+            (self.overlay_every >= 1, f"overlay_every must be at least 1, got {self.overlay_every}"),
+            (self.lambda_dice >= 0 and self.lambda_ce >= 0 and self.lambda_dice + self.lambda_ce > 0,
+             "lambda_dice and lambda_ce must be >= 0 and not both 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainSettings:
+        """Build from a config mapping; unknown keys are refused by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown train setting(s): {', '.join(unknown)}")
+        values = dict(values)
+        if "augment" in values:
+            aug_known = {f.name for f in dataclasses.fields(AugmentSettings)}
+            aug_unknown = sorted(set(values["augment"]) - aug_known)
+            if aug_unknown:
+                raise ValueError(f"unknown train.augment setting(s): {', '.join(aug_unknown)}")
+            values["augment"] = AugmentSettings(**values["augment"])
+        if "label_weights" in values:
+            values["label_weights"] = dict(values["label_weights"] or {})
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["label_weights"] = dict(self.label_weights)
+        return data
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change results (checkpoints record it,
+        so a changed config never resumes an old run)."""
+        data = self.to_dict()
+        for volatile in ("num_workers", "device", "overlay_every"):
+            data.pop(volatile)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+__all__ = ["TrainSettings", "NETWORKS", "PRESETS", "UPSAMPLING", "OPTIMIZERS", "SCHEDULERS"]

@@ -1,0 +1,84 @@
+rule resolved_config:
+    """The run's whole resolved config, as the training CLI and MLflow see it."""
+    output:
+        "results/{dataset}/config.json",
+    params:
+        config=json.dumps(config, sort_keys=True),
+    log:
+        "results/{dataset}/logs/resolved_config.log",
+    threads: 1
+    resources:
+        mem_mb=200,
+        runtime=2,
+    shell:
+        "printf '%s\\n' {params.config:q} > {output} 2> {log}"
+
+
+rule cv_start:
+    """MLflow parent run of the cross-validation (folds nest under it)."""
+    input:
+        config="results/{dataset}/config.json",
+        manifest="results/{dataset}/preprocessed/manifest.csv",
+    output:
+        "results/{dataset}/models/cv_run.json",
+    log:
+        "results/{dataset}/logs/cv_start.log",
+    benchmark:
+        "results/{dataset}/benchmarks/cv_start.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "{MEDSEG} cv-start --config {input.config} --manifest {input.manifest} --out {output} > {log} 2>&1"
+
+
+rule train:
+    """One fold. A rerun of an interrupted job resumes from its last.pt."""
+    input:
+        config="results/{dataset}/config.json",
+        manifest="results/{dataset}/preprocessed/manifest.csv",
+        splits="results/{dataset}/splits.json",
+        cv_run="results/{dataset}/models/cv_run.json",
+    output:
+        summary="results/{dataset}/models/fold{fold}/model.json",
+        best="results/{dataset}/models/fold{fold}/best.pt",
+        curves=report(
+            "results/{dataset}/models/fold{fold}/curves.png",
+            category="Training",
+            subcategory="fold {fold}",
+        ),
+    params:
+        out=subpath(output.summary, parent=True),
+    log:
+        "results/{dataset}/logs/train_fold{fold}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/train_fold{fold}.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "{MEDSEG} train --config {input.config} --manifest {input.manifest} --splits {input.splits}"
+        " --fold {wildcards.fold} --parent-run-file {input.cv_run} --out {params.out} > {log} 2>&1"
+
+
+rule cv_finish:
+    """Summarise the folds; alias the best fold's model (models:/<name>@candidate)."""
+    input:
+        config="results/{dataset}/config.json",
+        cv_run="results/{dataset}/models/cv_run.json",
+        folds=expand("results/{{dataset}}/models/fold{fold}/model.json", fold=config["train_folds"]),
+    output:
+        "results/{dataset}/models/summary.json",
+    log:
+        "results/{dataset}/logs/cv_finish.log",
+    benchmark:
+        "results/{dataset}/benchmarks/cv_finish.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "{MEDSEG} cv-finish --config {input.config} --parent-run-file {input.cv_run} --out {output}"
+        " {input.folds} > {log} 2>&1"
