@@ -24,6 +24,6 @@ def jsrt_root() -> Path:
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -36,7 +36,7 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.C
 def test_dry_run_default_config(workdir):
     proc = run_snakemake(workdir, "-n")
     out = proc.stdout + proc.stderr
-    for rule in ("phantoms", "preprocess", "splits", "preview"):
+    for rule in ("phantoms", "preprocess", "splits", "preview", "resolved_config", "cv_start", "train", "cv_finish"):
         assert rule in out
 
 
@@ -69,14 +69,18 @@ def test_labels_must_use_known_structures(workdir):
     assert "labels.lungs" in out and "spleen" in out
 
 
+E2E_CONFIG = (
+    "dataset=e2e", "phantoms={'n': 8, 'seed': 3, 'height': 160, 'width': 128}", "preprocess={'size': 64}",
+    "splits={'k': 2}",
+    "train={'preset': 'cpu_tiny', 'epochs': 2, 'samples_per_epoch': 8, 'batch_size': 4, 'overlay_every': 1}",
+)
+
+
 def test_end_to_end_on_phantoms(workdir):
-    run_snakemake(
-        workdir, "--config", "dataset=e2e", "phantoms={'n': 5, 'seed': 3, 'height': 160, 'width': 128}",
-        "preprocess={'size': 64}", "splits={'k': 2}",
-    )
+    run_snakemake(workdir, "--config", *E2E_CONFIG)
     results = workdir / "results" / "e2e"
     manifest = pd.read_csv(results / "preprocessed" / "manifest.csv")
-    assert len(manifest) == 5
+    assert len(manifest) == 8
     assert set(manifest.original_rows) == {160} and set(manifest.original_cols) == {128}
     assert set(manifest.photometric) == {"MONOCHROME1 (inverted)", "MONOCHROME2"}
     assert len(pd.read_csv(results / "preprocessed" / "failures.csv")) == 0
@@ -87,24 +91,36 @@ def test_end_to_end_on_phantoms(workdir):
     assert len(splits["folds"]) == 2
     assert sorted(c for f in splits["folds"] for c in f["test"]) == sorted(manifest.case_id)
     assert (results / "preprocessed" / "preview.png").stat().st_size > 10_000
-    for rule in ("phantoms", "preprocess", "splits", "preview"):
+    for rule in ("phantoms", "preprocess", "splits", "preview", "cv_start", "train_fold0", "cv_finish"):
         assert (results / "logs" / f"{rule}.log").is_file()
         assert (results / "benchmarks" / f"{rule}.tsv").is_file()
-    assert "preprocess 5/5" in (results / "logs" / "preprocess.log").read_text()
+    # Training ran, tracked in the embedded MLflow store, nested under the CV run.
+    assert "epoch 2/2" in (results / "logs" / "train_fold0.log").read_text()
+    fold = json.loads((results / "models" / "fold0" / "model.json").read_text())
+    summary = json.loads((results / "models" / "summary.json").read_text())
+    assert summary["model_uri"] == "models:/medseg-e2e@candidate" and summary["best_fold"] == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("medseg-e2e", "candidate").version) == fold["model_version"]
+    child = client.get_run(fold["run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
+    assert "cv_mean_val_dice_mean" in client.get_run(summary["parent_run_id"]).data.metrics
+    assert "preprocess 8/8" in (results / "logs" / "preprocess.log").read_text()
     # Phantom DICOMs carry fake patient fields; none may reach logs or outputs.
     texts = [p.read_text(errors="ignore") for p in results.rglob("*") if p.suffix in {".log", ".csv", ".json", ".tsv"}]
     names = [p.name for p in results.rglob("*")]
     for secret in ("Phantom^Secret", "SECRETID", "Secret"):
         assert not any(secret in t for t in texts + names)
     # A second run has nothing to do.
-    again = run_snakemake(workdir, "-n", "--config", "dataset=e2e", "phantoms={'n': 5, 'seed': 3, 'height': 160, 'width': 128}",
-                          "preprocess={'size': 64}", "splits={'k': 2}")
+    again = run_snakemake(workdir, "-n", "--config", *E2E_CONFIG)
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
 def test_jsrt_config_on_real_fold(workdir, jsrt_root):
+    # Preprocessing only (training on the real fold is benchmarks/jsrt.py's job).
     run_snakemake(workdir, "--configfile", "config/jsrt.yaml", "--config", f"data_root={jsrt_root}",
-                  "preprocess={'size': 64}")
+                  "preprocess={'size': 64}", "--", "results/jsrt-scr/splits.json", "results/jsrt-scr/preprocessed/preview.png")
     results = workdir / "results" / "jsrt-scr"
     manifest = pd.read_csv(results / "preprocessed" / "manifest.csv")
     n_images = len(list((jsrt_root / "images").glob("*.png")))

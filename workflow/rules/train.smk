@@ -3,7 +3,7 @@ rule resolved_config:
     output:
         "results/{dataset}/config.json",
     params:
-        config=json.dumps(config, sort_keys=True),
+        config=json.dumps(config),  # key order kept: it is the label channel order
     log:
         "results/{dataset}/logs/resolved_config.log",
     threads: 1

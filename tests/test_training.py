@@ -1,0 +1,177 @@
+"""Training: learning really happens, MLflow holds the run, resume is exact,
+bad configs and unreachable trackers are refused before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from medseg.phantoms.write import write_phantom_dataset
+from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
+from medseg.preprocessing.splits import make_splits, write_splits
+
+MEDSEG = [sys.executable, "-m", "medseg"]
+
+
+def _config(repo_root: Path, tmp: Path, **train) -> Path:
+    config = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())
+    config["dataset"] = "unit"
+    config["train"].update(train)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _dataset(tmp: Path, n: int, size: int, shape=(256, 224), seed: int = 1) -> tuple[Path, Path]:
+    write_phantom_dataset(tmp / "raw", n=n, seed=seed, shape=shape)
+    result = preprocess_dataset(DatasetSpec(images=tmp / "raw" / "images", masks_root=tmp / "raw" / "masks"),
+                                PreprocessSettings(size=size), tmp / "pre", workers=1)
+    assert not result.failures
+    splits = tmp / "splits.json"
+    write_splits(splits, make_splits([r["case_id"] for r in result.rows], "kfold", k=4, seed=0, val_fraction=0.2))
+    return result.manifest_path, splits
+
+
+def _train(config: Path, manifest: Path, splits: Path, out: Path, uri: str, *extra: str, env=None, check=True):
+    proc = subprocess.run(
+        [*MEDSEG, "train", "--config", str(config), "--manifest", str(manifest), "--splits", str(splits),
+         "--fold", "0", "--out", str(out), "--tracking-uri", uri, *extra],
+        capture_output=True, text=True, env={**os.environ, **(env or {})},
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, repo_root):
+    """One CPU training of ~1 minute on 32 phantoms at 128 px."""
+    tmp = tmp_path_factory.mktemp("learn")
+    manifest, splits = _dataset(tmp, n=32, size=128)
+    config = _config(repo_root, tmp, preset="cpu_tiny", epochs=12, samples_per_epoch=96, learning_rate=0.01,
+                     overlay_every=4)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    proc = _train(config, manifest, splits, tmp / "fold0", uri)
+    return {"tmp": tmp, "uri": uri, "summary": json.loads((tmp / "fold0" / "model.json").read_text()),
+            "stderr": proc.stderr}
+
+
+def test_learning_happens(trained):
+    metrics = trained["summary"]["best_metrics"]
+    assert metrics["val_dice_lungs"] > 0.8, metrics
+    assert metrics["val_dice_heart"] > 0.8, metrics
+    # Progress per epoch: loss, Dice per label, images/s, ETA.
+    lines = [l for l in trained["stderr"].splitlines() if "epoch 12/12" in l]
+    assert lines and "Dice heart" in lines[0] and "img/s" in lines[0] and "ETA" in lines[0]
+
+
+def test_mlflow_run_holds_params_metrics_artifacts_model(trained):
+    client = MlflowClient(trained["uri"])
+    run = client.get_run(trained["summary"]["run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.preset"] == "cpu_tiny" and params["train.epochs"] == "12"
+    assert params["labels.lungs"] == "['left_lung', 'right_lung']"
+    assert params["train.augment.rotate_deg"] == "7.0"
+    tags = run.data.tags
+    for tag in ("git.commit", "medseg.version", "dataset.fingerprint", "device", "fold"):
+        assert tags.get(tag), tag
+    assert tags["device"].startswith("cpu")
+    for metric in ("train_loss", "val_loss", "val_dice_heart", "val_dice_lungs", "val_dice_clavicles",
+                   "val_dice_mean", "learning_rate", "epoch_seconds", "images_per_second"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in history] == list(range(1, 13)), metric
+    assert any(k.startswith("system/") for k in run.data.metrics)  # system metrics on
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "curves.png", "metrics.csv", "overlays"} <= artifacts
+    overlays = {a.path for a in client.list_artifacts(run.info.run_id, "overlays")}
+    assert {"overlays/epoch0004.png", "overlays/epoch0012.png"} <= overlays
+    # No patient-identifying field anywhere in params, tags or artifact names.
+    text = json.dumps([params, tags, sorted(artifacts | overlays)])
+    assert "Secret" not in text and "SECRETID" not in text
+
+    mlflow.set_tracking_uri(trained["uri"])
+    version = client.get_model_version_by_alias("medseg-unit", "fold0")
+    assert version.run_id == run.info.run_id
+    model = mlflow.pyfunc.load_model("models:/medseg-unit@fold0")
+    batch = np.random.default_rng(0).random((3, 1, 128, 128), dtype=np.float32)
+    probabilities = np.asarray(model.predict(batch))
+    assert probabilities.shape == (3, 3, 128, 128)
+    assert 0.0 <= probabilities.min() and probabilities.max() <= 1.0
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, repo_root):
+    manifest, splits = _dataset(tmp_path, n=10, size=64, shape=(128, 128))
+    config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=4, samples_per_epoch=16, batch_size=4)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _train(config, manifest, splits, tmp_path / "straight", uri)
+
+    killed = _train(config, manifest, splits, tmp_path / "resumed", uri,
+                    env={"MEDSEG_TEST_KILL_AFTER_EPOCH": "2"}, check=False)
+    assert killed.returncode == -9  # SIGKILL, like a preempted job
+    partial = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert partial["epoch"] == 2
+    assert not (tmp_path / "resumed" / "model.json").exists()
+    resumed = _train(config, manifest, splits, tmp_path / "resumed", uri)
+    assert "resuming from" in resumed.stderr
+
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    again = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert again["epoch"] == straight["epoch"] == 4
+    for name, tensor in straight["model"].items():
+        torch.testing.assert_close(again["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(straight["history"], again["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_dice_mean"] == pytest.approx(b["val_dice_mean"], rel=1e-4)
+    # The resumed job continued the same MLflow run, with all four epochs.
+    assert partial["mlflow_run_id"] == again["mlflow_run_id"]
+    client = MlflowClient(uri)
+    steps = sorted({m.step for m in client.get_metric_history(again["mlflow_run_id"], "train_loss")})
+    assert steps == [1, 2, 3, 4]
+    assert client.get_run(again["mlflow_run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"network": "resnet9000"}, "unknown network 'resnet9000'"),
+        ({"upsample": "magic"}, "unknown upsampling 'magic'"),
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"optimiser": "adamw"}, "unknown train setting(s): optimiser"),
+    ],
+)
+def test_config_errors_refused_before_any_work(tmp_path, repo_root, override, message):
+    config = _config(repo_root, tmp_path, **override)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = _train(config, tmp_path / "missing.csv", tmp_path / "missing.json", tmp_path / "out", uri, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path, repo_root):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    manifest, splits = _dataset(tmp_path, n=6, size=64, shape=(128, 128))
+    config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=1)
+    start = time.monotonic()
+    proc = _train(config, manifest, splits, tmp_path / "out", "", check=False,
+                  env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2
+    assert f"http://127.0.0.1:{port}" in proc.stderr and "cannot be used" in proc.stderr
+    assert elapsed < 60
+    assert not (tmp_path / "out" / "last.pt").exists()
