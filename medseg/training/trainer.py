@@ -239,6 +239,8 @@ class Trainer:
         self.history = list(state["history"])
         self.best_mean_dice = state["best_mean_dice"]
         self.best_epoch = state["best_epoch"]
+        if not self.best_path.exists():  # lost with a cleaned-up job: the next validation rewrites it
+            self.best_mean_dice, self.best_epoch = -math.inf, 0
         self.start_epoch = state["epoch"] + 1
         self.run_id = state.get("mlflow_run_id")
         log.info("resuming from %s at epoch %d", self.last_path, self.start_epoch)

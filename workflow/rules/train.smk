@@ -41,8 +41,9 @@ rule train:
         splits="results/{dataset}/splits.json",
         cv_run="results/{dataset}/models/cv_run.json",
     output:
+        # best.pt and last.pt are deliberately not outputs: Snakemake deletes
+        # the outputs of an incomplete job, and the rerun resumes from them.
         summary="results/{dataset}/models/fold{fold}/model.json",
-        best="results/{dataset}/models/fold{fold}/best.pt",
         curves=report(
             "results/{dataset}/models/fold{fold}/curves.png",
             category="Training",
