@@ -15,6 +15,7 @@ Unreachable server policy:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -69,6 +70,35 @@ def git_commit(cwd: str | Path | None = None) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def client_for(tracking_uri: str):
+    """An MlflowClient whose model registry is the same store.
+
+    (Without an explicit registry URI, MLflow takes the process-wide one,
+    which may point at another store.)
+    """
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@contextlib.contextmanager
+def _fail_fast_http(timeout_s: float):
+    """No retries and a short timeout for the first request: MLflow's HTTP
+    client otherwise retries for minutes before saying the server is gone.
+    Later requests get MLflow's usual retries back."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def connect(tracking_uri: str, experiment: str, timeout_s: float = 10.0) -> str:
     """Point MLflow at ``tracking_uri`` and make sure ``experiment`` exists.
 
@@ -80,18 +110,16 @@ def connect(tracking_uri: str, experiment: str, timeout_s: float = 10.0) -> str:
             ``timeout_s``, not after MLflow's long retry schedule).
     """
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    # Fail fast: MLflow's HTTP client otherwise retries for minutes.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
     db = _sqlite_path(tracking_uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    client = client_for(tracking_uri)
     try:
-        found = client.get_experiment_by_name(experiment)
+        with _fail_fast_http(timeout_s):
+            found = client.get_experiment_by_name(experiment)
         if found is not None:
             return found.experiment_id
         # With the embedded store, keep artifacts beside the database rather

@@ -27,3 +27,22 @@ def jsrt_root() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_environment():
+    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI, which would
+    leak into later tests' subprocesses (Snakemake, medseg train)."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[key]
+    os.environ.update(saved)
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)  # back to the default
+        for key in [k for k in os.environ if k.startswith("MLFLOW_") and k not in saved]:
+            del os.environ[key]
+    except ImportError:
+        pass

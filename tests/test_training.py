@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from mlflow.tracking import MlflowClient
+from medseg.tracking import client_for
 
 from medseg.phantoms.write import write_phantom_dataset
 from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
@@ -78,7 +78,7 @@ def test_learning_happens(trained):
 
 
 def test_mlflow_run_holds_params_metrics_artifacts_model(trained):
-    client = MlflowClient(trained["uri"])
+    client = client_for(trained["uri"])
     run = client.get_run(trained["summary"]["run_id"])
     assert run.info.status == "FINISHED"
     params = run.data.params
@@ -137,7 +137,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, repo_root):
         assert a["val_dice_mean"] == pytest.approx(b["val_dice_mean"], rel=1e-4)
     # The resumed job continued the same MLflow run, with all four epochs.
     assert partial["mlflow_run_id"] == again["mlflow_run_id"]
-    client = MlflowClient(uri)
+    client = client_for(uri)
     steps = sorted({m.step for m in client.get_metric_history(again["mlflow_run_id"], "train_loss")})
     assert steps == [1, 2, 3, 4]
     assert client.get_run(again["mlflow_run_id"]).info.status == "FINISHED"

@@ -99,9 +99,9 @@ def test_end_to_end_on_phantoms(workdir):
     fold = json.loads((results / "models" / "fold0" / "model.json").read_text())
     summary = json.loads((results / "models" / "summary.json").read_text())
     assert summary["model_uri"] == "models:/medseg-e2e@candidate" and summary["best_fold"] == 0
-    from mlflow.tracking import MlflowClient
+    from medseg.tracking import client_for
 
-    client = MlflowClient(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+    client = client_for(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("medseg-e2e", "candidate").version) == fold["model_version"]
     child = client.get_run(fold["run_id"])
     assert child.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]

@@ -21,7 +21,7 @@ from medseg import __version__
 from medseg.atomic import write_text_atomic
 from medseg.preprocessing.manifest import manifest_fingerprint
 from medseg.preprocessing.splits import read_splits
-from medseg.tracking import RunLogger, connect, git_commit
+from medseg.tracking import RunLogger, client_for, connect, git_commit
 from medseg.training.data import load_cases
 from medseg.training.network import SigmoidHead
 from medseg.training.settings import TrainSettings
@@ -65,8 +65,6 @@ def log_model(model: torch.nn.Module, size: int, target: TrackingTarget, fold: i
     """
     import mlflow
     from mlflow.models import infer_signature
-    from mlflow.tracking import MlflowClient
-
     wrapped = SigmoidHead(model).cpu().eval()
     # Batch of 2: MLflow exports with torch.export, which would fix a batch
     # dimension of 1 (a "specialised" size) into the saved program.
@@ -78,7 +76,7 @@ def log_model(model: torch.nn.Module, size: int, target: TrackingTarget, fold: i
         registered_model_name=target.registered_model, pip_requirements=_pip_requirements(),
     )
     version = str(info.registered_model_version)
-    client = MlflowClient(target.tracking_uri)
+    client = client_for(target.tracking_uri)
     client.set_registered_model_alias(target.registered_model, f"fold{fold}", version)
     return {"version": version, "model_uri": f"models:/{target.registered_model}/{version}"}
 
@@ -207,10 +205,8 @@ def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Se
     ``models:/<name>@<alias>`` (a single network keeps inference fast; the
     other folds stay registered as ``@fold<k>``).
     """
-    from mlflow.tracking import MlflowClient
-
     connect(target.tracking_uri, target.experiment)
-    client = MlflowClient(target.tracking_uri)
+    client = client_for(target.tracking_uri)
     usable = [s for s in fold_summaries if s.get("model_version")]
     if not usable:
         raise ValueError("no fold has a registered model")
