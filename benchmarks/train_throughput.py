@@ -13,14 +13,13 @@ import argparse
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-from medseg.phantoms.write import write_phantom_dataset
-from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
+from phantom_cases import phantom_cases
+
 from medseg.structures import DEFAULT_LABELS
-from medseg.training.data import AugmentSettings, load_cases
+from medseg.training.data import AugmentSettings
 from medseg.training.settings import TrainSettings
 from medseg.training.trainer import Trainer
 
@@ -70,13 +69,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        write_phantom_dataset(tmp / "raw", n=args.n, seed=0, shape=(512, 448))
-        result = preprocess_dataset(DatasetSpec(tmp / "raw" / "images", tmp / "raw" / "masks"),
-                                    PreprocessSettings(size=args.size), tmp / "pre")
-        ids = [r["case_id"] for r in result.rows]
-        cases = load_cases(result.manifest_path, ids, DEFAULT_LABELS)
+    (cases,) = phantom_cases(args.n, args.size, (512, 448), seed=0)
 
     rows = []
     for augment in (False, True):

@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from medseg.phantoms.write import write_phantom_dataset
-from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
-from medseg.preprocessing.splits import kfold_splits
+from phantom_cases import phantom_cases
+
 from medseg.structures import DEFAULT_LABELS
-from medseg.training.data import load_cases
 from medseg.training.network import UPSAMPLING, count_parameters
 from medseg.training.settings import TrainSettings
 from medseg.training.trainer import Trainer
@@ -48,14 +45,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        write_phantom_dataset(tmp / "raw", n=args.n, seed=1, shape=(256, 224))
-        result = preprocess_dataset(DatasetSpec(tmp / "raw" / "images", tmp / "raw" / "masks"),
-                                    PreprocessSettings(size=args.size), tmp / "pre")
-        fold = kfold_splits([r["case_id"] for r in result.rows], k=4, seed=0, val_fraction=0.2)[0]
-        train = load_cases(result.manifest_path, fold["train"], DEFAULT_LABELS)
-        val = load_cases(result.manifest_path, fold["val"] + fold["test"], DEFAULT_LABELS)
+    # A seeded shuffle: ~60% training, the rest validation.
+    order = np.random.default_rng(0).permutation(args.n)
+    cut = int(0.6 * args.n)
+    train, val = phantom_cases(args.n, args.size, (256, 224), seed=1, groups=[order[:cut], order[cut:]])
 
     print(f"{args.n} phantoms at {args.size}px, preset {args.preset}, {args.epochs} epochs x "
           f"{args.samples_per_epoch} samples, {len(val.case_ids)} validation cases, {args.seeds} seed(s)")

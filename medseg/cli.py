@@ -213,7 +213,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train_fold(
             settings=settings, labels=labels, manifest=args.manifest, splits=args.splits, fold=args.fold,
             out_dir=args.out, target=target, params=flatten(resolved), config_file=args.config,
-            parent_run_id=parent,
+            parent_run_id=parent, intensity={k: v for k, v in (config.get("preprocess") or {}).items()
+                                             if k in ("lower_percentile", "upper_percentile")},
         )
     except TrackingUnavailable as err:
         log.error("%s", err)
@@ -256,6 +257,31 @@ def cmd_cv_finish(args: argparse.Namespace) -> int:
     write_text_atomic(args.out, json.dumps(summary, indent=1) + "\n")
     log.info("best fold %s -> %s", summary["best_fold"], summary["model_uri"])
     return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medseg.inference.model import load_model
+    from medseg.inference.predict import PredictSettings, collect_inputs, predict_files
+    from medseg.training.trainer import pick_device
+
+    files = collect_inputs(args.inputs)
+    if not files:
+        log.error("no input files found in %s", " ".join(args.inputs))
+        return EXIT_USAGE
+    device = pick_device(args.device, "auto").torch_device
+    try:
+        model = load_model(args.model, args.tracking_uri, device)
+    except Exception as err:  # noqa: BLE001 - MLflow/torch raise many types for a bad model reference
+        log.error("cannot load model %s: %s", args.model, err)
+        return EXIT_USAGE
+    settings = PredictSettings(threshold=args.threshold, postprocess=not args.no_postprocess, tta=args.tta,
+                               batch_size=args.batch_size, write_seg=not args.no_seg,
+                               read_options=_read_options(args), case_id_from=args.case_id_from)
+    log.info("predicting %d files with %s (labels %s, %d px) on %s", len(files), model.uri,
+             ", ".join(model.labels), model.size, device)
+    table, failures = predict_files(files, model, settings, args.out, device)
+    log.info("results: %s (%d scans); failures: %d", Path(args.out) / "results.csv", len(table), len(failures))
+    return EXIT_FAILURES if failures else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +360,24 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int)
     group.add_argument("--learning-rate", type=float)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment new scans: masks, NIfTI, overlay, DICOM SEG, results table")
+    p.add_argument("inputs", nargs="+", help="folders (recursive; DICOM may lack an extension), globs, list files "
+                                             "(.txt, one path per line) or files")
+    p.add_argument("--model", required=True,
+                   help="MLflow model URI (models:/<name>@<alias>, runs:/<id>/model) or a best.pt checkpoint")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per scan + results.csv/.parquet)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, "
+                                          "else results/mlflow.db)")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (small shifts, no flips)")
+    p.add_argument("--no-postprocess", action="store_true", help="keep all connected components and holes")
+    p.add_argument("--no-seg", action="store_true", help="do not write DICOM SEG files")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename")
+    _add_read_options(p)
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("cv-start", help="create the MLflow parent run of a cross-validation")
     p.add_argument("--config", required=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,21 @@ def test_jsrt_config_on_real_fold(workdir, jsrt_root):
     assert len(manifest) == n_images == 124
     assert set(manifest.scr_fold.astype(int)) == {1}
     assert set(manifest.photometric) == {"white-is-zero (inverted)"}
+
+
+def test_rerun_after_killed_training_resumes(workdir):
+    """A train job killed mid-way (as a preempted cluster job) is resumed by
+    the next snakemake run from its last.pt, in the same MLflow run."""
+    config = ("dataset=resume", *E2E_CONFIG[1:-1],
+              "train={'preset': 'cpu_tiny', 'epochs': 3, 'samples_per_epoch': 8, 'batch_size': 4}")
+    env = {**os.environ, "MEDSEG_TEST_KILL_AFTER_EPOCH": "1"}
+    killed = subprocess.run([*SNAKEMAKE, "--profile", "workflow/profiles/default", "--cores", "2", "--config", *config],
+                            cwd=workdir, capture_output=True, text=True, env=env)
+    assert killed.returncode != 0
+    fold_dir = workdir / "results" / "resume" / "models" / "fold0"
+    assert (fold_dir / "last.pt").exists() and not (fold_dir / "model.json").exists()
+    run_snakemake(workdir, "--config", *config)
+    log = (workdir / "results" / "resume" / "logs" / "train_fold0.log").read_text()
+    assert "resuming from" in log and "at epoch 2" in log
+    assert "epoch 3/3" in log and "epoch 1/3" not in log
+    assert json.loads((fold_dir / "model.json").read_text())["best_epoch"] >= 1

@@ -57,11 +57,14 @@ def _pip_requirements() -> list[str]:
             f"numpy=={np.__version__}"]
 
 
-def log_model(model: torch.nn.Module, size: int, target: TrackingTarget, fold: int | str) -> dict:
+def log_model(model: torch.nn.Module, size: int, target: TrackingTarget, fold: int | str,
+              metadata: Mapping[str, Any] | None = None) -> dict:
     """Log ``model`` (logits) as a probability model, register it, alias it.
 
     The logged model maps float32 (N, 1, size, size) in [0, 1] to float32
-    (N, C, size, size) probabilities. Returns {"version", "model_uri"}.
+    (N, C, size, size) probabilities. ``metadata`` (labels, size, intensity
+    percentiles) travels with it so prediction can preprocess new scans the
+    same way. Returns {"version", "model_uri"}.
     """
     import mlflow
     from mlflow.models import infer_signature
@@ -74,6 +77,7 @@ def log_model(model: torch.nn.Module, size: int, target: TrackingTarget, fold: i
     info = mlflow.pytorch.log_model(
         wrapped, name="model", signature=infer_signature(example, output), input_example=example,
         registered_model_name=target.registered_model, pip_requirements=_pip_requirements(),
+        metadata=dict(metadata or {}),
     )
     version = str(info.registered_model_version)
     client = client_for(target.tracking_uri)
@@ -93,6 +97,7 @@ def train_fold(
     params: Mapping[str, str],
     config_file: str | Path | None = None,
     parent_run_id: str | None = None,
+    intensity: Mapping[str, float] | None = None,
 ) -> dict:
     """Train one fold, tracked in MLflow; resumes from ``out_dir/last.pt``.
 
@@ -106,6 +111,8 @@ def train_fold(
         params: flattened resolved config, logged as run parameters.
         config_file: logged as an artifact when given.
         parent_run_id: cross-validation parent run.
+        intensity: the preprocessing's lower/upper percentiles, recorded
+            with the model so that prediction normalises alike.
 
     Returns:
         The summary written to ``out_dir/model.json``.
@@ -161,7 +168,10 @@ def train_fold(
         tracker.log_artifact(out_dir / "metrics.csv")
         best = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
         trainer.model.load_state_dict(best["model"])
-        registered = tracker.call("log_model", log_model, trainer.model, trainer.size, target, fold) or {}
+        model_metadata = {"labels": label_names, "size": trainer.size,
+                          "intensity": dict(intensity or {"lower_percentile": 0.5, "upper_percentile": 99.5})}
+        registered = tracker.call("log_model", log_model, trainer.model, trainer.size, target, fold,
+                                  model_metadata) or {}
         best_metrics = next((h for h in result.history if h["epoch"] == result.best_epoch), result.history[-1])
         summary: dict[str, Any] = {
             "fold": fold,
@@ -173,8 +183,7 @@ def train_fold(
             "model_uri": registered.get("model_uri"),
             "best_epoch": result.best_epoch,
             "best_metrics": {k: v for k, v in best_metrics.items() if k.startswith("val_")},
-            "labels": label_names,
-            "size": trainer.size,
+            **model_metadata,
             "tracking_offline": tracker.offline,
         }
         write_text_atomic(out_dir / "model.json", json.dumps(summary, indent=1) + "\n")

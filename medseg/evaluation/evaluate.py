@@ -1,0 +1,614 @@
+"""Score a folder of predictions against ground truth.
+
+Prediction layout (written by the predict stage), one folder per case::
+
+    <pred_dir>/<case_id>/labels.nii.gz    uint8 (H, W, C), channel c = label c (0/1),
+                                          saved with medseg.nifti.save_nifti_2d
+    <pred_dir>/<case_id>/prediction.json  {"case_id", "labels": [names in channel order],
+                                           "source", "spacing_mm": [row, col],
+                                           "original_shape": [H, W], "model_uri"}
+
+Predictions are at the original image's geometry; ground truth may be at a
+whole-number scaling of it (SCR masks are 1024x1024, JSRT .IMG files
+2048x2048). Metrics are computed on the ground truth's grid, at its spacing:
+the truth is what the published results were scored on, and resampling it
+would change it.
+
+Outputs: a long table (one row per case and label), a per-label summary, a
+plain-text comparison with published Jaccard scores, box plots, a gallery of
+the worst cases, and an MLflow run named "evaluation" linked to the model's
+training run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medseg.atomic import atomic_path, write_text_atomic
+from medseg.errors import InputError
+from medseg.evaluation.metrics import DISTANCE_METRICS, METRIC_NAMES, OVERLAP_METRICS, segmentation_metrics
+from medseg.ingest.masks import read_label_image, read_scr_masks
+from medseg.preprocessing.preprocess import MASK_FORMATS
+from medseg.structures import DEFAULT_LABELS
+
+log = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.nii.gz"
+PREDICTION_FILE = "prediction.json"
+TABLE_COLUMNS: tuple[str, ...] = ("case_id", "label", *METRIC_NAMES)
+
+# Mean Jaccard on JSRT/SCR as published. Their protocols differ from ours
+# (folds, image sizes), so the comparison is indicative, not a ranking.
+PUBLISHED_JACCARD: dict[str, dict[str, float]] = {
+    "human observer (van Ginneken et al. 2006)": {"lungs": 0.946, "heart": 0.878, "clavicles": 0.896},
+    "Novikov et al. 2018": {"lungs": 0.950, "heart": 0.882, "clavicles": 0.868},
+    "Frid-Adar et al. 2018": {"lungs": 0.961, "heart": 0.906, "clavicles": 0.855},
+}
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _whole_factor(big: int, small: int) -> int | None:
+    return big // small if small > 0 and big % small == 0 else None
+
+
+def resample_to(mask: np.ndarray, shape: Sequence[int], case_id: str = "") -> np.ndarray:
+    """Bring a mask onto a grid that is a whole-number scaling of its own.
+
+    Shrinking by k: each k x k block is area-averaged and kept where at least
+    half of it is set (the closest binary picture of the same area).
+    Enlarging by k: nearest neighbour (each pixel becomes a k x k block), so
+    the mask's area is preserved exactly.
+
+    Args:
+        mask: bool (H, W).
+        shape: target (Ht, Wt); Ht/H and Wt/W (or their inverses) must be the
+            same whole number.
+        case_id: named in the error message.
+
+    Returns:
+        bool (Ht, Wt).
+
+    Raises:
+        ValueError: the target is not a whole-number scaling of ``mask``'s
+            grid (the prediction then belongs to another image).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    ht, wt = int(shape[0]), int(shape[1])
+    if (h, w) == (ht, wt):
+        return mask.copy()
+    if ht <= h and wt <= w:
+        fh, fw = _whole_factor(h, ht), _whole_factor(w, wt)
+        if fh is not None and fh == fw:
+            blocks = mask.reshape(ht, fh, wt, fw).mean(axis=(1, 3))
+            return blocks >= 0.5
+    elif ht >= h and wt >= w:
+        fh, fw = _whole_factor(ht, h), _whole_factor(wt, w)
+        if fh is not None and fh == fw:
+            return np.repeat(np.repeat(mask, fh, axis=0), fw, axis=1)
+    who = f"case {case_id}: " if case_id else ""
+    raise ValueError(
+        f"{who}prediction size {h}x{w} does not match ground-truth size {ht}x{wt} "
+        "(nor a whole-number scaling of it): the prediction belongs to another image"
+    )
+
+
+def scaled_spacing(
+    spacing_mm: tuple[float, float], from_shape: Sequence[int], to_shape: Sequence[int]
+) -> tuple[float, float]:
+    """Pixel spacing (row, column) in mm after resampling the same field of
+    view from ``from_shape`` (H, W) to ``to_shape`` (Ht, Wt)."""
+    # Ratio first: whole-number factors (2, 1/2) then scale the spacing exactly.
+    return (
+        float(spacing_mm[0]) * (from_shape[0] / to_shape[0]),
+        float(spacing_mm[1]) * (from_shape[1] / to_shape[1]),
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class CasePair:
+    """One case's prediction and ground truth, each on its own grid.
+
+    Attributes:
+        case_id: the case.
+        pred: {label: bool (H, W)} at the original image's geometry.
+        truth: {label: bool (Ht, Wt)} at the ground truth's geometry.
+        pred_spacing_mm: (row, column) spacing of the prediction grid in mm.
+        source: the image the prediction was made from.
+    """
+
+    case_id: str
+    pred: dict[str, np.ndarray]
+    truth: dict[str, np.ndarray]
+    pred_spacing_mm: tuple[float, float]
+    source: str
+
+    @property
+    def truth_spacing_mm(self) -> tuple[float, float]:
+        """(row, column) spacing of the truth grid: same field of view."""
+        some_pred = next(iter(self.pred.values()))
+        some_truth = next(iter(self.truth.values()))
+        return scaled_spacing(self.pred_spacing_mm, some_pred.shape, some_truth.shape)
+
+
+def _case_folders(pred_dir: Path) -> list[Path]:
+    if not pred_dir.is_dir():
+        raise InputError(pred_dir, "prediction folder not found")
+    # Hidden entries are temporary files of atomic writes, not cases.
+    return sorted(p for p in pred_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_prediction(case_dir: Path, labels: Mapping[str, Sequence[str]]) -> tuple[str, dict[str, np.ndarray], tuple[float, float], str]:
+    """Read one prediction folder.
+
+    Returns:
+        (case_id, {label: bool (H, W)} for every label in ``labels``,
+        (row, column) spacing in mm, source image path).
+
+    Raises:
+        InputError: files missing or unreadable, or a label missing.
+    """
+    from medseg.nifti import load_nifti_2d
+
+    meta_file, stack_file = case_dir / PREDICTION_FILE, case_dir / LABELS_FILE
+    if not meta_file.is_file():
+        raise InputError(case_dir, f"no {PREDICTION_FILE}")
+    if not stack_file.is_file():
+        raise InputError(case_dir, f"no {LABELS_FILE}")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(meta_file, f"unreadable: {err}") from err
+    try:
+        stack, nifti_spacing = load_nifti_2d(stack_file)
+    except Exception as err:  # nibabel raises several types for bad files
+        raise InputError(stack_file, f"unreadable NIfTI: {err}") from err
+    if stack.ndim == 2:
+        stack = stack[..., np.newaxis]
+    names = list(meta.get("labels", []))
+    if len(names) != stack.shape[2]:
+        raise InputError(stack_file, f"{stack.shape[2]} channels but {PREDICTION_FILE} names {len(names)} labels")
+    missing = [name for name in labels if name not in names]
+    if missing:
+        raise InputError(stack_file, f"prediction lacks labels {', '.join(missing)} (has {', '.join(names)})")
+    # prediction.json keeps the spacing at full precision; NIfTI stores float32.
+    spacing = tuple(float(s) for s in meta.get("spacing_mm", nifti_spacing))
+    masks = {name: stack[..., names.index(name)] > 0 for name in labels}
+    case_id = str(meta.get("case_id") or case_dir.name)
+    return case_id, masks, (spacing[0], spacing[1]), str(meta.get("source", stack_file))
+
+
+def read_truth(
+    truth_root: Path,
+    case_id: str,
+    labels: Mapping[str, Sequence[str]],
+    truth_format: str = "scr",
+    label_values: Mapping[int, str] | None = None,
+    image_path: str | Path = "",
+) -> dict[str, np.ndarray]:
+    """One case's ground truth as label masks.
+
+    Returns:
+        {label: bool (Ht, Wt)}, each the union of the label's source structures.
+
+    Raises:
+        InputError: the truth is missing or unreadable.
+    """
+    structures = sorted({s for group in labels.values() for s in group})
+    named = image_path or case_id
+    if truth_format == "scr":
+        masks, _ = read_scr_masks(truth_root, case_id, structures, named)
+    else:
+        masks, _ = read_label_image(truth_root, case_id, label_values or {}, named)
+    return {label: np.logical_or.reduce([masks[s] for s in group]) for label, group in labels.items()}
+
+
+def _check_options(labels: Mapping[str, Sequence[str]], truth_format: str, label_values: Mapping[int, str] | None) -> None:
+    if truth_format not in MASK_FORMATS:
+        raise ValueError(f"truth_format must be one of {MASK_FORMATS}, got {truth_format!r}")
+    if not labels or any(not group for group in labels.values()):
+        raise ValueError(f"every label needs at least one source structure, got {dict(labels)}")
+    if truth_format == "label_image":
+        needed = {s for group in labels.values() for s in group}
+        missing = sorted(needed - set((label_values or {}).values()))
+        if missing:
+            raise ValueError(f"label_values gives no value for structures: {', '.join(missing)}")
+
+
+def load_case(
+    case_dir: Path,
+    truth_root: Path,
+    labels: Mapping[str, Sequence[str]],
+    truth_format: str = "scr",
+    label_values: Mapping[int, str] | None = None,
+) -> CasePair:
+    """Prediction and ground truth of one case folder.
+
+    Raises:
+        InputError: prediction or truth missing or unreadable.
+        ValueError: the grids are not whole-number scalings of each other.
+    """
+    case_id, pred, spacing, source = read_prediction(case_dir, labels)
+    truth = read_truth(truth_root, case_id, labels, truth_format, label_values, source)
+    pred_shape = next(iter(pred.values())).shape
+    truth_shape = next(iter(truth.values())).shape
+    resample_to(np.zeros(pred_shape, dtype=bool), truth_shape, case_id)  # refuse mismatches early
+    return CasePair(case_id, pred, truth, spacing, source)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def evaluate_predictions(
+    pred_dir: Path,
+    truth_root: Path,
+    labels: Mapping[str, Sequence[str]] = DEFAULT_LABELS,
+    truth_format: str = "scr",
+    label_values: Mapping[int, str] | None = None,
+) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Score every case folder of ``pred_dir`` against its ground truth.
+
+    Metrics are computed on the ground truth's grid at its spacing (the
+    prediction's spacing scaled by the grid ratio); the prediction is
+    resampled with :func:`resample_to`.
+
+    Args:
+        pred_dir: folder of ``<case_id>/`` prediction folders (module docstring).
+        truth_root: SCR layout (``<structure>/<case_id>.gif``) or, for
+            ``truth_format="label_image"``, ``<case_id>.png|.nii.gz`` files.
+        labels: label -> source structures; the label's truth is their union.
+        truth_format: "scr" or "label_image".
+        label_values: for label images, {pixel value: structure}.
+
+    Returns:
+        (table with columns ``TABLE_COLUMNS``, one row per case and label;
+        [(case_id, problem)] for cases that could not be scored: missing or
+        unreadable prediction or truth, mismatched geometry). The batch goes
+        on past a bad case.
+
+    Raises:
+        ValueError: bad options (unknown format, structures without a value).
+        InputError: ``pred_dir`` does not exist.
+    """
+    pred_dir, truth_root = Path(pred_dir), Path(truth_root)
+    _check_options(labels, truth_format, label_values)
+    rows: list[dict[str, object]] = []
+    problems: list[tuple[str, str]] = []
+    for case_dir in _case_folders(pred_dir):
+        try:
+            case = load_case(case_dir, truth_root, labels, truth_format, label_values)
+        except (InputError, ValueError) as err:
+            problems.append((case_dir.name, str(err)))
+            log.warning("not scored: %s: %s", case_dir.name, err)
+            continue
+        spacing = case.truth_spacing_mm
+        for label in labels:
+            truth = case.truth[label]
+            pred = resample_to(case.pred[label], truth.shape, case.case_id)
+            rows.append({"case_id": case.case_id, "label": label, **segmentation_metrics(pred, truth, spacing)})
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    return table, problems
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-label statistics of an :func:`evaluate_predictions` table.
+
+    Returns:
+        One row per label (index "label", in the table's order) with columns
+        ``n_cases``; ``n_missed`` (cases where exactly one of prediction and
+        truth is empty, i.e. infinite distances); for each metric
+        ``<metric>_mean``, ``_std`` (sample, NaN for one case), ``_median``
+        and ``_worst`` (min Dice/Jaccard, max HD95/ASSD); and
+        ``worst_case`` (the case with the lowest Dice). A missed case makes
+        the distance mean (and std) infinite / NaN on purpose; the median
+        stays informative.
+    """
+    columns = ["n_cases", "n_missed"]
+    for metric in METRIC_NAMES:
+        columns += [f"{metric}_{stat}" for stat in ("mean", "std", "median", "worst")]
+    columns.append("worst_case")
+    records = []
+    labels = list(dict.fromkeys(table["label"])) if len(table) else []
+    for label in labels:
+        rows = table[table["label"] == label]
+        record: dict[str, object] = {
+            "label": label,
+            "n_cases": int(len(rows)),
+            "n_missed": int(np.isinf(rows["hd95_mm"].to_numpy(dtype=float)).sum()),
+        }
+        for metric in METRIC_NAMES:
+            values = rows[metric].astype(float)
+            with np.errstate(invalid="ignore"):  # inf - inf in std is NaN, as documented
+                record[f"{metric}_mean"] = float(values.mean())
+                record[f"{metric}_std"] = float(values.std())
+            record[f"{metric}_median"] = float(values.median())
+            record[f"{metric}_worst"] = float(values.min() if metric in OVERLAP_METRICS else values.max())
+        record["worst_case"] = str(rows.loc[rows["dice"].astype(float).idxmin(), "case_id"])
+        records.append(record)
+    summary = pd.DataFrame(records, columns=["label", *columns]).set_index("label")
+    return summary
+
+
+def comparison_table(summary: pd.DataFrame) -> str:
+    """Plain-text table: our mean Jaccard per label beside the published ones.
+
+    Rows are sources (this evaluation first), columns labels; "-" where a
+    source reports no figure for a label.
+    """
+    published_labels = list(dict.fromkeys(k for scores in PUBLISHED_JACCARD.values() for k in scores))
+    labels = published_labels + [label for label in summary.index if label not in published_labels]
+    n = int(summary["n_cases"].max()) if len(summary) else 0
+    ours = {label: float(summary.loc[label, "jaccard_mean"]) for label in summary.index}
+    rows = [(f"this evaluation (n={n})", ours), *PUBLISHED_JACCARD.items()]
+    first = max(len("Mean Jaccard"), *(len(name) for name, _ in rows))
+    widths = [max(len(label), 6) for label in labels]
+
+    def line(cells: Sequence[str], name: str) -> str:
+        return "  ".join([name.ljust(first), *(c.rjust(w) for c, w in zip(cells, widths))]).rstrip()
+
+    out = [line(labels, "Mean Jaccard")]
+    out.append("-" * len(out[0]))
+    for name, scores in rows:
+        out.append(line([f"{scores[label]:.3f}" if label in scores else "-" for label in labels], name))
+    out.append("")
+    out.append("Published results used their own splits and image sizes on JSRT/SCR: indicative only.")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_boxplots(table: pd.DataFrame, path: str | Path) -> None:
+    """Box plots per label: Dice (top row) and HD95 in mm (bottom row), PNG.
+
+    Infinite HD95 values (missed structures) cannot be drawn; their count is
+    given in the panel title instead.
+    """
+    plt = _pyplot()
+    labels = list(dict.fromkeys(table["label"])) or ["(no cases)"]
+    fig, axes = plt.subplots(2, len(labels), figsize=(3.2 * len(labels), 6.0), squeeze=False)
+    for col, label in enumerate(labels):
+        rows = table[table["label"] == label]
+        for row, (metric, unit) in enumerate((("dice", "Dice"), ("hd95_mm", "HD95 (mm)"))):
+            ax = axes[row, col]
+            values = rows[metric].to_numpy(dtype=float)
+            finite = values[np.isfinite(values)]
+            title = f"{label}: {unit}"
+            if finite.size < values.size:
+                title += f"\n({values.size - finite.size} missed, not shown)"
+            if finite.size:
+                ax.boxplot(finite, widths=0.5)
+                # Individual cases: with few cases a box alone hides them.
+                jitter = np.random.default_rng(0).uniform(-0.08, 0.08, finite.size)
+                ax.scatter(1 + jitter, finite, s=8, alpha=0.5, color="k")
+            else:
+                ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
+            if metric == "dice":
+                ax.set_ylim(min(0.0, float(finite.min()) if finite.size else 0.0), 1.02)
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_ylabel(unit)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def _thumbnail(rgb: np.ndarray, max_side: int = 512) -> np.ndarray:
+    """Area-average (H, W, 3) down so the longer side is at most ``max_side``."""
+    step = max(1, math.ceil(max(rgb.shape[:2]) / max_side))
+    if step == 1:
+        return rgb
+    h, w = (rgb.shape[0] // step) * step, (rgb.shape[1] // step) * step
+    return rgb[:h, :w].reshape(h // step, step, w // step, step, 3).mean(axis=(1, 3))
+
+
+def worst_cases(table: pd.DataFrame, n: int) -> list[tuple[str, float]]:
+    """The ``n`` cases with the lowest mean Dice over labels, worst first:
+    [(case_id, mean Dice)]."""
+    if not len(table):
+        return []
+    means = table.groupby("case_id", sort=False)["dice"].mean().sort_values(kind="stable")
+    return [(str(case), float(dice)) for case, dice in means.head(n).items()]
+
+
+def save_worst_gallery(
+    pred_dir: str | Path,
+    truth_root: str | Path,
+    table: pd.DataFrame,
+    images: Callable[[str], np.ndarray | None] | None,
+    path: str | Path,
+    n: int = 6,
+    labels: Mapping[str, Sequence[str]] = DEFAULT_LABELS,
+    truth_format: str = "scr",
+    label_values: Mapping[int, str] | None = None,
+) -> list[str]:
+    """Gallery of the ``n`` worst cases by mean Dice: truth beside prediction.
+
+    Each case gives two tiles at the prediction's geometry (the truth is
+    resampled onto it with :func:`resample_to`): ground truth, then
+    prediction, both over the radiograph.
+
+    Args:
+        images: ``images(case_id)`` -> greyscale float (H, W) in [0, 1] at
+            the prediction's geometry, or None; without it (or for None, or a
+            mismatched shape) the background is mid-grey.
+
+    Returns:
+        The case IDs shown (cases that can no longer be read are skipped).
+    """
+    from medseg.visualise import overlay_rgb, save_contact_sheet
+
+    pred_dir, truth_root = Path(pred_dir), Path(truth_root)
+    folders = {p.name: p for p in _case_folders(pred_dir)}
+    tiles: list[np.ndarray] = []
+    titles: list[str] = []
+    shown: list[str] = []
+    for case_id, mean_dice in worst_cases(table, n):
+        folder = folders.get(case_id)
+        if folder is None:
+            continue
+        try:
+            case = load_case(folder, truth_root, labels, truth_format, label_values)
+        except (InputError, ValueError) as err:
+            log.warning("gallery: skipping %s: %s", case_id, err)
+            continue
+        shape = next(iter(case.pred.values())).shape
+        background = images(case_id) if images is not None else None
+        if background is None or np.shape(background) != shape:
+            background = np.full(shape, 0.5, dtype=np.float32)
+        truth = {label: resample_to(mask, shape, case_id) for label, mask in case.truth.items()}
+        tiles.append(_thumbnail(overlay_rgb(background, truth)))
+        tiles.append(_thumbnail(overlay_rgb(background, case.pred)))
+        titles += [f"{case_id}: ground truth", f"{case_id}: prediction (mean Dice {mean_dice:.3f})"]
+        shown.append(case_id)
+    if tiles:
+        save_contact_sheet(path, tiles, titles, columns=4)
+    return shown
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _write_csv(frame: pd.DataFrame, path: Path, index: bool) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=index)
+
+
+def write_evaluation(
+    out_dir: str | Path,
+    table: pd.DataFrame,
+    summary: pd.DataFrame,
+    problems: Sequence[tuple[str, str]] = (),
+    pred_dir: str | Path | None = None,
+    truth_root: str | Path | None = None,
+    images: Callable[[str], np.ndarray | None] | None = None,
+    labels: Mapping[str, Sequence[str]] = DEFAULT_LABELS,
+    truth_format: str = "scr",
+    label_values: Mapping[int, str] | None = None,
+    n_worst: int = 6,
+) -> dict[str, Path]:
+    """Write the evaluation's files, each atomically.
+
+    Files: ``cases.csv`` (the long table), ``summary.csv``, ``summary.txt``
+    (summary, comparison with published results, problems),
+    ``problems.csv`` (case_id, problem; header only when none),
+    ``boxplots.png``, and ``worst_cases.png`` when ``pred_dir`` and
+    ``truth_root`` are given and some case was scored.
+
+    Returns:
+        {file name: path} of what was written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+
+    def target(name: str) -> Path:
+        written[name] = out_dir / name
+        return written[name]
+
+    _write_csv(table, target("cases.csv"), index=False)
+    _write_csv(summary, target("summary.csv"), index=True)
+    _write_csv(pd.DataFrame(list(problems), columns=["case_id", "problem"]), target("problems.csv"), index=False)
+
+    shown = ["mean", "std", "median", "worst"]
+    text = [f"Evaluation of {summary['n_cases'].max() if len(summary) else 0} cases", ""]
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        for metric in METRIC_NAMES:
+            part = summary[[f"{metric}_{s}" for s in shown]].rename(columns=lambda c: c.rsplit("_", 1)[1])
+            unit = " (mm)" if metric in DISTANCE_METRICS else ""
+            text += [f"{metric}{unit}", part.to_string(float_format=lambda v: f"{v:.3f}"), ""]
+        text += [summary[["n_cases", "n_missed", "worst_case"]].to_string(), ""]
+    text += [comparison_table(summary)]
+    if problems:
+        text += [f"Not scored ({len(problems)}):", *(f"  {case}: {problem}" for case, problem in problems), ""]
+    write_text_atomic(target("summary.txt"), "\n".join(text))
+
+    save_boxplots(table, target("boxplots.png"))
+    if pred_dir is not None and truth_root is not None and len(table):
+        gallery = out_dir / "worst_cases.png"
+        if save_worst_gallery(pred_dir, truth_root, table, images, gallery, n_worst, labels, truth_format, label_values):
+            written["worst_cases.png"] = gallery
+    return written
+
+
+def log_evaluation_to_mlflow(
+    tracking_uri: str,
+    experiment: str,
+    out_dir: str | Path,
+    summary: pd.DataFrame,
+    training_run_id: str | None = None,
+    model_uri: str | None = None,
+) -> str:
+    """Record the evaluation as an MLflow run named "evaluation".
+
+    Tags: ``medseg.role=evaluation``, and ``training_run_id`` / ``model_uri``
+    when given (the link back to the model's training run). Metrics:
+    ``<label>_<metric>_mean`` and ``_median`` for dice, jaccard, hd95_mm,
+    assd_mm, plus ``<label>_n_cases`` and ``<label>_n_missed``. Non-finite
+    values (a mean made infinite by a missed structure) are not logged: the
+    SQL store would turn +inf into 1.8e308; ``n_missed`` says why the metric
+    is absent. Artifacts: every file in ``out_dir``.
+
+    Returns:
+        The run ID.
+
+    Raises:
+        medseg.tracking.TrackingUnavailable: the store cannot be reached.
+    """
+    import time
+
+    from mlflow.entities import Metric, RunStatus
+
+    from medseg.tracking import client_for, connect
+
+    experiment_id = connect(tracking_uri, experiment)
+    client = client_for(tracking_uri)
+    tags = {"medseg.role": "evaluation"}
+    if training_run_id:
+        tags["training_run_id"] = training_run_id
+    if model_uri:
+        tags["model_uri"] = model_uri
+    run = client.create_run(experiment_id, tags=tags, run_name="evaluation")
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        metrics: list[Metric] = []
+        for label in summary.index:
+            values = {f"{label}_n_cases": summary.loc[label, "n_cases"], f"{label}_n_missed": summary.loc[label, "n_missed"]}
+            for metric in METRIC_NAMES:
+                for stat in ("mean", "median"):
+                    values[f"{label}_{metric}_{stat}"] = summary.loc[label, f"{metric}_{stat}"]
+            metrics += [Metric(k, float(v), now, 0) for k, v in values.items() if math.isfinite(float(v))]
+        client.log_batch(run_id, metrics=metrics)
+        out_dir = Path(out_dir)
+        for item in sorted(out_dir.iterdir()):
+            if item.is_file() and not item.name.startswith("."):
+                client.log_artifact(run_id, str(item))
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    return run_id

@@ -1,0 +1,289 @@
+"""Write and read predicted masks as a DICOM Segmentation (SEG) object.
+
+One BINARY segment per label, each its own frame, so overlapping labels
+(clavicles over lungs) are stored without loss. The SEG copies the patient
+and study of the source radiograph and references the source's Study,
+Series and SOP Instance UIDs, so PACS viewers show it on top of the image.
+
+Legacy ACR-NEMA sources (no preamble, no file meta, missing type-2
+attributes such as Patient ID or Study Date) are read with ``force=True``;
+the transfer syntax is inferred as in :mod:`medseg.ingest.dicom`, and the
+missing type-2 attributes are added *empty* (type 2 allows an empty value).
+Nothing about the patient is invented, and the source file is not modified.
+
+highdicom 0.28 writes a Pixel Measures item (Pixel Spacing, no Slice
+Thickness) for a source with Pixel Spacing but no Frame of Reference, and then
+cannot read its own file back; that item is dropped (see
+``_drop_unreadable_pixel_measures``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+import medseg
+from medseg.atomic import atomic_path
+from medseg.ingest.dicom import _ensure_transfer_syntax, _read_dataset
+from medseg.visualise import LABEL_COLOURS
+
+# label -> (segmented property category, segmented property type), both
+# keywords of pydicom's SNOMED CT code dictionary (``codes.SCT``). The
+# category is "Anatomical Structure" (SCT 91723000): it is in CID 7150
+# (Segmentation Property Categories); "Organ" is not, and clavicles are bones.
+DEFAULT_STRUCTURES_INFO: dict[str, tuple[str, str]] = {
+    "heart": ("AnatomicalStructure", "Heart"),
+    "lungs": ("AnatomicalStructure", "Lung"),
+    "clavicles": ("AnatomicalStructure", "Clavicle"),
+    # SCR source structures; the side is carried by the segment label.
+    "left_lung": ("AnatomicalStructure", "Lung"),
+    "right_lung": ("AnatomicalStructure", "Lung"),
+    "left_clavicle": ("AnatomicalStructure", "Clavicle"),
+    "right_clavicle": ("AnatomicalStructure", "Clavicle"),
+}
+
+# Type-2 attributes highdicom reads from the source by attribute access (an
+# AttributeError if absent) and copies into the SEG's Patient/Study modules.
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+_ALGORITHM_NAME = "medseg"
+_SEG_MANUFACTURER = "medseg"
+_DEVICE_SERIAL = "0"
+
+
+def _sct(keyword: str) -> hd.sr.CodedConcept:
+    """A SNOMED CT code from pydicom's code dictionary, by keyword."""
+    try:
+        code = getattr(codes.SCT, keyword)
+    except AttributeError:
+        raise ValueError(f"{keyword!r} is not a SNOMED CT keyword in pydicom's codedict") from None
+    return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
+
+
+def _display_colour(label: str) -> hd.color.CIELabColor | None:
+    """The project's overlay colour for ``label`` as CIELab, if highdicom can convert."""
+    colour = LABEL_COLOURS.get(label) or next(
+        (c for group, c in LABEL_COLOURS.items() if label.endswith(group.rstrip("s"))), None
+    )
+    lab = getattr(getattr(hd, "color", None), "CIELabColor", None)
+    if colour is None or not hasattr(lab, "from_rgb"):
+        return None  # CIELabColor.from_rgb may be newer than highdicom 0.23
+    return hd.color.CIELabColor.from_rgb(*(int(round(255 * v)) for v in colour))
+
+
+def _read_source(source: Path) -> Dataset:
+    """The source dataset, with a transfer syntax and type-2 attributes present.
+
+    Raises:
+        medseg.errors.InputError: not a readable DICOM image.
+    """
+    ds = _read_dataset(source)
+    if "PixelData" in ds:
+        # Legacy files: no file meta; infer the syntax from the parsed encoding.
+        _ensure_transfer_syntax(ds, source)
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in ds:
+            setattr(ds, keyword, None)  # present but empty, as type 2 allows
+    return ds
+
+
+def write_dicom_seg(
+    source: str | Path,
+    masks: Mapping[str, np.ndarray],
+    out_path: str | Path,
+    *,
+    model_name: str,
+    model_version: str,
+    structures_info: Mapping[str, tuple[str, str]] | None = None,
+    series_number: int = 900,
+    instance_number: int = 1,
+) -> Path:
+    """Write ``masks`` as a BINARY DICOM SEG derived from ``source``.
+
+    Args:
+        source: the single-frame radiograph the masks were predicted on
+            (Part 10 or legacy ACR-NEMA). Its patient/study attributes are
+            copied and its UIDs referenced.
+        masks: label -> bool (Rows, Columns) at the source's full geometry;
+            one segment per label, numbered 1.. in mapping order, segment
+            label = the key. Empty masks are kept as empty frames.
+        out_path: SEG file to write (atomically: temp name, then rename).
+        model_name: recorded as Manufacturer's Model Name, Series
+            Description and an algorithm parameter.
+        model_version: Algorithm Version of every segment.
+        structures_info: label -> (category keyword, type keyword) in
+            ``pydicom.sr.codedict.codes.SCT``; defaults to
+            :data:`DEFAULT_STRUCTURES_INFO` (entries given here override).
+        series_number, instance_number: of the new SEG series / instance.
+
+    Returns:
+        ``Path(out_path)``.
+
+    Raises:
+        ValueError: no masks, a mask of the wrong shape, or a label without
+            a code.
+        medseg.errors.InputError: the source is not a readable DICOM image.
+    """
+    source = Path(source)
+    out_path = Path(out_path)
+    if not masks:
+        raise ValueError("no masks to write")
+    info = {**DEFAULT_STRUCTURES_INFO, **(structures_info or {})}
+    unknown = [label for label in masks if label not in info]
+    if unknown:
+        raise ValueError(
+            f"no segmented property codes for {', '.join(unknown)}; pass structures_info"
+        )
+
+    src = _read_source(source)
+    shape = (int(src.Rows), int(src.Columns))
+    frames = []
+    for label, mask in masks.items():
+        arr = np.asarray(mask)
+        if arr.shape != shape:
+            raise ValueError(
+                f"mask {label!r} has shape {arr.shape}; the source is {shape} (Rows, Columns)"
+            )
+        frames.append(arr.astype(bool))
+    # (frames=1, Rows, Columns, segments): one source frame, segments last.
+    pixel_array = np.stack(frames, axis=-1)[None].astype(np.uint8)
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=_ALGORITHM_NAME,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=str(model_version),
+        parameters={"model_name": str(model_name)},
+    )
+    descriptions = []
+    for number, label in enumerate(masks, start=1):
+        category, prop_type = info[label]
+        kwargs = {}
+        colour = _display_colour(label)
+        if colour is not None:
+            kwargs["display_color"] = colour
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=label,
+                segmented_property_category=_sct(category),
+                segmented_property_type=_sct(prop_type),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                **kwargs,
+            )
+        )
+
+    with warnings.catch_warnings():
+        # highdicom warns about a one-component Patient's Name and quotes the
+        # name in the message: that would put patient data into logs.
+        warnings.filterwarnings(
+            "ignore", message=r"The string .* unlikely to represent the intended person name"
+        )
+        seg = _build_segmentation(
+            src, pixel_array, descriptions, model_name, series_number, instance_number
+        )
+    _drop_unreadable_pixel_measures(seg)
+    with atomic_path(out_path) as tmp:
+        seg.save_as(tmp)
+    return out_path
+
+
+def _build_segmentation(
+    src: Dataset,
+    pixel_array: np.ndarray,
+    descriptions: list[hd.seg.SegmentDescription],
+    model_name: str,
+    series_number: int,
+    instance_number: int,
+) -> hd.seg.Segmentation:
+    """The highdicom Segmentation object (new Series and SOP Instance UIDs)."""
+    return hd.seg.Segmentation(
+        source_images=[src],
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(),
+        series_number=int(series_number),
+        sop_instance_uid=generate_uid(),
+        instance_number=int(instance_number),
+        manufacturer=_SEG_MANUFACTURER,
+        manufacturer_model_name=str(model_name)[:64],
+        software_versions=f"medseg {medseg.__version__}",
+        device_serial_number=_DEVICE_SERIAL,
+        series_description=f"{model_name} segmentation"[:64],
+        # Keep a frame for every segment, even an empty one, so reading back
+        # always yields every label.
+        omit_empty_frames=False,
+    )
+
+
+def _drop_unreadable_pixel_measures(seg: hd.seg.Segmentation) -> None:
+    """Remove a Pixel Measures item that highdicom itself cannot read back.
+
+    For a source without a Frame of Reference but with Pixel Spacing (a
+    typical CR/DX), highdicom 0.28 writes a shared Pixel Measures Sequence
+    holding Pixel Spacing only, and ``segread`` then refuses the file because
+    ``PixelMeasuresSequence.from_sequence`` insists on Slice Thickness. Without
+    a Frame of Reference the SEG's geometry is defined only through the
+    referenced source image (the masks are at its full geometry), which is
+    also what highdicom writes when the source has no Pixel Spacing, so the
+    item is dropped rather than inventing a slice thickness for a projection
+    radiograph.
+    """
+    if "FrameOfReferenceUID" in seg:
+        return
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    measures = shared.get("PixelMeasuresSequence")
+    if measures is not None and not all("SliceThickness" in item for item in measures):
+        del shared.PixelMeasuresSequence
+
+
+def read_dicom_seg(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a single-source SEG back to {segment label: bool (Rows, Columns)}.
+
+    Segments come in segment-number order. Works for BINARY and FRACTIONAL
+    SEGs (fractional values are thresholded at > 0) derived from one
+    single-frame source image.
+
+    Raises:
+        ValueError: the SEG references other than one source image, or two
+            segments share a label.
+    """
+    seg = hd.seg.segread(path)
+    sources = seg.get_source_image_uids()
+    if len(sources) != 1:
+        raise ValueError(f"expected a SEG of one source image, it references {len(sources)}")
+    sop_uid = sources[0][2]
+    numbers = list(seg.segment_numbers)
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[sop_uid],
+        segment_numbers=numbers,
+        combine_segments=False,
+    )  # (1, Rows, Columns, segments)
+    out: dict[str, np.ndarray] = {}
+    for index, number in enumerate(numbers):
+        label = str(seg.get_segment_description(number).SegmentLabel)
+        if label in out:
+            raise ValueError(f"two segments are labelled {label!r}")
+        out[label] = pixels[0, :, :, index] > 0
+    return out
+
+
+__all__ = ["DEFAULT_STRUCTURES_INFO", "read_dicom_seg", "write_dicom_seg"]

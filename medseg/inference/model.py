@@ -1,0 +1,74 @@
+"""Load a trained model for prediction: an MLflow model URI or a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_INTENSITY = {"lower_percentile": 0.5, "upper_percentile": 99.5}
+
+
+@dataclass
+class LoadedModel:
+    """A probability model and what it needs to see.
+
+    Attributes:
+        module: maps float32 (N, 1, size, size) in [0, 1] to (N, C, size, size)
+            probabilities.
+        labels: C label names, channel order.
+        size: square input side in pixels.
+        intensity: percentiles for intensity normalisation.
+        uri: where it came from (recorded in the results table).
+    """
+
+    module: torch.nn.Module
+    labels: list[str]
+    size: int
+    intensity: dict = field(default_factory=lambda: dict(DEFAULT_INTENSITY))
+    uri: str = ""
+
+
+def _from_checkpoint(path: Path) -> LoadedModel:
+    from medseg.training.network import NetworkSpec, SigmoidHead, build_network
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    settings = state["settings"]
+    net = build_network(NetworkSpec(settings["network"], settings["preset"], settings["upsample"],
+                                    out_channels=len(state["labels"])))
+    net.load_state_dict(state["model"])
+    intensity = dict(DEFAULT_INTENSITY)
+    summary = path.parent / "model.json"  # written beside the checkpoints by `medseg train`
+    if summary.exists():
+        intensity = json.loads(summary.read_text()).get("intensity", intensity)
+    return LoadedModel(SigmoidHead(net).eval(), list(state["labels"]), int(state["size"]), intensity,
+                       str(path.resolve()))
+
+
+def _from_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
+    import mlflow
+
+    from medseg.tracking import default_tracking_uri
+
+    tracking = default_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    info = mlflow.models.get_model_info(uri)
+    metadata = info.metadata or {}
+    if "labels" not in metadata or "size" not in metadata:
+        raise ValueError(f"{uri}: model has no medseg metadata (labels, size); was it logged by medseg train?")
+    module = mlflow.pytorch.load_model(uri)
+    return LoadedModel(module, list(metadata["labels"]), int(metadata["size"]),
+                       dict(metadata.get("intensity") or DEFAULT_INTENSITY), uri)
+
+
+def load_model(model: str, tracking_uri: str | None = None, device: torch.device | None = None) -> LoadedModel:
+    """Load ``model``: a ``.pt`` checkpoint path, or an MLflow model URI
+    (``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<id>/model``)."""
+    path = Path(model)
+    loaded = _from_checkpoint(path) if path.suffix == ".pt" and path.exists() else _from_mlflow(model, tracking_uri)
+    if device is not None:
+        loaded.module = loaded.module.to(device)
+    return loaded

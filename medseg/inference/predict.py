@@ -1,0 +1,293 @@
+"""Batch prediction on new scans, mapped back to each scan's own geometry.
+
+Per scan, in ``<out_dir>/<case_id>/``:
+- ``masks/<label>.png``: 0/255 at the original size;
+- ``labels.nii.gz``: uint8 (H, W, C) label stack with the pixel spacing;
+- ``overlay.png``: heart red, lungs green, clavicles blue, CTR lines;
+- ``seg.dcm``: DICOM SEG referencing the source (DICOM input only);
+- ``prediction.json``: the scan's results row, written last: a scan whose
+  ``prediction.json`` exists is finished and skipped when the run is repeated.
+Then ``results.csv`` and ``results.parquet`` gather every finished scan and
+``failures.csv`` lists the inputs that could not be predicted.
+
+Memory stays flat whatever the number of scans: files are streamed in
+batches and only the small results rows are kept.
+"""
+
+from __future__ import annotations
+
+import glob as globbing
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from medseg.atomic import atomic_path, write_text_atomic
+from medseg.batch import Failure, report_failures, write_failures
+from medseg.errors import InputError
+from medseg.ingest import ReadOptions, load_image
+from medseg.ingest.types import IngestedImage
+from medseg.inference.model import LoadedModel
+from medseg.nifti import save_nifti_2d
+from medseg.preprocessing.geometry import ResizePadGeometry, to_original, to_preprocessed
+from medseg.preprocessing.intensity import normalise_intensity
+from medseg.preprocessing.preprocess import list_image_files, safe_case_id
+from medseg.visualise import overlay_rgb
+
+log = logging.getLogger(__name__)
+
+# Test-time augmentation: shifts in preprocessed pixels (no flips: anatomy is
+# not left-right symmetric).
+TTA_SHIFTS = ((0, 0), (4, 0), (-4, 0), (0, 4), (0, -4))
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """How to predict.
+
+    Attributes:
+        threshold: probability above which a pixel belongs to a label.
+        postprocess: keep the expected connected components, fill holes.
+        tta: average probabilities over small shifts.
+        batch_size: scans per forward pass.
+        write_seg: write a DICOM SEG for DICOM inputs.
+        read_options: polarity / spacing for inputs without metadata.
+        case_id_from: "filename" or "sop_instance_uid".
+    """
+
+    threshold: float = 0.5
+    postprocess: bool = True
+    tta: bool = False
+    batch_size: int = 8
+    write_seg: bool = True
+    read_options: ReadOptions = ReadOptions()
+    case_id_from: str = "filename"
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files from folders (recursive), globs, list files (``.txt``, one path
+    per line) and plain files, in order, without duplicates."""
+    files: list[Path] = []
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if any(ch in text for ch in "*?["):
+            files += [Path(p) for p in sorted(globbing.glob(text, recursive=True)) if Path(p).is_file()]
+        elif path.is_dir():
+            files += list_image_files(path)
+        elif path.suffix.lower() == ".txt" and path.is_file():
+            base = path.parent
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    entry = Path(line)
+                    files.append(entry if entry.is_absolute() else base / entry)
+        else:
+            files.append(path)
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+@dataclass
+class _Prepared:
+    path: Path
+    image: IngestedImage
+    case_id: str
+    geometry: ResizePadGeometry
+    tensor: np.ndarray  # (1, size, size)
+    normalised: np.ndarray  # (H, W) in [0, 1]
+
+
+def _prepare(path: Path, model: LoadedModel, settings: PredictSettings) -> _Prepared:
+    image = load_image(path, settings.read_options)
+    raw_id = image.case_id
+    if settings.case_id_from == "sop_instance_uid":
+        raw_id = image.extra.get("sop_instance_uid") or raw_id
+    geometry = ResizePadGeometry.fit(image.shape, image.spacing_mm, model.size)
+    normalised = normalise_intensity(image.pixels, model.intensity["lower_percentile"],
+                                     model.intensity["upper_percentile"])
+    tensor = to_preprocessed(normalised[np.newaxis], geometry)
+    return _Prepared(path, image, safe_case_id(raw_id), geometry, tensor, normalised)
+
+
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Translate (N, C, H, W) by (dy, dx) pixels with zero fill."""
+    out = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        x[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+@torch.no_grad()
+def predict_probabilities(model: LoadedModel, batch: np.ndarray, tta: bool, device: torch.device) -> np.ndarray:
+    """(N, 1, S, S) preprocessed images -> (N, C, S, S) probabilities."""
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+    shifts = TTA_SHIFTS if tta else ((0, 0),)
+    total = None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    for dy, dx in shifts:
+        with autocast:
+            p = model.module(_shift(x, dy, dx)).float()
+        p = _shift(p, -dy, -dx)
+        total = p if total is None else total + p
+    return (total / len(shifts)).cpu().numpy()
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel, settings: PredictSettings,
+                 out_dir: Path, forward_seconds: float, started: float) -> dict:
+    """Map one scan's probabilities back, clean, measure and write outputs."""
+    from medseg.inference.ctr import cardiothoracic_ratio, draw_ctr_lines, qc_flags
+    from medseg.inference.postprocess import clean_masks
+
+    original = to_original(probabilities, prep.geometry)  # (C, H, W)
+    prob_maps = dict(zip(model.labels, original))
+    masks = {name: p >= settings.threshold for name, p in prob_maps.items()}
+    if settings.postprocess:
+        masks = clean_masks(masks)
+    case_dir = out_dir / prep.case_id
+    # Temporary files left by a killed earlier attempt at this scan.
+    for stale in case_dir.rglob(".tmp-*") if case_dir.exists() else []:
+        stale.unlink(missing_ok=True)
+    spacing = prep.image.spacing_mm
+    for name, mask in masks.items():
+        _save_png(case_dir / "masks" / f"{name}.png", mask.astype(np.uint8) * 255)
+    stack = np.stack([masks[n] for n in model.labels], axis=-1).astype(np.uint8)
+    save_nifti_2d(case_dir / "labels.nii.gz", stack, spacing)
+
+    ctr = None
+    if "heart" in masks and "lungs" in masks:
+        ctr = cardiothoracic_ratio(masks["heart"], masks["lungs"], spacing)
+    flags = qc_flags(masks, prob_maps, ctr)
+    rgb = overlay_rgb(prep.normalised, masks)
+    if ctr is not None:
+        rgb = draw_ctr_lines(rgb, ctr)
+    _save_png(case_dir / "overlay.png", (np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+
+    seg_written = False
+    if settings.write_seg and prep.image.source_format == "dicom":
+        from medseg.inference.dicom_seg import write_dicom_seg
+        from medseg import __version__
+
+        write_dicom_seg(prep.path, masks, case_dir / "seg.dcm", model_name=model.uri or "medseg",
+                        model_version=__version__)
+        seg_written = True
+
+    pixel_area = spacing[0] * spacing[1]
+    row = {
+        "case_id": prep.case_id,
+        "source": str(Path(prep.image.source).resolve()),
+        "source_format": prep.image.source_format,
+        "rows": prep.image.shape[0],
+        "cols": prep.image.shape[1],
+        "spacing_row_mm": spacing[0],
+        "spacing_col_mm": spacing[1],
+        "spacing_source": prep.image.spacing_source,
+        **{f"area_mm2_{n}": float(masks[n].sum() * pixel_area) for n in model.labels},
+        "ctr": float(ctr.ctr) if ctr is not None else float("nan"),
+        "heart_width_mm": float(ctr.heart_width_mm) if ctr is not None else float("nan"),
+        "thoracic_width_mm": float(ctr.thoracic_width_mm) if ctr is not None else float("nan"),
+        "qc_flags": "|".join(flags),
+        "model_uri": model.uri,
+        "seconds": forward_seconds + time.perf_counter() - started,
+        "dicom_seg": seg_written,
+    }
+    meta = {**row, "labels": model.labels, "spacing_mm": list(spacing), "original_shape": list(prep.image.shape)}
+    write_text_atomic(case_dir / "prediction.json", json.dumps(meta, indent=1) + "\n")
+    return row
+
+
+def _batches(files: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for i in range(0, len(files), size):
+        yield files[i:i + size]
+
+
+def gather_results(out_dir: Path) -> pd.DataFrame:
+    """Every finished scan's row (from its prediction.json), sorted by case ID."""
+    rows = []
+    for meta in sorted(out_dir.glob("*/prediction.json")):
+        record = json.loads(meta.read_text())
+        for key in ("labels", "spacing_mm", "original_shape"):
+            record.pop(key, None)
+        rows.append(record)
+    return pd.DataFrame(rows)
+
+
+def predict_files(files: Sequence[str | Path], model: LoadedModel, settings: PredictSettings, out_dir: str | Path,
+                  device: torch.device | None = None) -> tuple[pd.DataFrame, list[Failure]]:
+    """Predict every file; skip those already finished; never stop on a bad one.
+
+    Returns:
+        (results table of all finished scans in ``out_dir``, failures of this run).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = device or next((p.device for p in model.module.parameters()), torch.device("cpu"))
+    files = [Path(f) for f in files]
+    failures: list[Failure] = []
+    done = skipped = 0
+    start = time.perf_counter()
+    for batch_files in _batches(files, settings.batch_size):
+        prepared: list[_Prepared] = []
+        for path in batch_files:
+            try:
+                prep = _prepare(path, model, settings)
+            except InputError as err:
+                failures.append(Failure(err.path, err.problem))
+                log.warning("predict %s FAILED: %s", path.name, err.problem)
+                continue
+            except Exception as err:  # noqa: BLE001 - one bad file must not stop the batch
+                failures.append(Failure(str(path), f"{type(err).__name__}: {err}"))
+                log.warning("predict %s FAILED: %s", path.name, err)
+                continue
+            if (out_dir / prep.case_id / "prediction.json").exists():
+                skipped += 1
+                continue
+            prepared.append(prep)
+        if prepared:
+            t0 = time.perf_counter()
+            probabilities = predict_probabilities(model, np.stack([p.tensor for p in prepared]), settings.tta, device)
+            per_scan = (time.perf_counter() - t0) / len(prepared)
+            for prep, prob in zip(prepared, probabilities):
+                try:
+                    # seconds: this scan's share of the forward pass + its own
+                    # mapping back, measuring and writing.
+                    _finish_scan(prep, prob, model, settings, out_dir, per_scan, time.perf_counter())
+                    done += 1
+                except Exception as err:  # noqa: BLE001
+                    failures.append(Failure(str(prep.path), f"{type(err).__name__}: {err}"))
+        handled = done + skipped + len(failures)
+        elapsed = time.perf_counter() - start
+        log.info("predict %d/%d scans (%d new, %d already done, %d failed) %.1f scans/s", handled, len(files),
+                 done, skipped, len(failures), done / elapsed if elapsed else 0.0)
+    table = gather_results(out_dir)
+    if not table.empty:
+        with atomic_path(out_dir / "results.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        with atomic_path(out_dir / "results.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
+    write_failures(out_dir / "failures.csv", failures)
+    report_failures(failures, len(files), "predict")
+    return table, failures
+
+
+__all__ = ["PredictSettings", "collect_inputs", "predict_files", "predict_probabilities", "gather_results"]

@@ -1,0 +1,317 @@
+"""Evaluation: metrics checked against hand computations, resampling between
+prediction and ground-truth grids, a synthetic prediction folder scored end to
+end, summaries, pictures and the MLflow evaluation run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medseg.evaluation.evaluate import (
+    PUBLISHED_JACCARD,
+    TABLE_COLUMNS,
+    comparison_table,
+    evaluate_predictions,
+    log_evaluation_to_mlflow,
+    resample_to,
+    save_boxplots,
+    scaled_spacing,
+    summarise,
+    write_evaluation,
+)
+from medseg.evaluation.metrics import segmentation_metrics
+from medseg.nifti import save_nifti_2d
+from medseg.structures import DEFAULT_LABELS, SCR_STRUCTURES
+from medseg.tracking import client_for
+
+# MONAI returns float32 distances between edge-pixel centres found exactly
+# (KD-tree in float64), so the only error is float32 rounding (~1e-7 relative).
+TOL = 1e-5
+
+
+def square(top: int, left: int, size: int = 20, shape=(48, 48)) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[top:top + size, left:left + size] = True
+    return mask
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_identical_masks_score_perfectly():
+    m = segmentation_metrics(square(10, 10), square(10, 10), (0.5, 0.5))
+    assert m == {"dice": 1.0, "jaccard": 1.0, "hd95_mm": 0.0, "assd_mm": 0.0}
+
+
+def test_disjoint_masks_have_zero_overlap():
+    m = segmentation_metrics(square(0, 0, 10), square(30, 30, 10), (1.0, 1.0))
+    assert m["dice"] == 0.0 and m["jaccard"] == 0.0
+    # Nearest edge pixels: (9, 9) and (30, 30): 21 px apart on each axis.
+    assert m["hd95_mm"] > 21 * math.sqrt(2) - TOL
+
+
+def test_square_shifted_right_by_4px():
+    """20x20 square vs the same square 4 columns to the right, 0.5 mm pixels.
+
+    Overlap: 20x16 = 320 px of 400 each -> Dice 640/800 = 0.8, Jaccard 320/480.
+    Edges (pixels with a 4-neighbour outside): the 76-pixel ring of each
+    square. Distance from each ring pixel of A to the nearest ring pixel of B,
+    in pixels:
+      left column (18 px, rows 11..28): 4 each (B's left column);
+      top and bottom rows (20 px each): columns 10..13 -> 4, 3, 2, 1; the
+        other 16 lie on B's top/bottom row -> 0;
+      right column (18 px, rows 11..28): min(4, r - 10, 29 - r) ->
+        1, 2, 3, 4 x 12, 3, 2, 1.
+    Multiset: 0 x 32, 1 x 4, 2 x 4, 3 x 4, 4 x 32 (76 values); B -> A is
+    the mirror image, the same multiset.
+    HD95: 95th percentile sits at rank 0.95 * 75 = 71.25 of the sorted
+    values, inside the run of 4s (ranks 44..75) -> 4 px = 2.0 mm.
+    ASSD: sum = 32*4 + 4*3 + 4*2 + 4*1 = 152 per direction; 152 / 76 = 2 px
+    = 1.0 mm (both directions pooled, same mean).
+    """
+    m = segmentation_metrics(square(10, 14), square(10, 10), (0.5, 0.5))
+    assert m["dice"] == pytest.approx(0.8, abs=1e-12)
+    assert m["jaccard"] == pytest.approx(320 / 480, abs=1e-12)
+    assert m["hd95_mm"] == pytest.approx(2.0, abs=TOL)
+    assert m["assd_mm"] == pytest.approx(1.0, abs=TOL)
+
+
+def test_anisotropic_spacing_is_honoured_per_axis():
+    """Spacing (row 1.0 mm, column 0.5 mm).
+
+    Shift of 4 columns: the same ring pairs as above, with column steps of
+    0.5 mm and row steps of 1 mm. Left column 2.0 mm (18); top/bottom rows
+    2.0, 1.5, 1.0, 0.5 then 0 (x16); right column min(2.0, r - 10, 29 - r)
+    mm -> 1, 2 x 16, 1. Multiset: 0 x 32, 0.5 x 2, 1 x 4, 1.5 x 2, 2 x 36:
+    HD95 2.0 mm, ASSD (1 + 4 + 3 + 72) / 76 = 80/76 mm.
+    Shift of 4 rows: the largest distances are now 4 rows of 1 mm -> 4.0 mm,
+    twice the column case; swapping (row, col) in the code would swap them.
+    """
+    right = segmentation_metrics(square(10, 14), square(10, 10), (1.0, 0.5))
+    down = segmentation_metrics(square(14, 10), square(10, 10), (1.0, 0.5))
+    assert right["hd95_mm"] == pytest.approx(2.0, abs=TOL)
+    assert right["assd_mm"] == pytest.approx(80 / 76, abs=TOL)
+    assert down["hd95_mm"] == pytest.approx(4.0, abs=TOL)
+    assert right["dice"] == down["dice"] == pytest.approx(0.8)
+
+
+def test_empty_masks():
+    empty = np.zeros((16, 16), dtype=bool)
+    both = segmentation_metrics(empty, empty, (1.0, 1.0))
+    assert both == {"dice": 1.0, "jaccard": 1.0, "hd95_mm": 0.0, "assd_mm": 0.0}
+    for pred, truth in ((empty, square(2, 2, 5, (16, 16))), (square(2, 2, 5, (16, 16)), empty)):
+        one = segmentation_metrics(pred, truth, (1.0, 1.0))
+        assert one["dice"] == 0.0 and one["jaccard"] == 0.0
+        assert one["hd95_mm"] == math.inf and one["assd_mm"] == math.inf
+
+
+def test_metrics_refuse_mismatched_shapes():
+    with pytest.raises(ValueError, match="shape"):
+        segmentation_metrics(np.zeros((4, 4), bool), np.zeros((4, 5), bool), (1, 1))
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+def test_resample_to_enlarges_by_nearest_neighbour():
+    mask = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1]], dtype=bool)
+    big = resample_to(mask, (6, 6))
+    assert big.dtype == bool and big.shape == (6, 6)
+    np.testing.assert_array_equal(big, np.kron(mask, np.ones((2, 2), dtype=bool)))
+    assert scaled_spacing((0.7, 0.7), (3, 3), (6, 6)) == (0.35, 0.35)
+
+
+def test_resample_to_shrinks_by_area_then_half():
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[0, 0] = True  # block (0,0): 1/4 set -> off
+    mask[0, 2:4] = True  # block (0,1): 2/4 -> on (>= 0.5)
+    mask[2:4, 0:2] = True
+    mask[2, 0] = False  # block (1,0): 3/4 -> on
+    mask[2:4, 2:4] = True  # block (1,1): 4/4 -> on
+    np.testing.assert_array_equal(resample_to(mask, (2, 2)), [[False, True], [True, True]])
+    # Round trip: enlarging then shrinking gives the mask back.
+    small = np.random.default_rng(0).random((5, 7)) > 0.5
+    np.testing.assert_array_equal(resample_to(resample_to(small, (10, 14)), (5, 7)), small)
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (2, 4), (8, 4)])
+def test_resample_to_refuses_other_mismatches(shape):
+    with pytest.raises(ValueError, match="case JPCLN001"):
+        resample_to(np.zeros((4, 4), bool), shape, case_id="JPCLN001")
+
+
+# --------------------------------------------------------------------------- end to end
+
+TRUTH_SHAPE = (48, 48)  # like SCR's 1024x1024 masks ...
+PRED_SHAPE = (96, 96)  # ... for JSRT's 2048x2048 images: factor 2
+PRED_SPACING = (0.25, 0.25)  # -> 0.5 mm on the truth grid
+
+
+def _truth_structures() -> dict[str, np.ndarray]:
+    """Five SCR structures at TRUTH_SHAPE; the lungs together are the 20x20
+    square of the hand-computed test."""
+    s = {name: np.zeros(TRUTH_SHAPE, dtype=bool) for name in SCR_STRUCTURES}
+    s["right_lung"][10:30, 10:20] = True  # patient's right: image left
+    s["left_lung"][10:30, 20:30] = True
+    s["heart"][30:40, 20:32] = True
+    s["right_clavicle"][3:6, 5:20] = True
+    s["left_clavicle"][3:6, 28:43] = True
+    return s
+
+
+def _write_truth(root: Path, case_id: str, structures: dict[str, np.ndarray]) -> None:
+    for name, mask in structures.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(root / name / f"{case_id}.gif")
+
+
+def _write_prediction(pred_dir: Path, case_id: str, label_masks: dict[str, np.ndarray]) -> None:
+    case = pred_dir / case_id
+    case.mkdir(parents=True)
+    names = list(label_masks)
+    stack = np.stack([label_masks[n] for n in names], axis=-1).astype(np.uint8)
+    save_nifti_2d(case / "labels.nii.gz", stack, PRED_SPACING)
+    (case / "prediction.json").write_text(json.dumps({
+        "case_id": case_id, "labels": names, "source": f"/data/{case_id}.IMG",
+        "spacing_mm": list(PRED_SPACING), "original_shape": list(PRED_SHAPE), "model_uri": "models:/medseg/1",
+    }))
+
+
+def _labels_at_pred_grid(structures: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {
+        label: resample_to(np.logical_or.reduce([structures[s] for s in group]), PRED_SHAPE)
+        for label, group in DEFAULT_LABELS.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory) -> dict:
+    """Cases: PERFECT (prediction = truth), SHIFTED (lungs 8 px right at the
+    prediction grid = 4 px on the truth grid; heart missed), NOTRUTH (no
+    ground truth), BROKEN (no labels.nii.gz)."""
+    tmp = tmp_path_factory.mktemp("eval")
+    pred_dir, truth_root = tmp / "pred", tmp / "truth"
+    truth = _truth_structures()
+    _write_truth(truth_root, "PERFECT", truth)
+    _write_truth(truth_root, "SHIFTED", truth)
+    _write_prediction(pred_dir, "PERFECT", _labels_at_pred_grid(truth))
+    shifted = _labels_at_pred_grid(truth)
+    shifted["lungs"] = np.roll(shifted["lungs"], 8, axis=1)
+    shifted["heart"] = np.zeros(PRED_SHAPE, dtype=bool)
+    _write_prediction(pred_dir, "SHIFTED", shifted)
+    _write_prediction(pred_dir, "NOTRUTH", _labels_at_pred_grid(truth))
+    (pred_dir / "BROKEN").mkdir()
+    (pred_dir / "BROKEN" / "prediction.json").write_text("{}")
+    table, problems = evaluate_predictions(pred_dir, truth_root, DEFAULT_LABELS)
+    return {"tmp": tmp, "pred_dir": pred_dir, "truth_root": truth_root, "table": table, "problems": problems,
+            "summary": summarise(table)}
+
+
+def _row(table: pd.DataFrame, case: str, label: str) -> pd.Series:
+    rows = table[(table.case_id == case) & (table.label == label)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_evaluate_predictions_scores_cases_and_lists_problems(scored):
+    table, problems = scored["table"], scored["problems"]
+    assert list(table.columns) == list(TABLE_COLUMNS)
+    assert sorted(set(table.case_id)) == ["PERFECT", "SHIFTED"]
+    assert len(table) == 2 * len(DEFAULT_LABELS)
+    problem = dict(problems)
+    assert set(problem) == {"NOTRUTH", "BROKEN"}
+    assert "mask" in problem["NOTRUTH"] and "labels.nii.gz" in problem["BROKEN"]
+
+    for label in DEFAULT_LABELS:
+        perfect = _row(table, "PERFECT", label)
+        assert (perfect.dice, perfect.jaccard, perfect.hd95_mm, perfect.assd_mm) == (1.0, 1.0, 0.0, 0.0)
+    # Lungs: the hand-computed shifted square, on the truth grid at
+    # 0.25 mm x (96/48) = 0.5 mm: HD95 2.0 mm, ASSD 1.0 mm.
+    lungs = _row(table, "SHIFTED", "lungs")
+    assert lungs.dice == pytest.approx(0.8)
+    assert lungs.hd95_mm == pytest.approx(2.0, abs=TOL)
+    assert lungs.assd_mm == pytest.approx(1.0, abs=TOL)
+    heart = _row(table, "SHIFTED", "heart")
+    assert heart.dice == 0.0 and heart.hd95_mm == math.inf
+    assert _row(table, "SHIFTED", "clavicles").dice == 1.0
+
+
+def test_evaluate_refuses_bad_options(scored):
+    with pytest.raises(ValueError, match="truth_format"):
+        evaluate_predictions(scored["pred_dir"], scored["truth_root"], DEFAULT_LABELS, truth_format="nrrd")
+    with pytest.raises(ValueError, match="heart"):
+        evaluate_predictions(scored["pred_dir"], scored["truth_root"], DEFAULT_LABELS,
+                             truth_format="label_image", label_values={1: "left_lung", 2: "right_lung"})
+
+
+def test_summary_and_comparison_table(scored):
+    summary = scored["summary"]
+    assert list(summary.index) == list(DEFAULT_LABELS)
+    lungs = summary.loc["lungs"]
+    assert lungs.n_cases == 2 and lungs.n_missed == 0
+    assert lungs.dice_mean == pytest.approx(0.9) and lungs.dice_median == pytest.approx(0.9)
+    assert lungs.dice_worst == pytest.approx(0.8) and lungs.hd95_mm_worst == pytest.approx(2.0, abs=TOL)
+    assert lungs.jaccard_mean == pytest.approx((1 + 320 / 480) / 2)
+    assert lungs.worst_case == "SHIFTED"
+    heart = summary.loc["heart"]
+    assert heart.n_missed == 1 and heart.dice_worst == 0.0 and heart.hd95_mm_mean == math.inf
+
+    text = comparison_table(summary)
+    for source, scores in PUBLISHED_JACCARD.items():
+        assert source in text
+        for value in scores.values():
+            assert f"{value:.3f}" in text
+    ours = next(line for line in text.splitlines() if line.startswith("this evaluation"))
+    assert f"{lungs.jaccard_mean:.3f}" in ours and "(n=2)" in ours
+
+
+def test_write_evaluation_files_and_pictures(scored):
+    out = scored["tmp"] / "out"
+    written = write_evaluation(out, scored["table"], scored["summary"], scored["problems"],
+                               pred_dir=scored["pred_dir"], truth_root=scored["truth_root"])
+    assert set(written) == {"cases.csv", "summary.csv", "summary.txt", "problems.csv", "boxplots.png",
+                            "worst_cases.png"}
+    assert len(pd.read_csv(out / "cases.csv")) == len(scored["table"])
+    assert pd.read_csv(out / "summary.csv", index_col="label").loc["lungs", "worst_case"] == "SHIFTED"
+    assert set(pd.read_csv(out / "problems.csv").case_id) == {"NOTRUTH", "BROKEN"}
+    txt = (out / "summary.txt").read_text()
+    assert "Novikov et al. 2018" in txt and "NOTRUTH" in txt
+    for png in ("boxplots.png", "worst_cases.png"):
+        with Image.open(out / png) as img:
+            pixels = np.asarray(img.convert("L"), dtype=float)
+        assert min(pixels.shape) > 200 and pixels.std() > 5, png  # a drawn figure, not a blank canvas
+    assert not list(out.glob(".tmp-*"))  # atomic writes left nothing behind
+
+
+def test_boxplots_from_a_bare_table(tmp_path):
+    table = pd.DataFrame({"case_id": ["a", "b", "c"], "label": "lungs", "dice": [0.9, 0.95, 0.97],
+                          "jaccard": [0.8, 0.9, 0.94], "hd95_mm": [3.0, math.inf, 1.0], "assd_mm": [1.0, math.inf, 0.5]})
+    save_boxplots(table, tmp_path / "box.png")
+    assert (tmp_path / "box.png").stat().st_size > 5_000
+
+
+def test_log_evaluation_to_mlflow(scored):
+    tmp = scored["tmp"]
+    out = tmp / "mlflow-out"
+    write_evaluation(out, scored["table"], scored["summary"], scored["problems"])
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    run_id = log_evaluation_to_mlflow(uri, "evaluation-test", out, scored["summary"],
+                                      training_run_id="trainrun123", model_uri="models:/medseg/1")
+    run = client_for(uri).get_run(run_id)
+    assert run.info.run_name == "evaluation" and run.info.status == "FINISHED"
+    assert run.data.tags["medseg.role"] == "evaluation"
+    assert run.data.tags["training_run_id"] == "trainrun123"
+    assert run.data.tags["model_uri"] == "models:/medseg/1"
+    metrics = run.data.metrics
+    assert metrics["lungs_dice_mean"] == pytest.approx(0.9)
+    assert metrics["lungs_hd95_mm_median"] == pytest.approx(1.0, abs=TOL)  # median of 0 and 2.0 mm
+    assert metrics["heart_n_missed"] == 1
+    assert "heart_hd95_mm_mean" not in metrics  # infinite: not logged, n_missed explains
+    artifacts = {a.path for a in client_for(uri).list_artifacts(run_id)}
+    assert {"cases.csv", "summary.csv", "summary.txt", "boxplots.png"} <= artifacts

@@ -1,0 +1,139 @@
+"""Batch prediction: original geometry, DICOM SEG, results table, bad inputs, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import torch
+from PIL import Image
+
+from dicom_factory import make_dicom, make_sr, synthetic_image
+from medseg.phantoms.write import write_phantom_dataset
+from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
+from medseg.structures import DEFAULT_LABELS
+from medseg.training.data import load_cases
+from medseg.training.settings import TrainSettings
+from medseg.training.trainer import Trainer
+
+MEDSEG = [sys.executable, "-m", "medseg"]
+
+
+@pytest.fixture(scope="module")
+def model_and_scans(tmp_path_factory):
+    """A small phantom-trained checkpoint and non-square phantom DICOMs to predict."""
+    tmp = tmp_path_factory.mktemp("predict")
+    write_phantom_dataset(tmp / "raw", n=16, seed=5, shape=(160, 128), pixel_spacing_mm=1.4)
+    result = preprocess_dataset(DatasetSpec(tmp / "raw" / "images", tmp / "raw" / "masks"),
+                                PreprocessSettings(size=64), tmp / "pre")
+    ids = [r["case_id"] for r in result.rows]
+    train = load_cases(result.manifest_path, ids[:12], DEFAULT_LABELS)
+    val = load_cases(result.manifest_path, ids[12:], DEFAULT_LABELS)
+    settings = TrainSettings(preset="cpu_tiny", epochs=10, samples_per_epoch=48, learning_rate=0.01)
+    Trainer(settings, list(DEFAULT_LABELS), train, val, tmp / "model").fit()
+    scans = tmp / "scans"
+    scans.mkdir()
+    for case in ids[12:]:  # unseen cases
+        (scans / f"{case}.dcm").write_bytes((tmp / "raw" / "images" / f"{case}.dcm").read_bytes())
+    return tmp / "model" / "best.pt", scans
+
+
+def _predict(model: Path, inputs, out: Path, *extra, check=True):
+    proc = subprocess.run([*MEDSEG, "predict", *map(str, inputs), "--model", str(model), "--out", str(out), *extra],
+                          capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_predict_outputs_at_original_geometry(model_and_scans, tmp_path):
+    model, scans = model_and_scans
+    _predict(model, [scans], tmp_path)
+    table = pd.read_csv(tmp_path / "results.csv")
+    parquet = pd.read_parquet(tmp_path / "results.parquet")
+    assert len(table) == len(parquet) == 4
+    for column in ("case_id", "area_mm2_heart", "area_mm2_lungs", "area_mm2_clavicles", "ctr", "qc_flags",
+                   "model_uri", "seconds"):
+        assert column in table.columns
+    assert table[["area_mm2_lungs", "ctr", "seconds"]].notna().all().all()
+    assert (table.area_mm2_lungs > 0).all()
+    for case in table.case_id:
+        case_dir = tmp_path / case
+        # Non-square 160x128 input -> non-square 160x128 masks.
+        for label in DEFAULT_LABELS:
+            with Image.open(case_dir / "masks" / f"{label}.png") as png:
+                assert png.size == (128, 160)
+                assert set(np.unique(np.asarray(png))) <= {0, 255}
+        stack = nib.load(case_dir / "labels.nii.gz")
+        assert stack.shape[:2] == (128, 160)  # NIfTI stores (x, y)
+        assert stack.header.get_zooms()[:2] == pytest.approx((1.4, 1.4))
+        with Image.open(case_dir / "overlay.png") as png:
+            assert png.size == (128, 160) and png.mode == "RGB"
+        # DICOM SEG references the source and holds the same masks.
+        from medseg.inference.dicom_seg import read_dicom_seg
+
+        source = pydicom.dcmread(scans / f"{case}.dcm")
+        seg = pydicom.dcmread(case_dir / "seg.dcm")
+        assert seg.Modality == "SEG" and seg.StudyInstanceUID == source.StudyInstanceUID
+        referenced = seg.ReferencedSeriesSequence[0]
+        assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
+        assert referenced.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        seg_masks = read_dicom_seg(case_dir / "seg.dcm")
+        for label in DEFAULT_LABELS:
+            png = np.asarray(Image.open(case_dir / "masks" / f"{label}.png")) > 0
+            assert np.array_equal(seg_masks[label], png), label
+        # No patient field in the table or output names.
+        assert "Secret" not in json.dumps(table.astype(str).to_dict()) and "Secret" not in case
+
+
+def test_bad_inputs_listed_rest_predicted(model_and_scans, tmp_path):
+    model, scans = model_and_scans
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = sorted(scans.iterdir())[:2]
+    for f in good:
+        (inputs / f.name).write_bytes(f.read_bytes())
+    (inputs / "notes.txt").write_text("not a scan")
+    (inputs / "TRUNC").write_bytes(good[0].read_bytes()[:5000])
+    make_sr(inputs / "REPORT.dcm")
+    proc = _predict(model, [inputs], tmp_path / "out", check=False)
+    assert proc.returncode == 1
+    assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 2
+    failures = pd.read_csv(tmp_path / "out" / "failures.csv")
+    assert sorted(Path(f).name for f in failures.file) == ["REPORT.dcm", "TRUNC", "notes.txt"]
+    assert "3 of 5 inputs failed" in proc.stderr
+
+
+def test_interrupted_run_finishes_on_rerun(model_and_scans, tmp_path):
+    model, scans = model_and_scans
+    many = tmp_path / "many"
+    many.mkdir()
+    source = sorted(scans.iterdir())[0].read_bytes()
+    for i in range(40):  # same pixels, distinct files
+        (many / f"SCAN{i:03d}.dcm").write_bytes(source)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*MEDSEG, "predict", str(many), "--model", str(model), "--out", str(out),
+                             "--batch-size", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*/prediction.json"))) < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = len(list(out.glob("*/prediction.json")))
+    assert 4 <= finished_before < 40, "the run was not interrupted half way"
+    rerun = _predict(model, [many], out, "--batch-size", "2")
+    assert f"{finished_before} already done" in rerun.stderr
+    table = pd.read_csv(out / "results.csv")
+    assert sorted(table.case_id) == [f"SCAN{i:03d}" for i in range(40)]  # each once
+    assert not list(out.rglob(".tmp-*"))  # no partial files left
+    for case in table.case_id:
+        assert (out / case / "seg.dcm").is_file() and (out / case / "labels.nii.gz").is_file()
