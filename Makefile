@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES)
+	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES) --report results/phantoms/report.html
 
 jsrt: setup
 	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES) \

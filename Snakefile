@@ -1,7 +1,7 @@
 # medseg workflow: phantoms or a folder of radiographs -> preprocessed NIfTI +
 # manifest -> splits -> preview -> training (one job per fold, tracked in
-# MLflow). Later stages (predict, evaluate, report) hang off the same
-# results/<dataset>/ tree.
+# MLflow) -> prediction on each fold's held-out scans -> evaluation; then
+# `snakemake --report` gathers the pictures and tables.
 #
 #   snakemake --profile workflow/profiles/default              # phantoms demo
 #   snakemake --profile workflow/profiles/default \
@@ -19,6 +19,10 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/phantoms.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/predict.smk"
+
+
+report: "workflow/report/workflow.rst"
 
 
 rule all:
@@ -26,4 +30,5 @@ rule all:
         dataset_path("splits.json"),
         dataset_path("preprocessed/preview.png"),
         dataset_path("models/summary.json"),
+        expand(dataset_path("evaluation/fold{fold}/summary.csv"), fold=config["train_folds"]),
     default_target: True

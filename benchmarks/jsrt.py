@@ -99,7 +99,7 @@ def main() -> None:
 
     print(f"\nJSRT/SCR {args.data_root.name}: {len(fold['train'])} train, {len(fold['val'])} val, "
           f"{len(fold['test'])} held-out test cases; {args.size}px, {settings.preset}, {args.epochs} epochs, "
-          f"device {summary.get('device', state.get('settings', {}).get('device'))}, "
+          f"device {'cuda' if torch.cuda.is_available() and args.device != 'cpu' else 'cpu'}, "
           f"preprocess+train {train_seconds:.0f} s")
     print(f"{'structure':<10} {'Jaccard':>16} {'Dice':>16}   (held-out, scored at 1024x1024)")
     for label in DEFAULT_LABELS:

@@ -284,6 +284,65 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_FAILURES if failures else EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medseg.evaluation.evaluate import (
+        comparison_table, evaluate_predictions, log_evaluation_to_mlflow, summarise, write_evaluation,
+    )
+
+    labels = json.loads(args.labels) if args.labels else None
+    config = _load_config(args.config) if args.config else {}
+    labels = labels or config.get("labels")
+    if not labels:
+        from medseg.structures import DEFAULT_LABELS
+
+        labels = {k: list(v) for k, v in DEFAULT_LABELS.items()}
+    pred_dir = Path(args.predictions)
+    table, problems = evaluate_predictions(pred_dir, Path(args.truth), labels, truth_format=args.truth_format,
+                                           label_values=args.label_values)
+    if table.empty:
+        log.error("no case could be evaluated: %s", "; ".join(f"{c}: {p}" for c, p in problems[:5]))
+        return EXIT_FAILURES
+    summary = summarise(table)
+
+    def image_of(case_id: str):
+        meta = json.loads((pred_dir / case_id / "prediction.json").read_text())
+        from medseg.ingest import load_image
+        from medseg.preprocessing.intensity import normalise_intensity
+
+        return normalise_intensity(load_image(meta["source"], _read_options(args)).pixels)
+
+    write_evaluation(args.out, table, summary, problems, pred_dir=pred_dir, truth_root=Path(args.truth),
+                     images=image_of, labels=labels, truth_format=args.truth_format, label_values=args.label_values)
+    print(comparison_table(summary))
+    if not args.no_mlflow:
+        model_json = json.loads(Path(args.model_json).read_text()) if args.model_json else {}
+        target = _tracking_target(config, args.tracking_uri or model_json.get("tracking_uri"))
+        run_id = log_evaluation_to_mlflow(target.tracking_uri, target.experiment, args.out, summary,
+                                          training_run_id=model_json.get("run_id"),
+                                          model_uri=model_json.get("model_uri"))
+        log.info("evaluation logged to MLflow run %s", run_id)
+    for case_id, problem in problems:
+        log.warning("not evaluated: %s: %s", case_id, problem)
+    return EXIT_FAILURES if problems else EXIT_OK
+
+
+def cmd_list_cases(args: argparse.Namespace) -> int:
+    """Source files of one part of a split, one per line (for `medseg predict`)."""
+    from medseg.atomic import write_text_atomic
+    from medseg.preprocessing.manifest import read_manifest
+    from medseg.preprocessing.splits import read_splits
+
+    folds = read_splits(args.splits)["folds"]
+    if not 0 <= args.fold < len(folds):
+        log.error("%s: no fold %d", args.splits, args.fold)
+        return EXIT_USAGE
+    sources = read_manifest(args.manifest).set_index("case_id")["source"]
+    cases = folds[args.fold][args.part]
+    write_text_atomic(args.out, "".join(f"{sources[c]}\n" for c in cases))
+    log.info("%d %s cases of fold %d -> %s", len(cases), args.part, args.fold, args.out)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medseg.preprocessing.splits import SPLIT_SCHEMES
     from medseg.structures import SCR_STRUCTURES
@@ -365,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="folders (recursive; DICOM may lack an extension), globs, list files "
                                              "(.txt, one path per line) or files")
     p.add_argument("--model", required=True,
-                   help="MLflow model URI (models:/<name>@<alias>, runs:/<id>/model) or a best.pt checkpoint")
+                   help="MLflow model URI (models:/<name>@<alias>, runs:/<id>/model), a best.pt checkpoint, "
+                        "or a fold's model.json")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per scan + results.csv/.parquet)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, "
                                           "else results/mlflow.db)")
@@ -378,6 +438,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename")
     _add_read_options(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="score predictions against ground truth (Dice, Jaccard, HD95, ASSD in mm)")
+    p.add_argument("--predictions", required=True, help="output folder of `medseg predict`")
+    p.add_argument("--truth", required=True, help="ground truth: SCR layout (<structure>/<ID>.gif) or label images")
+    p.add_argument("--truth-format", choices=["scr", "label_image"], default="scr")
+    p.add_argument("--label-values", type=_label_values, help="for label images: VALUE=STRUCTURE,...")
+    p.add_argument("--labels", help='label groups as JSON (default: the config\'s, else heart/lungs/clavicles)')
+    p.add_argument("--config", help="workflow config (labels, MLflow experiment)")
+    p.add_argument("--model-json", help="the fold's model.json: links the evaluation run to its training run")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow evaluation run")
+    p.add_argument("--out", required=True, help="folder for cases.csv, summary.csv/.txt, box plots, worst cases")
+    _add_read_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("list-cases", help="source files of one part of a split (input list for predict)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--part", choices=["train", "val", "test"], default="test")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_list_cases)
 
     p = sub.add_parser("cv-start", help="create the MLflow parent run of a cross-validation")
     p.add_argument("--config", required=True)
@@ -405,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # highdicom narrates every module it copies into a SEG at INFO.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except FileNotFoundError as err:

@@ -37,7 +37,8 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.C
 def test_dry_run_default_config(workdir):
     proc = run_snakemake(workdir, "-n")
     out = proc.stdout + proc.stderr
-    for rule in ("phantoms", "preprocess", "splits", "preview", "resolved_config", "cv_start", "train", "cv_finish"):
+    for rule in ("phantoms", "preprocess", "splits", "preview", "resolved_config", "cv_start", "train", "cv_finish",
+                 "test_cases", "predict", "evaluate"):
         assert rule in out
 
 
@@ -107,6 +108,26 @@ def test_end_to_end_on_phantoms(workdir):
     child = client.get_run(fold["run_id"])
     assert child.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
     assert "cv_mean_val_dice_mean" in client.get_run(summary["parent_run_id"]).data.metrics
+    # Prediction on the fold's held-out scans, at their original geometry, with DICOM SEG.
+    test_cases = splits["folds"][0]["test"]
+    predictions = pd.read_csv(results / "predictions" / "fold0" / "results.csv")
+    assert sorted(predictions.case_id) == sorted(test_cases)
+    assert set(predictions.rows) == {160} and set(predictions.cols) == {128}
+    assert predictions.model_uri.str.startswith("models:/medseg-e2e/").all()
+    for case in test_cases:
+        assert (results / "predictions" / "fold0" / case / "seg.dcm").is_file()
+    # Evaluation against the phantom masks, logged to MLflow linked to the training run.
+    evaluation = pd.read_csv(results / "evaluation" / "fold0" / "cases.csv")
+    assert sorted(set(evaluation.case_id)) == sorted(test_cases)
+    assert set(evaluation.label) == {"heart", "lungs", "clavicles"}
+    assert "Frid-Adar" in (results / "evaluation" / "fold0" / "summary.txt").read_text()
+    runs = client.search_runs([child.info.experiment_id], "tags.`medseg.role` = 'evaluation'")
+    assert len(runs) == 1 and runs[0].data.tags["training_run_id"] == fold["run_id"]
+    # The self-contained HTML report.
+    report = subprocess.run([*SNAKEMAKE, "--profile", "workflow/profiles/default", "--cores", "1", "--config",
+                             *E2E_CONFIG, "--report", "report.html"], cwd=workdir, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (workdir / "report.html").stat().st_size > 50_000
     assert "preprocess 8/8" in (results / "logs" / "preprocess.log").read_text()
     # Phantom DICOMs carry fake patient fields; none may reach logs or outputs.
     texts = [p.read_text(errors="ignore") for p in results.rglob("*") if p.suffix in {".log", ".csv", ".json", ".tsv"}]

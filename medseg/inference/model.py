@@ -64,11 +64,26 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
                        dict(metadata.get("intensity") or DEFAULT_INTENSITY), uri)
 
 
+def _from_summary(path: Path, tracking_uri: str | None) -> LoadedModel:
+    """A fold's ``model.json``: its registered model version, or, when the
+    run could not be tracked, the ``best.pt`` beside it."""
+    summary = json.loads(path.read_text())
+    if summary.get("model_uri"):
+        return _from_mlflow(summary["model_uri"], tracking_uri or summary.get("tracking_uri"))
+    return _from_checkpoint(path.parent / "best.pt")
+
+
 def load_model(model: str, tracking_uri: str | None = None, device: torch.device | None = None) -> LoadedModel:
-    """Load ``model``: a ``.pt`` checkpoint path, or an MLflow model URI
-    (``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<id>/model``)."""
+    """Load ``model``: an MLflow model URI (``models:/<name>@<alias>``,
+    ``models:/<name>/<version>``, ``runs:/<id>/model``), a ``.pt`` checkpoint,
+    or a fold's ``model.json`` written by ``medseg train``."""
     path = Path(model)
-    loaded = _from_checkpoint(path) if path.suffix == ".pt" and path.exists() else _from_mlflow(model, tracking_uri)
+    if path.suffix == ".pt" and path.exists():
+        loaded = _from_checkpoint(path)
+    elif path.suffix == ".json" and path.exists():
+        loaded = _from_summary(path, tracking_uri)
+    else:
+        loaded = _from_mlflow(model, tracking_uri)
     if device is not None:
         loaded.module = loaded.module.to(device)
     return loaded

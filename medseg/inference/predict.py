@@ -216,6 +216,27 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
     return row
 
 
+def save_ctr_distribution(path: Path, table: pd.DataFrame) -> None:
+    """Histogram of the cardiothoracic ratios, with the 0.5 cardiomegaly line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = table["ctr"].dropna() if "ctr" in table else pd.Series(dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(values, bins=20, range=(0.2, 0.9), color="tab:red", alpha=0.7)
+    ax.axvline(0.5, color="black", linestyle="--", label="0.5: cardiomegaly on a PA film")
+    ax.set_xlabel("cardiothoracic ratio")
+    ax.set_ylabel("scans")
+    ax.set_title(f"CTR of {len(values)} scans (median {values.median():.2f})" if len(values) else "no CTR")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
 def _batches(files: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
     for i in range(0, len(files), size):
         yield files[i:i + size]
@@ -285,6 +306,7 @@ def predict_files(files: Sequence[str | Path], model: LoadedModel, settings: Pre
             table.to_csv(tmp, index=False)
         with atomic_path(out_dir / "results.parquet") as tmp:
             table.to_parquet(tmp, index=False)
+        save_ctr_distribution(out_dir / "ctr_distribution.png", table)
     write_failures(out_dir / "failures.csv", failures)
     report_failures(failures, len(files), "predict")
     return table, failures

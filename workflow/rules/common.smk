@@ -86,9 +86,14 @@ def masks_argument(wildcards, input):
     return f"--masks {shlex.quote(input.masks)} --mask-format {config['mask_format']}"
 
 
+def case_id_argument():
+    return f"--case-id-from {config['read']['case_id_from']}"
+
+
 def read_arguments():
+    """How to read images without their own metadata (medseg's read options)."""
     read = config["read"]
-    args = [f"--pixel-spacing {read['pixel_spacing_mm']}", f"--case-id-from {read['case_id_from']}"]
+    args = [f"--pixel-spacing {read['pixel_spacing_mm']}"]
     if read["invert"]:
         args.append("--invert")
     if not read["apply_voi"]:

@@ -5,12 +5,16 @@ rule preprocess:
         masks=masks_input,
     output:
         manifest="results/{dataset}/preprocessed/manifest.csv",
-        failures="results/{dataset}/preprocessed/failures.csv",
+        failures=report(
+            "results/{dataset}/preprocessed/failures.csv",
+            category="Data",
+            labels={"table": "ingest failures"},
+        ),
     params:
         out=subpath(output.manifest, parent=True),
         images=images_argument,
         masks=masks_argument,
-        read=read_arguments(),
+        read=f"{read_arguments()} {case_id_argument()}",
         label_values=label_values_argument(),
         structures=",".join(config["structures"]),
         size=config["preprocess"]["size"],
@@ -61,7 +65,11 @@ rule preview:
     input:
         manifest="results/{dataset}/preprocessed/manifest.csv",
     output:
-        "results/{dataset}/preprocessed/preview.png",
+        report(
+            "results/{dataset}/preprocessed/preview.png",
+            category="Data",
+            labels={"figure": "preprocessed cases"},
+        ),
     params:
         labels=json.dumps(config["labels"]),
     log:

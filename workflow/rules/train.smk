@@ -1,7 +1,7 @@
 rule resolved_config:
     """The run's whole resolved config, as the training CLI and MLflow see it."""
     output:
-        "results/{dataset}/config.json",
+        report("results/{dataset}/config.json", category="Configuration", labels={"file": "resolved config"}),
     params:
         config=json.dumps(config),  # key order kept: it is the label channel order
     log:
