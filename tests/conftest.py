@@ -41,7 +41,8 @@ def _restore_mlflow_environment():
     try:
         import mlflow
 
-        mlflow.set_tracking_uri(None)  # back to the default
+        mlflow.set_tracking_uri(None)  # back to the defaults
+        mlflow.set_registry_uri(None)
         for key in [k for k in os.environ if k.startswith("MLFLOW_") and k not in saved]:
             del os.environ[key]
     except ImportError:

@@ -137,3 +137,26 @@ def test_interrupted_run_finishes_on_rerun(model_and_scans, tmp_path):
     assert not list(out.rglob(".tmp-*"))  # no partial files left
     for case in table.case_id:
         assert (out / case / "seg.dcm").is_file() and (out / case / "labels.nii.gz").is_file()
+
+
+def test_real_legacy_cr_end_to_end(model_and_scans, tmp_path):
+    """The real ACR-NEMA CR (no preamble, MONOCHROME1, 10-bit) goes all the way through."""
+    from conftest import shared_data_dir
+
+    real = shared_data_dir() / "dicom" / "CR-MONO1-10-chest.dcm"
+    if not real.exists():
+        pytest.skip(f"{real} not present")
+    model, _ = model_and_scans
+    _predict(model, [real], tmp_path)
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert table.case_id.tolist() == ["CR-MONO1-10-chest"]
+    assert (table.rows[0], table.cols[0]) == (440, 440)
+    case_dir = tmp_path / "CR-MONO1-10-chest"
+    with Image.open(case_dir / "overlay.png") as png:
+        assert png.size == (440, 440)
+    from medseg.inference.dicom_seg import read_dicom_seg
+
+    seg = pydicom.dcmread(case_dir / "seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+        "1.2.392.200036.9125.0.19950720112207"
+    assert set(read_dicom_seg(case_dir / "seg.dcm")) == set(DEFAULT_LABELS)

@@ -103,6 +103,7 @@ def test_mlflow_run_holds_params_metrics_artifacts_model(trained):
     assert "Secret" not in text and "SECRETID" not in text
 
     mlflow.set_tracking_uri(trained["uri"])
+    mlflow.set_registry_uri(trained["uri"])
     version = client.get_model_version_by_alias("medseg-unit", "fold0")
     assert version.run_id == run.info.run_id
     model = mlflow.pyfunc.load_model("models:/medseg-unit@fold0")
