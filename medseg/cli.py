@@ -165,6 +165,25 @@ def _load_config(path: str) -> dict:
     return config
 
 
+def _config_from_args(args: argparse.Namespace) -> dict:
+    """--config FILE or --config-json TEXT (the workflow passes the sections a
+    stage depends on as text, so unrelated config changes do not rerun it)."""
+    if getattr(args, "config_json", None):
+        config = json.loads(args.config_json)
+        if not isinstance(config, dict):
+            raise ValueError("--config-json: not a mapping")
+        return config
+    if not args.config:
+        raise ValueError("give --config FILE or --config-json TEXT")
+    return _load_config(args.config)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--config", help="workflow config (config/config.yaml or a resolved copy)")
+    group.add_argument("--config-json", help="the same, as JSON text")
+
+
 def _tracking_target(config: dict, tracking_uri: str | None):
     from medseg.tracking import default_tracking_uri
     from medseg.training.run import TrackingTarget
@@ -196,11 +215,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medseg.training.run import train_fold
 
     try:
-        config = _load_config(args.config)
+        config = _config_from_args(args)
         settings = _train_settings(config, args)
         labels = config.get("labels") or {}
         if not labels:
-            raise ValueError(f"{args.config}: no 'labels' section")
+            raise ValueError("the config has no 'labels' section")
     except (ValueError, TypeError, OSError) as err:
         log.error("refusing to train: %s", err)
         return EXIT_USAGE
@@ -212,7 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = train_fold(
             settings=settings, labels=labels, manifest=args.manifest, splits=args.splits, fold=args.fold,
-            out_dir=args.out, target=target, params=flatten(resolved), config_file=args.config,
+            out_dir=args.out, target=target, params=flatten(resolved), config=resolved,
             parent_run_id=parent, intensity={k: v for k, v in (config.get("preprocess") or {}).items()
                                              if k in ("lower_percentile", "upper_percentile")},
         )
@@ -231,7 +250,7 @@ def cmd_cv_start(args: argparse.Namespace) -> int:
     from medseg.tracking import TrackingUnavailable, flatten, git_commit
     from medseg.training.run import start_cv_run
 
-    config = _load_config(args.config)
+    config = _config_from_args(args)
     target = _tracking_target(config, args.tracking_uri)
     tags = {"medseg.version": __version__, "git.commit": git_commit(),
             "dataset.fingerprint": manifest_fingerprint(args.manifest)}
@@ -249,7 +268,7 @@ def cmd_cv_finish(args: argparse.Namespace) -> int:
     from medseg.atomic import write_text_atomic
     from medseg.training.run import finish_cv_run
 
-    config = _load_config(args.config)
+    config = _config_from_args(args)
     target = _tracking_target(config, args.tracking_uri)
     parent = json.loads(Path(args.parent_run_file).read_text())["parent_run_id"]
     summaries = [json.loads(Path(p).read_text()) for p in args.fold_summaries]
@@ -402,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("train", help="train a U-Net on one fold, tracked in MLflow (resumes from last.pt)")
-    p.add_argument("--config", required=True, help="workflow config (config/config.yaml or a resolved copy)")
+    _add_config_arguments(p)
     p.add_argument("--manifest", required=True)
     p.add_argument("--splits", required=True)
     p.add_argument("--fold", type=int, default=0)
@@ -462,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list_cases)
 
     p = sub.add_parser("cv-start", help="create the MLflow parent run of a cross-validation")
-    p.add_argument("--config", required=True)
+    _add_config_arguments(p)
     p.add_argument("--manifest", required=True)
     p.add_argument("--name", default="cross-validation")
     p.add_argument("--tracking-uri")
@@ -470,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cv_start)
 
     p = sub.add_parser("cv-finish", help="summarise folds into the parent run; alias the best fold's model")
-    p.add_argument("--config", required=True)
+    _add_config_arguments(p)
     p.add_argument("--parent-run-file", required=True)
     p.add_argument("--tracking-uri")
     p.add_argument("--out", required=True, help="summary.json")

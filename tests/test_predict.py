@@ -160,3 +160,21 @@ def test_real_legacy_cr_end_to_end(model_and_scans, tmp_path):
     assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
         "1.2.392.200036.9125.0.19950720112207"
     assert set(read_dicom_seg(case_dir / "seg.dcm")) == set(DEFAULT_LABELS)
+
+
+def test_tta_agrees_with_plain_prediction(model_and_scans):
+    """Shift/zoom test-time augmentation undoes its transforms: the averaged
+    probabilities still line up with the plain ones (a wrong inverse would
+    move the masks)."""
+    from medseg.inference.model import load_model
+    from medseg.inference.predict import PredictSettings, _prepare, predict_probabilities
+
+    model_path, scans = model_and_scans
+    model = load_model(str(model_path))
+    files = sorted(scans.iterdir())
+    batch = np.stack([_prepare(f, model, PredictSettings()).tensor for f in files])
+    plain = predict_probabilities(model, batch, False, torch.device("cpu")) >= 0.5
+    tta = predict_probabilities(model, batch, True, torch.device("cpu")) >= 0.5
+    lungs = model.labels.index("lungs")
+    dice = 2 * (plain[:, lungs] & tta[:, lungs]).sum() / (plain[:, lungs].sum() + tta[:, lungs].sum())
+    assert plain.shape == tta.shape and dice > 0.9

@@ -137,6 +137,11 @@ def test_end_to_end_on_phantoms(workdir):
     # A second run has nothing to do.
     again = run_snakemake(workdir, "-n", "--config", *E2E_CONFIG)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # A prediction setting reruns prediction and evaluation, never training.
+    changed = run_snakemake(workdir, "-n", "--config", *E2E_CONFIG, "predict={'threshold': 0.6}")
+    jobs = changed.stdout + changed.stderr
+    assert "rule predict:" in jobs and "rule evaluate:" in jobs
+    assert "rule train:" not in jobs and "rule cv_start:" not in jobs
 
 
 def test_jsrt_config_on_real_fold(workdir, jsrt_root):

@@ -43,9 +43,11 @@ from medseg.visualise import overlay_rgb
 
 log = logging.getLogger(__name__)
 
-# Test-time augmentation: shifts in preprocessed pixels (no flips: anatomy is
-# not left-right symmetric).
-TTA_SHIFTS = ((0, 0), (4, 0), (-4, 0), (0, 4), (0, -4))
+# Test-time augmentation: shifts in preprocessed pixels and a zoom-out (no
+# flips: anatomy is not left-right symmetric). A zoom-out keeps the whole
+# image in view, so its inverse covers every pixel.
+TTA_SHIFTS = ((4, 0), (-4, 0), (0, 4), (0, -4))
+TTA_SCALES = (0.9,)
 
 
 @dataclass(frozen=True)
@@ -132,20 +134,43 @@ def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out
 
 
+def _zoom_out(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Shrink (N, C, S, S) by ``scale`` < 1 about the centre, zero padded."""
+    size = x.shape[-1]
+    inner = int(round(size * scale))
+    small = torch.nn.functional.interpolate(x, size=(inner, inner), mode="bilinear", align_corners=False)
+    top = (size - inner) // 2
+    out = torch.zeros_like(x)
+    out[..., top:top + inner, top:top + inner] = small
+    return out
+
+
+def _zoom_back(p: torch.Tensor, scale: float) -> torch.Tensor:
+    """Inverse of :func:`_zoom_out` for predictions."""
+    size = p.shape[-1]
+    inner = int(round(size * scale))
+    top = (size - inner) // 2
+    return torch.nn.functional.interpolate(p[..., top:top + inner, top:top + inner], size=(size, size),
+                                           mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def predict_probabilities(model: LoadedModel, batch: np.ndarray, tta: bool, device: torch.device) -> np.ndarray:
-    """(N, 1, S, S) preprocessed images -> (N, C, S, S) probabilities."""
+    """(N, 1, S, S) preprocessed images -> (N, C, S, S) probabilities,
+    averaged over :data:`TTA_SHIFTS` and :data:`TTA_SCALES` when ``tta``."""
     x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
-    shifts = TTA_SHIFTS if tta else ((0, 0),)
-    total = None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    for dy, dx in shifts:
+
+    def run(inputs: torch.Tensor) -> torch.Tensor:
         with autocast:
-            p = model.module(_shift(x, dy, dx)).float()
-        p = _shift(p, -dy, -dx)
-        total = p if total is None else total + p
-    return (total / len(shifts)).cpu().numpy()
+            return model.module(inputs).float()
+
+    outputs = [run(x)]
+    if tta:
+        outputs += [_shift(run(_shift(x, dy, dx)), -dy, -dx) for dy, dx in TTA_SHIFTS]
+        outputs += [_zoom_back(run(_zoom_out(x, s)), s) for s in TTA_SCALES]
+    return (torch.stack(outputs).mean(0)).cpu().numpy()
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:

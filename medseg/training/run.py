@@ -95,7 +95,7 @@ def train_fold(
     out_dir: str | Path,
     target: TrackingTarget,
     params: Mapping[str, str],
-    config_file: str | Path | None = None,
+    config: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
     intensity: Mapping[str, float] | None = None,
 ) -> dict:
@@ -109,7 +109,7 @@ def train_fold(
         out_dir: checkpoints, metrics.csv, curves, overlays, model.json.
         target: tracking store, experiment and registry names.
         params: flattened resolved config, logged as run parameters.
-        config_file: logged as an artifact when given.
+        config: the resolved config, logged as the artifact ``config.yaml``.
         parent_run_id: cross-validation parent run.
         intensity: the preprocessing's lower/upper percentiles, recorded
             with the model so that prediction normalises alike.
@@ -155,8 +155,8 @@ def train_fold(
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"fold{fold}", parent_run_id=parent_run_id,
                                tags=tags, log_system_metrics=target.system_metrics)
         mlflow.log_params(dict(params))
-        if config_file:
-            mlflow.log_artifact(str(config_file))
+        if config is not None:
+            mlflow.log_dict(dict(config), "config.yaml")
     run_id = run.info.run_id
     trainer.run_id = run_id
     tracker = RunLogger(run_id, out_dir)

@@ -111,3 +111,13 @@ def label_values_argument():
 wildcard_constraints:
     dataset=r"[A-Za-z0-9._-]+",
     fold=r"\d+",
+
+
+# Sections that decide a training run. Training rules get them as text params,
+# so a change elsewhere (e.g. predict.threshold) does not retrain.
+TRAINING_SECTIONS = ("dataset", "source", "structures", "labels", "read", "phantoms", "preprocess", "splits",
+                     "train", "mlflow")
+
+
+def training_config_json():
+    return json.dumps({k: config[k] for k in TRAINING_SECTIONS if k in config})

@@ -1,5 +1,5 @@
 rule resolved_config:
-    """The run's whole resolved config, as the training CLI and MLflow see it."""
+    """The whole resolved config, for the evaluation and the report."""
     output:
         report("results/{dataset}/config.json", category="Configuration", labels={"file": "resolved config"}),
     params:
@@ -17,10 +17,11 @@ rule resolved_config:
 rule cv_start:
     """MLflow parent run of the cross-validation (folds nest under it)."""
     input:
-        config="results/{dataset}/config.json",
         manifest="results/{dataset}/preprocessed/manifest.csv",
     output:
         "results/{dataset}/models/cv_run.json",
+    params:
+        config=training_config_json(),
     log:
         "results/{dataset}/logs/cv_start.log",
     benchmark:
@@ -30,13 +31,12 @@ rule cv_start:
         mem_mb=1000,
         runtime=5,
     shell:
-        "{MEDSEG} cv-start --config {input.config} --manifest {input.manifest} --out {output} > {log} 2>&1"
+        "{MEDSEG} cv-start --config-json {params.config:q} --manifest {input.manifest} --out {output} > {log} 2>&1"
 
 
 rule train:
     """One fold. A rerun of an interrupted job resumes from its last.pt."""
     input:
-        config="results/{dataset}/config.json",
         manifest="results/{dataset}/preprocessed/manifest.csv",
         splits="results/{dataset}/splits.json",
         cv_run="results/{dataset}/models/cv_run.json",
@@ -51,6 +51,7 @@ rule train:
         ),
     params:
         out=subpath(output.summary, parent=True),
+        config=training_config_json(),
     log:
         "results/{dataset}/logs/train_fold{fold}.log",
     benchmark:
@@ -60,18 +61,19 @@ rule train:
         mem_mb=8000,
         runtime=240,
     shell:
-        "{MEDSEG} train --config {input.config} --manifest {input.manifest} --splits {input.splits}"
+        "{MEDSEG} train --config-json {params.config:q} --manifest {input.manifest} --splits {input.splits}"
         " --fold {wildcards.fold} --parent-run-file {input.cv_run} --out {params.out} > {log} 2>&1"
 
 
 rule cv_finish:
     """Summarise the folds; alias the best fold's model (models:/<name>@candidate)."""
     input:
-        config="results/{dataset}/config.json",
         cv_run="results/{dataset}/models/cv_run.json",
         folds=expand("results/{{dataset}}/models/fold{fold}/model.json", fold=config["train_folds"]),
     output:
         "results/{dataset}/models/summary.json",
+    params:
+        config=training_config_json(),
     log:
         "results/{dataset}/logs/cv_finish.log",
     benchmark:
@@ -81,5 +83,5 @@ rule cv_finish:
         mem_mb=1000,
         runtime=5,
     shell:
-        "{MEDSEG} cv-finish --config {input.config} --parent-run-file {input.cv_run} --out {output}"
+        "{MEDSEG} cv-finish --config-json {params.config:q} --parent-run-file {input.cv_run} --out {output}"
         " {input.folds} > {log} 2>&1"
