@@ -45,6 +45,26 @@ def overlay_rgb(image: np.ndarray, masks: Mapping[str, np.ndarray], alpha: float
     return rgb
 
 
+def subplots(*args, **kwargs):
+    """matplotlib's ``plt.subplots`` on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
+    """Save a figure as PNG atomically and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
 def save_contact_sheet(
     path: str | Path,
     tiles: Sequence[np.ndarray],
@@ -53,21 +73,13 @@ def save_contact_sheet(
     tile_inches: float = 3.0,
 ) -> None:
     """Save RGB (or greyscale) tiles in a grid as one PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(tiles)
     columns = max(1, min(columns, n))
     rows = (n + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * tile_inches, rows * tile_inches), squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(columns * tile_inches, rows * tile_inches), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, tile, title in zip(axes.ravel(), tiles, titles):
         ax.imshow(tile, cmap="gray" if tile.ndim == 2 else None, vmin=0, vmax=1)
         ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)

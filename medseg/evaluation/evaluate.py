@@ -38,6 +38,7 @@ from medseg.evaluation.metrics import DISTANCE_METRICS, METRIC_NAMES, OVERLAP_ME
 from medseg.ingest.masks import read_label_image, read_scr_masks
 from medseg.preprocessing.preprocess import MASK_FORMATS
 from medseg.structures import DEFAULT_LABELS
+from medseg.visualise import overlay_rgb, save_contact_sheet, save_figure, subplots
 
 log = logging.getLogger(__name__)
 
@@ -371,24 +372,14 @@ def comparison_table(summary: pd.DataFrame) -> str:
 # --------------------------------------------------------------------------- pictures
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_boxplots(table: pd.DataFrame, path: str | Path) -> None:
     """Box plots per label: Dice (top row) and HD95 in mm (bottom row), PNG.
 
     Infinite HD95 values (missed structures) cannot be drawn; their count is
     given in the panel title instead.
     """
-    plt = _pyplot()
     labels = list(dict.fromkeys(table["label"])) or ["(no cases)"]
-    fig, axes = plt.subplots(2, len(labels), figsize=(3.2 * len(labels), 6.0), squeeze=False)
+    fig, axes = subplots(2, len(labels), figsize=(3.2 * len(labels), 6.0), squeeze=False)
     for col, label in enumerate(labels):
         rows = table[table["label"] == label]
         for row, (metric, unit) in enumerate((("dice", "Dice"), ("hd95_mm", "HD95 (mm)"))):
@@ -410,10 +401,7 @@ def save_boxplots(table: pd.DataFrame, path: str | Path) -> None:
             ax.set_title(title, fontsize=9)
             ax.set_xticks([])
             ax.set_ylabel(unit)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _thumbnail(rgb: np.ndarray, max_side: int = 512) -> np.ndarray:
@@ -459,7 +447,6 @@ def save_worst_gallery(
     Returns:
         The case IDs shown (cases that can no longer be read are skipped).
     """
-    from medseg.visualise import overlay_rgb, save_contact_sheet
 
     pred_dir, truth_root = Path(pred_dir), Path(truth_root)
     folders = {p.name: p for p in _case_folders(pred_dir)}

@@ -39,7 +39,7 @@ from medseg.nifti import save_nifti_2d
 from medseg.preprocessing.geometry import ResizePadGeometry, to_original, to_preprocessed
 from medseg.preprocessing.intensity import normalise_intensity
 from medseg.preprocessing.preprocess import list_image_files, safe_case_id
-from medseg.visualise import overlay_rgb
+from medseg.visualise import overlay_rgb, save_figure, subplots
 
 log = logging.getLogger(__name__)
 
@@ -243,23 +243,15 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
 
 def save_ctr_distribution(path: Path, table: pd.DataFrame) -> None:
     """Histogram of the cardiothoracic ratios, with the 0.5 cardiomegaly line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     values = table["ctr"].dropna() if "ctr" in table else pd.Series(dtype=float)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     ax.hist(values, bins=20, range=(0.2, 0.9), color="tab:red", alpha=0.7)
     ax.axvline(0.5, color="black", linestyle="--", label="0.5: cardiomegaly on a PA film")
     ax.set_xlabel("cardiothoracic ratio")
     ax.set_ylabel("scans")
     ax.set_title(f"CTR of {len(values)} scans (median {values.median():.2f})" if len(values) else "no CTR")
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _batches(files: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:

@@ -33,7 +33,7 @@ from medseg.training.data import AugmentedCases, CaseTensors, augmentation, epoc
 from medseg.training.loss import MultiLabelDiceCELoss, label_weight_tensor
 from medseg.training.network import NetworkSpec, build_network
 from medseg.training.settings import TrainSettings
-from medseg.visualise import overlay_rgb, save_contact_sheet
+from medseg.visualise import overlay_rgb, save_contact_sheet, save_figure, subplots
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,8 @@ def _write_history_csv(path: Path, history: Sequence[dict]) -> None:
 
 def save_training_curves(path: Path, history: Sequence[dict], labels: Sequence[str]) -> None:
     """Loss and validation Dice per epoch as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_dice) = subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
     val = [(h["epoch"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
     if val:
@@ -143,10 +138,7 @@ def save_training_curves(path: Path, history: Sequence[dict], labels: Sequence[s
     ax_dice.set_ylabel("validation Dice")
     ax_dice.set_ylim(0, 1)
     ax_dice.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 class Trainer:
