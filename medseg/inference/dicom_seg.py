@@ -31,7 +31,7 @@ from pydicom.uid import generate_uid
 
 import medseg
 from medseg.atomic import atomic_path
-from medseg.ingest.dicom import _ensure_transfer_syntax, _read_dataset
+from medseg.ingest.dicom import ensure_transfer_syntax, read_dataset
 from medseg.visualise import LABEL_COLOURS
 
 # label -> (segmented property category, segmented property type), both
@@ -94,10 +94,10 @@ def _read_source(source: Path) -> Dataset:
     Raises:
         medseg.errors.InputError: not a readable DICOM image.
     """
-    ds = _read_dataset(source)
+    ds = read_dataset(source)
     if "PixelData" in ds:
         # Legacy files: no file meta; infer the syntax from the parsed encoding.
-        _ensure_transfer_syntax(ds, source)
+        ensure_transfer_syntax(ds, source)
     for keyword in _TYPE2_PATIENT_STUDY:
         if keyword not in ds:
             setattr(ds, keyword, None)  # present but empty, as type 2 allows

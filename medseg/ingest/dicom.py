@@ -88,9 +88,9 @@ def read_dicom(path: str | Path, options: ReadOptions) -> IngestedImage:
             installed.
     """
     path = Path(path)
-    ds = _read_dataset(path)
+    ds = read_dataset(path)
     photometric = _check_single_grey_image(ds, path)
-    tsyntax, inferred = _ensure_transfer_syntax(ds, path)
+    tsyntax, inferred = ensure_transfer_syntax(ds, path)
     stored = _decode_pixels(ds, tsyntax, path)
 
     values, voi_note = _apply_luts(stored, ds, options.apply_voi)
@@ -122,7 +122,7 @@ def read_dicom(path: str | Path, options: ReadOptions) -> IngestedImage:
     )
 
 
-def _read_dataset(path: Path) -> Dataset:
+def read_dataset(path: Path) -> Dataset:
     """Parse ``path``; retry without the Part 10 checks for ACR-NEMA files."""
     if not path.exists():
         raise InputError(path, "file not found")
@@ -228,7 +228,7 @@ def _check_single_grey_image(ds: Dataset, path: Path) -> str:
     return photometric
 
 
-def _ensure_transfer_syntax(ds: Dataset, path: Path) -> tuple[UID, bool]:
+def ensure_transfer_syntax(ds: Dataset, path: Path) -> tuple[UID, bool]:
     """Return (transfer syntax, inferred?), deriving it without file meta.
 
     pydicom needs (0002,0010) Transfer Syntax UID to decode pixel data. Legacy
