@@ -85,7 +85,7 @@ def client_for(tracking_uri: str):
 def _fail_fast_http(timeout_s: float):
     """No retries and a short timeout for the first request: MLflow's HTTP
     client otherwise retries for minutes before saying the server is gone.
-    Later requests get MLflow's usual retries back."""
+    Later requests get the run's retry settings back."""
     wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
     saved = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
@@ -117,6 +117,11 @@ def connect(tracking_uri: str, experiment: str, timeout_s: float = 10.0) -> str:
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     client = client_for(tracking_uri)
+    # During the run: a few quick retries, then RunLogger goes offline (MLflow's
+    # own default backs off for minutes per call). User settings win.
+    for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        os.environ.setdefault(key, value)
     try:
         with _fail_fast_http(timeout_s):
             found = client.get_experiment_by_name(experiment)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -176,3 +177,62 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, repo_root):
     assert f"http://127.0.0.1:{port}" in proc.stderr and "cannot be used" in proc.stderr
     assert elapsed < 60
     assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_tracking_server_lost_mid_training_keeps_everything(tmp_path, repo_root):
+    """A real `mlflow server` stopped during training: training finishes, says
+    where the results are, and loses nothing on disk."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        manifest, splits = _dataset(tmp_path, n=8, size=64, shape=(128, 128))
+        config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=40, samples_per_epoch=16, batch_size=4)
+        log_path = tmp_path / "train.log"
+        with open(log_path, "w") as log:
+            train = subprocess.Popen(
+                [*MEDSEG, "train", "--config", str(config), "--manifest", str(manifest), "--splits", str(splits),
+                 "--fold", "0", "--out", str(tmp_path / "out")],
+                stderr=log, stdout=subprocess.DEVNULL,
+                env={**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+            )
+            deadline = time.monotonic() + 120
+            while "epoch 3/40" not in log_path.read_text():
+                assert train.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.2)
+            os.killpg(server.pid, signal.SIGTERM)  # the server goes away mid-training
+            server.wait(timeout=30)
+            assert train.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert "epoch 40/40" in text and "MLflow was unreachable during training" in text
+    summary = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert summary["tracking_offline"] is True and summary["model_uri"] is None
+    assert (tmp_path / "out" / "best.pt").exists() and (tmp_path / "out" / "last.pt").exists()
+    assert len((tmp_path / "out" / "metrics.csv").read_text().splitlines()) == 41  # header + 40 epochs
+    # The model is still usable: predict falls back to best.pt beside model.json.
+    from medseg.inference.model import load_model
+
+    assert load_model(str(tmp_path / "out" / "model.json")).labels == ["heart", "lungs", "clavicles"]
