@@ -25,7 +25,7 @@ from medseg.preprocessing.geometry import ResizePadGeometry, to_original
 from medseg.preprocessing.manifest import read_manifest
 from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
 from medseg.preprocessing.splits import make_splits, write_splits
-from medseg.structures import DEFAULT_LABELS, SCR_STRUCTURES
+from medseg.structures import DEFAULT_LABELS, SCR_STRUCTURES, label_masks
 from medseg.training.data import load_cases
 from medseg.training.network import NetworkSpec, build_network
 from medseg.training.run import TrackingTarget, train_fold
@@ -90,8 +90,9 @@ def main() -> None:
         geometry = ResizePadGeometry.from_record(manifest.loc[case_id].to_dict())
         native = to_original(prob, geometry) >= 0.5  # (C, 1024, 1024)
         masks, _ = read_scr_masks(args.data_root / "masks", case_id, SCR_STRUCTURES, case_id)
-        for c, (label, members) in enumerate(DEFAULT_LABELS.items()):
-            truth = np.logical_or.reduce([masks[m] for m in members])
+        truths = label_masks(masks, DEFAULT_LABELS)
+        for c, label in enumerate(DEFAULT_LABELS):
+            truth = truths[label]
             inter = np.logical_and(native[c], truth).sum()
             union = np.logical_or(native[c], truth).sum()
             scores[label]["jaccard"].append(inter / union if union else 1.0)

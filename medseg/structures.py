@@ -79,3 +79,10 @@ def labels_from_packed(
         group_bits = np.uint8(sum(1 << bit_of[s] for s in group))
         channels.append((packed & group_bits) != 0)
     return np.stack(channels).astype(np.float32)
+
+
+def label_masks(masks: Mapping[str, np.ndarray], labels: Mapping[str, Sequence[str]] = DEFAULT_LABELS
+                ) -> dict[str, np.ndarray]:
+    """{label: bool (H, W)}, each the union of its source structures' masks."""
+    return {label: np.logical_or.reduce([np.asarray(masks[s], dtype=bool) for s in group])
+            for label, group in labels.items()}

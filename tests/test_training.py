@@ -56,6 +56,12 @@ def _train(config: Path, manifest: Path, splits: Path, out: Path, uri: str, *ext
     return proc
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, repo_root):
     """One CPU training of ~1 minute on 32 phantoms at 128 px."""
@@ -164,9 +170,7 @@ def test_config_errors_refused_before_any_work(tmp_path, repo_root, override, me
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path, repo_root):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()  # nobody listens on it
     manifest, splits = _dataset(tmp_path, n=6, size=64, shape=(128, 128))
     config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=1)
     start = time.monotonic()
@@ -177,12 +181,6 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, repo_root):
     assert f"http://127.0.0.1:{port}" in proc.stderr and "cannot be used" in proc.stderr
     assert elapsed < 60
     assert not (tmp_path / "out" / "last.pt").exists()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_tracking_server_lost_mid_training_keeps_everything(tmp_path, repo_root):

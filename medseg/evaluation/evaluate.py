@@ -37,7 +37,7 @@ from medseg.errors import InputError
 from medseg.evaluation.metrics import DISTANCE_METRICS, METRIC_NAMES, OVERLAP_METRICS, segmentation_metrics
 from medseg.ingest.masks import read_label_image, read_scr_masks
 from medseg.preprocessing.preprocess import MASK_FORMATS
-from medseg.structures import DEFAULT_LABELS
+from medseg.structures import DEFAULT_LABELS, label_masks
 from medseg.visualise import overlay_rgb, save_contact_sheet, save_figure, subplots
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def read_truth(
         masks, _ = read_scr_masks(truth_root, case_id, structures, named)
     else:
         masks, _ = read_label_image(truth_root, case_id, label_values or {}, named)
-    return {label: np.logical_or.reduce([masks[s] for s in group]) for label, group in labels.items()}
+    return label_masks(masks, labels)
 
 
 def _check_options(labels: Mapping[str, Sequence[str]], truth_format: str, label_values: Mapping[int, str] | None) -> None:

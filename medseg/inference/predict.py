@@ -36,9 +36,8 @@ from medseg.ingest import ReadOptions, load_image
 from medseg.ingest.types import IngestedImage
 from medseg.inference.model import LoadedModel
 from medseg.nifti import save_nifti_2d
-from medseg.preprocessing.geometry import ResizePadGeometry, to_original, to_preprocessed
-from medseg.preprocessing.intensity import normalise_intensity
-from medseg.preprocessing.preprocess import list_image_files, safe_case_id
+from medseg.preprocessing.geometry import ResizePadGeometry, to_original
+from medseg.preprocessing.preprocess import canonical_image, case_id_of, list_image_files
 from medseg.visualise import overlay_rgb, save_figure, subplots
 
 log = logging.getLogger(__name__)
@@ -115,14 +114,9 @@ class _Prepared:
 
 def _prepare(path: Path, model: LoadedModel, settings: PredictSettings) -> _Prepared:
     image = load_image(path, settings.read_options)
-    raw_id = image.case_id
-    if settings.case_id_from == "sop_instance_uid":
-        raw_id = image.extra.get("sop_instance_uid") or raw_id
-    geometry = ResizePadGeometry.fit(image.shape, image.spacing_mm, model.size)
-    normalised = normalise_intensity(image.pixels, model.intensity["lower_percentile"],
-                                     model.intensity["upper_percentile"])
-    tensor = to_preprocessed(normalised[np.newaxis], geometry)
-    return _Prepared(path, image, safe_case_id(raw_id), geometry, tensor, normalised)
+    geometry, normalised, tensor = canonical_image(image, model.size, model.intensity["lower_percentile"],
+                                                   model.intensity["upper_percentile"])
+    return _Prepared(path, image, case_id_of(image, settings.case_id_from), geometry, tensor, normalised)
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 from medseg.batch import Failure, report_failures, run_batch, write_failures
 from medseg.ingest import load_image
 from medseg.ingest.masks import check_mask_geometry, read_label_image, read_scr_masks
-from medseg.ingest.types import ReadOptions
+from medseg.ingest.types import IngestedImage, ReadOptions
 from medseg.nifti import save_nifti_2d
 from medseg.preprocessing.geometry import ResizePadGeometry, to_preprocessed
 from medseg.preprocessing.intensity import normalise_intensity
@@ -104,6 +104,27 @@ def safe_case_id(raw: str) -> str:
     return cleaned or "case"
 
 
+def case_id_of(image: IngestedImage, case_id_from: str = "filename") -> str:
+    """File-name-safe case ID: the file stem, or the SOP Instance UID."""
+    raw_id = image.case_id
+    if case_id_from == "sop_instance_uid":
+        raw_id = image.extra.get("sop_instance_uid") or raw_id
+    return safe_case_id(raw_id)
+
+
+def canonical_image(image: IngestedImage, size: int, lower_percentile: float = 0.5,
+                    upper_percentile: float = 99.5) -> tuple[ResizePadGeometry, np.ndarray, np.ndarray]:
+    """The network's view of an image: shared by preprocessing and prediction.
+
+    Returns:
+        (geometry, normalised (H, W) in [0, 1] at the original size,
+        preprocessed (1, size, size)).
+    """
+    geometry = ResizePadGeometry.fit(image.shape, image.spacing_mm, size)
+    normalised = normalise_intensity(image.pixels, lower_percentile, upper_percentile)
+    return geometry, normalised, to_preprocessed(normalised[np.newaxis], geometry)
+
+
 def preprocess_case(image_path: Path, spec: DatasetSpec, settings: PreprocessSettings, out_dir: Path) -> dict:
     """Preprocess one image (and its masks) and return its manifest row.
 
@@ -114,14 +135,10 @@ def preprocess_case(image_path: Path, spec: DatasetSpec, settings: PreprocessSet
         InputError: the image or its masks cannot be used.
     """
     image = load_image(image_path, spec.read_options)
-    raw_id = image.case_id
-    if spec.case_id_from == "sop_instance_uid":
-        raw_id = image.extra.get("sop_instance_uid") or raw_id
-    case_id = safe_case_id(raw_id)
-
-    geometry = ResizePadGeometry.fit(image.shape, image.spacing_mm, settings.size)
-    normalised = normalise_intensity(image.pixels, settings.lower_percentile, settings.upper_percentile)
-    preprocessed = to_preprocessed(normalised[np.newaxis], geometry)[0]
+    case_id = case_id_of(image, spec.case_id_from)
+    geometry, _, preprocessed = canonical_image(image, settings.size, settings.lower_percentile,
+                                                settings.upper_percentile)
+    preprocessed = preprocessed[0]
 
     label_path = ""
     if spec.masks_root is not None:
