@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from medseg.tracking import client_for
+from services import free_port
 
 from medseg.phantoms.write import write_phantom_dataset
 from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
 from medseg.preprocessing.splits import make_splits, write_splits
+from medseg.tracking import client_for
 
 MEDSEG = [sys.executable, "-m", "medseg"]
 
@@ -54,12 +54,6 @@ def _train(config: Path, manifest: Path, splits: Path, out: Path, uri: str, *ext
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +164,7 @@ def test_config_errors_refused_before_any_work(tmp_path, repo_root, override, me
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path, repo_root):
-    port = _free_port()  # nobody listens on it
+    port = free_port()  # nobody listens on it
     manifest, splits = _dataset(tmp_path, n=6, size=64, shape=(128, 128))
     config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=1)
     start = time.monotonic()
@@ -186,7 +180,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, repo_root):
 def test_tracking_server_lost_mid_training_keeps_everything(tmp_path, repo_root):
     """A real `mlflow server` stopped during training: training finishes, says
     where the results are, and loses nothing on disk."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Debian/Ubuntu packages for the service tests and for running a local team
+# stack: a single-node SLURM cluster (slurm-wlm, munge) and PostgreSQL for the
+# MLflow tracking server. Needs root (or sudo) and apt-get. Idempotent.
+set -euo pipefail
+packages=(slurm-wlm munge postgresql)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q >/dev/null || true  # a stale index still works when the packages are cached
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,69 @@
+"""Helpers for tests that start real daemons (PostgreSQL, mlflow server, SLURM).
+
+Where the programs are missing, the tests install them from Debian's packages
+(scripts/install-system-packages.sh) when they can (root + apt-get), and skip
+with the reason otherwise. CI sets MEDSEG_REQUIRE_SERVICE_TESTS=1, which turns
+such a skip into a failure, so these tests cannot silently stop running there.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-system-packages.sh"
+POSTGRES_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def skip_or_fail(reason: str) -> None:
+    if os.environ.get("MEDSEG_REQUIRE_SERVICE_TESTS") == "1":
+        pytest.fail(f"service test cannot run, but MEDSEG_REQUIRE_SERVICE_TESTS=1: {reason}")
+    pytest.skip(reason)
+
+
+@functools.cache
+def _install_attempt() -> str | None:
+    """Run the install script once per session; None on success, else why not."""
+    if shutil.which("apt-get") is None:
+        return "apt-get not available"
+    if os.geteuid() != 0 and shutil.which("sudo") is None:
+        return "not root (and no sudo) to install Debian packages"
+    proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        return f"{INSTALL_SCRIPT.name} failed: {(proc.stderr or proc.stdout)[-500:]}"
+    return None
+
+
+def which(program: str) -> str | None:
+    found = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
+    if found is None:
+        for directory in POSTGRES_BIN_DIRS:
+            if (directory / program).exists():
+                return str(directory / program)
+    return found
+
+
+def require_programs(*programs: str) -> dict[str, str]:
+    """Paths of the programs, installing their Debian packages if needed; skips otherwise."""
+    if any(which(p) is None for p in programs):
+        why = _install_attempt()
+        global POSTGRES_BIN_DIRS
+        POSTGRES_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+        missing = [p for p in programs if which(p) is None]
+        if missing:
+            skip_or_fail(f"{', '.join(missing)} not found and could not be installed ({why or 'not in the packages'}); "
+                         f"run scripts/install-system-packages.sh as root")
+    return {p: which(p) for p in programs}
