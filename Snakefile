@@ -25,10 +25,22 @@ include: "workflow/rules/predict.smk"
 report: "workflow/report/workflow.rst"
 
 
+# Seconds of work each: on a cluster they run on the submitting host, not as jobs.
+localrules:
+    resolved_config,
+    cv_start,
+    cv_finish,
+    test_cases,
+    inference_inputs,
+    gather_predictions,
+
+
 rule all:
     input:
         dataset_path("splits.json"),
         dataset_path("preprocessed/preview.png"),
         dataset_path("models/summary.json"),
         expand(dataset_path("evaluation/fold{fold}/summary.csv"), fold=config["train_folds"]),
+        # New scans (config inference), when there are any.
+        [dataset_path(f"predictions/{config['inference']['name']}/results.csv")] if config["inference"]["inputs"] else [],
     default_target: True

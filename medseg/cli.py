@@ -43,6 +43,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _chunk(text: str):
+    from medseg.inference.predict import Chunk
+
+    try:
+        return Chunk.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _add_read_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reading images without metadata (PNG/JPEG/TIFF)")
     group.add_argument("--invert", action="store_true",
@@ -266,16 +275,35 @@ def cmd_cv_start(args: argparse.Namespace) -> int:
 
 def cmd_cv_finish(args: argparse.Namespace) -> int:
     from medseg.atomic import write_text_atomic
+    from medseg.tracking import TrackingUnavailable
     from medseg.training.run import finish_cv_run
 
     config = _config_from_args(args)
     target = _tracking_target(config, args.tracking_uri)
     parent = json.loads(Path(args.parent_run_file).read_text())["parent_run_id"]
     summaries = [json.loads(Path(p).read_text()) for p in args.fold_summaries]
-    summary = finish_cv_run(target, parent, summaries)
+    try:
+        summary = finish_cv_run(target, parent, summaries)
+    except TrackingUnavailable as err:
+        log.error("%s", err)
+        return EXIT_USAGE
     write_text_atomic(args.out, json.dumps(summary, indent=1) + "\n")
-    log.info("best fold %s -> %s", summary["best_fold"], summary["model_uri"])
+    log.info("best fold %s -> %s", summary["best_fold"], summary["model_uri"] or "no registered model")
     return EXIT_OK
+
+
+def cmd_tracking_server(args: argparse.Namespace) -> int:
+    """A shared MLflow tracking server (PostgreSQL + served artifacts), in the foreground."""
+    from medseg.tracking_server import TrackingServerError, serve
+
+    extra = ["--allowed-hosts", args.allowed_hosts] if args.allowed_hosts else []
+    try:
+        return serve(args.data_dir, host=args.host, port=args.port, postgres_port=args.postgres_port,
+                     backend_store_uri=args.backend_store_uri, artifacts_destination=args.artifacts_destination,
+                     workers=args.workers, extra_args=extra)
+    except TrackingServerError as err:
+        log.error("%s", err)
+        return EXIT_USAGE
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -287,6 +315,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         log.error("no input files found in %s", " ".join(args.inputs))
         return EXIT_USAGE
+    if args.chunk is not None:
+        log.info("chunk %d of %d (0-based) of %d files", args.chunk.index, args.chunk.count, len(files))
+        files = args.chunk.select(files)
     device = pick_device(args.device, "auto").torch_device
     try:
         model = load_model(args.model, args.tracking_uri, device)
@@ -298,9 +329,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                read_options=_read_options(args), case_id_from=args.case_id_from)
     log.info("predicting %d files with %s (labels %s, %d px) on %s", len(files), model.uri,
              ", ".join(model.labels), model.size, device)
-    table, failures = predict_files(files, model, settings, args.out, device)
-    log.info("results: %s (%d scans); failures: %d", Path(args.out) / "results.csv", len(table), len(failures))
+    table, failures = predict_files(files, model, settings, args.out, device, chunk=args.chunk)
+    if args.chunk is None:
+        log.info("results: %s (%d scans); failures: %d", Path(args.out) / "results.csv", len(table), len(failures))
+    else:
+        log.info("chunk results: %d scans, %d failures; `medseg gather-predictions %s --chunks %d` writes "
+                 "results.csv once all chunks are done", len(table), len(failures), args.out, args.chunk.count)
     return EXIT_FAILURES if failures else EXIT_OK
+
+
+def cmd_gather_predictions(args: argparse.Namespace) -> int:
+    from medseg.errors import InputError
+    from medseg.inference.predict import gather_chunks
+
+    try:
+        table, failures = gather_chunks(args.out, args.chunks)
+    except InputError as err:
+        log.error("%s", err)
+        return EXIT_USAGE
+    log.info("results: %s (%d scans from %d chunks); failures: %d", Path(args.out) / "results.csv", len(table),
+             args.chunks, len(failures))
+    return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -359,6 +408,21 @@ def cmd_list_cases(args: argparse.Namespace) -> int:
     cases = folds[args.fold][args.part]
     write_text_atomic(args.out, "".join(f"{sources[c]}\n" for c in cases))
     log.info("%d %s cases of fold %d -> %s", len(cases), args.part, args.fold, args.out)
+    return EXIT_OK
+
+
+def cmd_list_inputs(args: argparse.Namespace) -> int:
+    """The files `medseg predict` would read from INPUTS, one absolute path per
+    line: a fixed list, so chunk jobs agree on which scans each one takes."""
+    from medseg.atomic import write_text_atomic
+    from medseg.inference.predict import collect_inputs
+
+    files = collect_inputs(args.inputs)
+    if not files:
+        log.error("no input files found in %s", " ".join(args.inputs))
+        return EXIT_USAGE
+    write_text_atomic(args.out, "".join(f"{f.resolve()}\n" for f in files))
+    log.info("%d input files -> %s", len(files), args.out)
     return EXIT_OK
 
 
@@ -455,8 +519,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename")
+    p.add_argument("--chunk", type=_chunk, metavar="I/N",
+                   help="predict only chunk I (0-based) of N near-equal parts of the inputs, as one of N parallel "
+                        "jobs; then `medseg gather-predictions` writes the batch's tables")
     _add_read_options(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("gather-predictions", help="results.csv/.parquet, CTR histogram and failures.csv of a batch "
+                                                  "predicted in chunks (predict --chunk)")
+    p.add_argument("out", help="the batch's output folder (predict --out)")
+    p.add_argument("--chunks", type=_positive_int, required=True, help="N of the chunks' I/N")
+    p.set_defaults(func=cmd_gather_predictions)
 
     p = sub.add_parser("evaluate", help="score predictions against ground truth (Dice, Jaccard, HD95, ASSD in mm)")
     p.add_argument("--predictions", required=True, help="output folder of `medseg predict`")
@@ -480,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_list_cases)
 
+    p = sub.add_parser("list-inputs", help="the files predict would read from folders/globs/lists, as a list file")
+    p.add_argument("inputs", nargs="+", help="folders (recursive), globs, list files (.txt) or files")
+    p.add_argument("--out", required=True, help="list file to write (one absolute path per line)")
+    p.set_defaults(func=cmd_list_inputs)
+
     p = sub.add_parser("cv-start", help="create the MLflow parent run of a cross-validation")
     _add_config_arguments(p)
     p.add_argument("--manifest", required=True)
@@ -495,6 +573,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="summary.json")
     p.add_argument("fold_summaries", nargs="+", help="model.json of each fold")
     p.set_defaults(func=cmd_cv_finish)
+
+    p = sub.add_parser("tracking-server", help="run a shared MLflow tracking server (PostgreSQL backend, served "
+                                               "artifacts) in the foreground; Ctrl-C stops it")
+    p.add_argument("--data-dir", required=True,
+                   help="holds postgres/ (the database, created on first start), artifacts/ and logs/")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for a team)")
+    p.add_argument("--port", type=_positive_int, default=5000, help="MLflow port (default 5000)")
+    p.add_argument("--postgres-port", type=_positive_int,
+                   help="port of the local PostgreSQL, loopback only (default 5432, or a free one if taken)")
+    p.add_argument("--backend-store-uri", metavar="URI",
+                   help="use this existing database (postgresql://user:password@host:5432/db) instead of starting "
+                        "PostgreSQL in DATA_DIR")
+    p.add_argument("--artifacts-destination", metavar="URI",
+                   help="artifact store: a folder or e.g. s3://bucket/path (default DATA_DIR/artifacts)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="mlflow server worker processes (default 2)")
+    p.add_argument("--allowed-hosts",
+                   help="Host headers the server accepts, e.g. mlflow.example.org,mlflow.example.org:5000 "
+                        "(MLflow's default: localhost and private IP addresses)")
+    p.set_defaults(func=cmd_tracking_server)
     return parser
 
 

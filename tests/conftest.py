@@ -29,6 +29,18 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+@pytest.fixture(scope="session")
+def local_workflow_run(tmp_path_factory) -> Path:
+    """Working folder of one local run of the workflow on TEST_CONFIG, shared
+    by the end-to-end test and the SLURM test (which compares against it)."""
+    from workflow_runs import TEST_CONFIG, copy_workflow, run_snakemake
+
+    workdir = copy_workflow(tmp_path_factory.mktemp("local-run"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    run_snakemake(workdir, "--config", *TEST_CONFIG, env=env)
+    return workdir
+
+
 @pytest.fixture(autouse=True)
 def _restore_mlflow_environment():
     """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI, which would

@@ -178,3 +178,44 @@ def test_tta_agrees_with_plain_prediction(model_and_scans):
     lungs = model.labels.index("lungs")
     dice = 2 * (plain[:, lungs] & tta[:, lungs]).sum() / (plain[:, lungs].sum() + tta[:, lungs].sum())
     assert plain.shape == tta.shape and dice > 0.9
+
+
+@pytest.mark.parametrize("n_files, count", [(0, 3), (2, 3), (7, 3), (1000, 8)])
+def test_chunks_cover_every_file_once_in_order(n_files, count):
+    from medseg.inference.predict import Chunk
+
+    files = [Path(f"scan{i:04d}.dcm") for i in range(n_files)]
+    parts = [Chunk(i, count).select(files) for i in range(count)]
+    assert [f for part in parts for f in part] == files
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert Chunk.parse("2/8") == Chunk(2, 8) and Chunk(2, 8).name == "chunk-2-of-8"
+    for bad in ("3/3", "1-4", "a/4"):
+        with pytest.raises(ValueError):
+            Chunk.parse(bad)
+
+
+def test_chunked_predict_then_gather_equals_one_run(model_and_scans, tmp_path):
+    """Two chunk jobs + gather give the tables of one unsplit run; gathering
+    before every chunk has finished is refused, naming the missing chunk."""
+    model, scans = model_and_scans
+    (scans.parent / "bad").mkdir(exist_ok=True)
+    broken = scans.parent / "bad" / "broken.dcm"
+    broken.write_bytes(b"not a dicom file")
+    whole = tmp_path / "whole"
+    _predict(model, [scans, broken], whole, "--no-seg", check=False)
+    chunked = tmp_path / "chunked"
+    first = _predict(model, [scans, broken], chunked, "--no-seg", "--chunk", "0/2")
+    assert not (chunked / "results.csv").exists()
+    early = subprocess.run([*MEDSEG, "gather-predictions", str(chunked), "--chunks", "2"], capture_output=True,
+                           text=True)
+    assert early.returncode == 2 and "failures.chunk-1-of-2.csv" in early.stderr
+    second = _predict(model, [scans, broken], chunked, "--no-seg", "--chunk", "1/2", check=False)
+    assert first.returncode == 0 and second.returncode == 1  # the broken file is in the last chunk
+    gathered = subprocess.run([*MEDSEG, "gather-predictions", str(chunked), "--chunks", "2"], capture_output=True,
+                              text=True)
+    assert gathered.returncode == 0, gathered.stderr[-2000:]
+    columns = ["case_id", "rows", "cols", "ctr", "area_mm2_heart"]
+    pd.testing.assert_frame_equal(pd.read_csv(whole / "results.csv")[columns],
+                                  pd.read_csv(chunked / "results.csv")[columns])
+    assert list(pd.read_csv(chunked / "failures.csv").file) == [str(broken)]
+    assert (chunked / "ctr_distribution.png").exists()

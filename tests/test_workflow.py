@@ -11,34 +11,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
+from workflow_runs import SNAKEMAKE, TEST_CONFIG, copy_workflow, run_snakemake
 
 @pytest.fixture
-def workdir(tmp_path, repo_root) -> Path:
+def workdir(tmp_path) -> Path:
     """A copy of the workflow's files, so runs do not touch the checkout."""
-    for name in ("Snakefile", "workflow", "config"):
-        src = repo_root / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
-    return tmp_path
-
-
-def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [*SNAKEMAKE, "--profile", "workflow/profiles/default", "--cores", "2", *args],
-        cwd=workdir, capture_output=True, text=True,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return copy_workflow(tmp_path)
 
 
 def test_dry_run_default_config(workdir):
     proc = run_snakemake(workdir, "-n")
     out = proc.stdout + proc.stderr
     for rule in ("phantoms", "preprocess", "splits", "preview", "resolved_config", "cv_start", "train", "cv_finish",
-                 "test_cases", "predict", "evaluate"):
+                 "test_cases", "predict_chunk", "gather_predictions", "evaluate"):
         assert rule in out
 
 
@@ -71,18 +56,11 @@ def test_labels_must_use_known_structures(workdir):
     assert "labels.lungs" in out and "spleen" in out
 
 
-E2E_CONFIG = (
-    "dataset=e2e", "phantoms={'n': 8, 'seed': 3, 'height': 160, 'width': 128}", "preprocess={'size': 64}",
-    "splits={'k': 2}",
-    "train={'preset': 'cpu_tiny', 'epochs': 2, 'samples_per_epoch': 8, 'batch_size': 4, 'overlay_every': 1}",
-)
-
-
-def test_end_to_end_on_phantoms(workdir):
-    run_snakemake(workdir, "--config", *E2E_CONFIG)
+def test_end_to_end_on_phantoms(local_workflow_run):
+    workdir = local_workflow_run
     results = workdir / "results" / "e2e"
     manifest = pd.read_csv(results / "preprocessed" / "manifest.csv")
-    assert len(manifest) == 8
+    assert len(manifest) == 12
     assert set(manifest.original_rows) == {160} and set(manifest.original_cols) == {128}
     assert set(manifest.photometric) == {"MONOCHROME1 (inverted)", "MONOCHROME2"}
     assert len(pd.read_csv(results / "preprocessed" / "failures.csv")) == 0
@@ -90,23 +68,27 @@ def test_end_to_end_on_phantoms(workdir):
         assert (results / "preprocessed" / row.image).is_file()
         assert (results / "preprocessed" / row.label).is_file()
     splits = json.loads((results / "splits.json").read_text())
-    assert len(splits["folds"]) == 2
+    assert len(splits["folds"]) == 3
     assert sorted(c for f in splits["folds"] for c in f["test"]) == sorted(manifest.case_id)
     assert (results / "preprocessed" / "preview.png").stat().st_size > 10_000
     for rule in ("phantoms", "preprocess", "splits", "preview", "cv_start", "train_fold0", "cv_finish"):
         assert (results / "logs" / f"{rule}.log").is_file()
         assert (results / "benchmarks" / f"{rule}.tsv").is_file()
     # Training ran, tracked in the embedded MLflow store, nested under the CV run.
-    assert "epoch 2/2" in (results / "logs" / "train_fold0.log").read_text()
-    fold = json.loads((results / "models" / "fold0" / "model.json").read_text())
+    folds = [json.loads((results / "models" / f"fold{k}" / "model.json").read_text()) for k in (0, 1)]
     summary = json.loads((results / "models" / "summary.json").read_text())
-    assert summary["model_uri"] == "models:/medseg-e2e@candidate" and summary["best_fold"] == 0
+    assert summary["model_uri"] == "models:/medseg-e2e@candidate"
+    best = max((0, 1), key=lambda k: folds[k]["best_metrics"]["val_dice_mean"])
+    assert summary["best_fold"] == best
     from medseg.tracking import client_for
 
     client = client_for(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
-    assert str(client.get_model_version_by_alias("medseg-e2e", "candidate").version) == fold["model_version"]
+    assert str(client.get_model_version_by_alias("medseg-e2e", "candidate").version) == folds[best]["model_version"]
+    for k in (0, 1):
+        assert "epoch 2/2" in (results / "logs" / f"train_fold{k}.log").read_text()
+        assert client.get_run(folds[k]["run_id"]).data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
+    fold = folds[0]
     child = client.get_run(fold["run_id"])
-    assert child.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
     assert "cv_mean_val_dice_mean" in client.get_run(summary["parent_run_id"]).data.metrics
     # Prediction on the fold's held-out scans, at their original geometry, with DICOM SEG.
     test_cases = splits["folds"][0]["test"]
@@ -116,31 +98,35 @@ def test_end_to_end_on_phantoms(workdir):
     assert predictions.model_uri.str.startswith("models:/medseg-e2e/").all()
     for case in test_cases:
         assert (results / "predictions" / "fold0" / case / "seg.dcm").is_file()
+    # ... predicted as two chunk jobs (config predict.chunks), gathered into one table.
+    chunk_tables = [pd.read_csv(results / "predictions" / "fold0" / f"results.chunk-{i}-of-2.csv") for i in (0, 1)]
+    assert all(len(t) > 0 for t in chunk_tables)
+    assert sorted(pd.concat(chunk_tables).case_id) == sorted(test_cases)
     # Evaluation against the phantom masks, logged to MLflow linked to the training run.
     evaluation = pd.read_csv(results / "evaluation" / "fold0" / "cases.csv")
     assert sorted(set(evaluation.case_id)) == sorted(test_cases)
     assert set(evaluation.label) == {"heart", "lungs", "clavicles"}
     assert "Frid-Adar" in (results / "evaluation" / "fold0" / "summary.txt").read_text()
     runs = client.search_runs([child.info.experiment_id], "tags.`medseg.role` = 'evaluation'")
-    assert len(runs) == 1 and runs[0].data.tags["training_run_id"] == fold["run_id"]
+    assert sorted(r.data.tags["training_run_id"] for r in runs) == sorted(f["run_id"] for f in folds)
     # The self-contained HTML report.
     report = subprocess.run([*SNAKEMAKE, "--profile", "workflow/profiles/default", "--cores", "1", "--config",
-                             *E2E_CONFIG, "--report", "report.html"], cwd=workdir, capture_output=True, text=True)
+                             *TEST_CONFIG, "--report", "report.html"], cwd=workdir, capture_output=True, text=True)
     assert report.returncode == 0, report.stderr[-2000:]
     assert (workdir / "report.html").stat().st_size > 50_000
-    assert "preprocess 8/8" in (results / "logs" / "preprocess.log").read_text()
+    assert "preprocess 12/12" in (results / "logs" / "preprocess.log").read_text()
     # Phantom DICOMs carry fake patient fields; none may reach logs or outputs.
     texts = [p.read_text(errors="ignore") for p in results.rglob("*") if p.suffix in {".log", ".csv", ".json", ".tsv"}]
     names = [p.name for p in results.rglob("*")]
     for secret in ("Phantom^Secret", "SECRETID", "Secret"):
         assert not any(secret in t for t in texts + names)
     # A second run has nothing to do.
-    again = run_snakemake(workdir, "-n", "--config", *E2E_CONFIG)
+    again = run_snakemake(workdir, "-n", "--config", *TEST_CONFIG)
     assert "Nothing to be done" in again.stdout + again.stderr
     # A prediction setting reruns prediction and evaluation, never training.
-    changed = run_snakemake(workdir, "-n", "--config", *E2E_CONFIG, "predict={'threshold': 0.6}")
+    changed = run_snakemake(workdir, "-n", "--config", *TEST_CONFIG, "predict={'threshold': 0.6}")
     jobs = changed.stdout + changed.stderr
-    assert "rule predict:" in jobs and "rule evaluate:" in jobs
+    assert "rule predict_chunk:" in jobs and "rule evaluate:" in jobs
     assert "rule train:" not in jobs and "rule cv_start:" not in jobs
 
 
@@ -159,7 +145,7 @@ def test_jsrt_config_on_real_fold(workdir, jsrt_root):
 def test_rerun_after_killed_training_resumes(workdir):
     """A train job killed mid-way (as a preempted cluster job) is resumed by
     the next snakemake run from its last.pt, in the same MLflow run."""
-    config = ("dataset=resume", *E2E_CONFIG[1:-1],
+    config = ("dataset=resume", *TEST_CONFIG[1:4],
               "train={'preset': 'cpu_tiny', 'epochs': 3, 'samples_per_epoch': 8, 'batch_size': 4}")
     env = {**os.environ, "MEDSEG_TEST_KILL_AFTER_EPOCH": "1"}
     killed = subprocess.run([*SNAKEMAKE, "--profile", "workflow/profiles/default", "--cores", "2", "--config", *config],
@@ -172,3 +158,29 @@ def test_rerun_after_killed_training_resumes(workdir):
     assert "resuming from" in log and "at epoch 2" in log
     assert "epoch 3/3" in log and "epoch 1/3" not in log
     assert json.loads((fold_dir / "model.json").read_text())["best_epoch"] >= 1
+
+
+def test_inference_batch_on_new_scans_in_chunks(local_workflow_run, tmp_path):
+    """config inference: a folder of new scans (one of them broken) predicted
+    with the cross-validation's model in predict.chunks jobs, then gathered."""
+    workdir = local_workflow_run
+    scans = tmp_path / "pacs-export"
+    scans.mkdir()
+    for source in sorted((workdir / "results" / "e2e" / "raw" / "images").glob("*.dcm"))[:3]:
+        shutil.copy(source, scans / source.stem)  # PACS exports often have no extension
+    (scans / "broken").write_bytes(b"DICM" + bytes(200))
+    inference = f"inference={{'inputs': ['{scans}'], 'name': 'pacs'}}"
+    proc = run_snakemake(workdir, "--config", *TEST_CONFIG, inference, "--", "results/e2e/predictions/pacs/results.csv")
+    out = proc.stdout + proc.stderr
+    for rule in ("train", "cv_finish", "preprocess"):  # the trained model is reused as it is
+        assert f"rule {rule}:" not in out
+    batch = workdir / "results" / "e2e" / "predictions" / "pacs"
+    table = pd.read_csv(batch / "results.csv")
+    assert sorted(table.case_id) == ["PHANTOM0001", "PHANTOM0002", "PHANTOM0003"]
+    assert table.model_uri.str.startswith("models:/medseg-e2e").all()
+    failures = pd.read_csv(batch / "failures.csv")
+    assert len(failures) == 1 and failures.file[0].endswith("broken")
+    assert sum(len(pd.read_csv(batch / f"results.chunk-{i}-of-2.csv")) for i in (0, 1)) == 3
+    assert (batch / "ctr_distribution.png").stat().st_size > 5_000
+    for case in table.case_id:
+        assert (batch / case / "masks" / "heart.png").is_file() and (batch / case / "seg.dcm").is_file()

@@ -66,17 +66,21 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
 
 def _from_summary(path: Path, tracking_uri: str | None) -> LoadedModel:
     """A fold's ``model.json``: its registered model version, or, when the
-    run could not be tracked, the ``best.pt`` beside it."""
+    run could not be tracked, the ``best.pt`` beside it. The cross-validation
+    ``summary.json``: the chosen model, or the best fold's ``best.pt``."""
     summary = json.loads(path.read_text())
     if summary.get("model_uri"):
         return _from_mlflow(summary["model_uri"], tracking_uri or summary.get("tracking_uri"))
+    if "best_fold" in summary:
+        return _from_checkpoint(path.parent / f"fold{summary['best_fold']}" / "best.pt")
     return _from_checkpoint(path.parent / "best.pt")
 
 
 def load_model(model: str, tracking_uri: str | None = None, device: torch.device | None = None) -> LoadedModel:
     """Load ``model``: an MLflow model URI (``models:/<name>@<alias>``,
     ``models:/<name>/<version>``, ``runs:/<id>/model``), a ``.pt`` checkpoint,
-    or a fold's ``model.json`` written by ``medseg train``."""
+    a fold's ``model.json`` written by ``medseg train`` or the cross-validation
+    ``summary.json`` written by ``medseg cv-finish``."""
     path = Path(model)
     if path.suffix == ".pt" and path.exists():
         loaded = _from_checkpoint(path)

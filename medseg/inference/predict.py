@@ -10,6 +10,12 @@ Per scan, in ``<out_dir>/<case_id>/``:
 Then ``results.csv`` and ``results.parquet`` gather every finished scan and
 ``failures.csv`` lists the inputs that could not be predicted.
 
+On a cluster, one batch is split into chunks (``Chunk``): each chunk job
+writes its scans' folders plus ``results.chunk-<i>-of-<n>.csv`` and
+``failures.chunk-<i>-of-<n>.csv``, and ``gather_chunks`` then writes the
+batch's ``results.csv``, ``results.parquet``, ``ctr_distribution.png`` and
+``failures.csv``, as an unsplit run would have.
+
 Memory stays flat whatever the number of scans: files are streamed in
 batches and only the small results rows are kept.
 """
@@ -249,6 +255,41 @@ def save_ctr_distribution(path: Path, table: pd.DataFrame) -> None:
     save_figure(fig, path)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Part ``index`` (0-based) of ``count`` contiguous, near-equal parts of a batch."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"chunk {self.index} of {self.count}: need 0 <= index < count")
+
+    @classmethod
+    def parse(cls, text: str) -> "Chunk":
+        """``"I/N"`` (as on the command line) -> Chunk(I, N)."""
+        index, sep, count = text.partition("/")
+        if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+            raise ValueError(f"chunk {text!r}: expected I/N, e.g. 0/4")
+        return cls(int(index), int(count))
+
+    @property
+    def name(self) -> str:
+        return f"chunk-{self.index}-of-{self.count}"
+
+    def select(self, files: Sequence[Path]) -> list[Path]:
+        """This chunk's files; the chunks of all indices cover ``files`` once, in order."""
+        start = len(files) * self.index // self.count
+        stop = len(files) * (self.index + 1) // self.count
+        return list(files[start:stop])
+
+
+def chunk_table_paths(out_dir: Path, chunk: Chunk) -> tuple[Path, Path]:
+    """(results, failures) CSV of one chunk inside the batch's output folder."""
+    return out_dir / f"results.{chunk.name}.csv", out_dir / f"failures.{chunk.name}.csv"
+
+
 def _batches(files: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
     for i in range(0, len(files), size):
         yield files[i:i + size]
@@ -266,17 +307,25 @@ def gather_results(out_dir: Path) -> pd.DataFrame:
 
 
 def predict_files(files: Sequence[str | Path], model: LoadedModel, settings: PredictSettings, out_dir: str | Path,
-                  device: torch.device | None = None) -> tuple[pd.DataFrame, list[Failure]]:
+                  device: torch.device | None = None,
+                  chunk: Chunk | None = None) -> tuple[pd.DataFrame, list[Failure]]:
     """Predict every file; skip those already finished; never stop on a bad one.
 
+    Args:
+        chunk: ``files`` is this chunk of a larger batch: write the chunk's own
+            tables (``chunk_table_paths``) and leave the batch's tables to
+            ``gather_chunks``.
+
     Returns:
-        (results table of all finished scans in ``out_dir``, failures of this run).
+        (results table of the finished scans: all of ``out_dir``, or this
+        chunk's only; failures of this run).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or next((p.device for p in model.module.parameters()), torch.device("cpu"))
     files = [Path(f) for f in files]
     failures: list[Failure] = []
+    case_ids: list[str] = []  # of this run's inputs (finished now or before)
     done = skipped = 0
     start = time.perf_counter()
     for batch_files in _batches(files, settings.batch_size):
@@ -292,6 +341,7 @@ def predict_files(files: Sequence[str | Path], model: LoadedModel, settings: Pre
                 failures.append(Failure(str(path), f"{type(err).__name__}: {err}"))
                 log.warning("predict %s FAILED: %s", path.name, err)
                 continue
+            case_ids.append(prep.case_id)
             if (out_dir / prep.case_id / "prediction.json").exists():
                 skipped += 1
                 continue
@@ -312,16 +362,50 @@ def predict_files(files: Sequence[str | Path], model: LoadedModel, settings: Pre
         elapsed = time.perf_counter() - start
         log.info("predict %d/%d scans (%d new, %d already done, %d failed) %.1f scans/s", handled, len(files),
                  done, skipped, len(failures), done / elapsed if elapsed else 0.0)
+    report_failures(failures, len(files), "predict" if chunk is None else f"predict {chunk.name}")
+    if chunk is None:
+        return write_batch_tables(out_dir, failures), failures
     table = gather_results(out_dir)
     if not table.empty:
+        table = table[table["case_id"].isin(set(case_ids))]
+    results_path, failures_path = chunk_table_paths(out_dir, chunk)
+    write_text_atomic(results_path, table.to_csv(index=False) if not table.empty else "case_id\n")
+    write_failures(failures_path, failures)
+    return table, failures
+
+
+def write_batch_tables(out_dir: Path, failures: Sequence[Failure]) -> pd.DataFrame:
+    """``results.csv``/``.parquet`` of every finished scan in ``out_dir``, the
+    CTR histogram and ``failures.csv``; returns the results table."""
+    table = gather_results(out_dir)
+    if table.empty:
+        write_text_atomic(out_dir / "results.csv", "case_id\n")
+    else:
         with atomic_path(out_dir / "results.csv") as tmp:
             table.to_csv(tmp, index=False)
         with atomic_path(out_dir / "results.parquet") as tmp:
             table.to_parquet(tmp, index=False)
-        save_ctr_distribution(out_dir / "ctr_distribution.png", table)
+    save_ctr_distribution(out_dir / "ctr_distribution.png", table)
     write_failures(out_dir / "failures.csv", failures)
-    report_failures(failures, len(files), "predict")
-    return table, failures
+    return table
 
 
-__all__ = ["PredictSettings", "collect_inputs", "predict_files", "predict_probabilities", "gather_results"]
+def gather_chunks(out_dir: str | Path, count: int) -> tuple[pd.DataFrame, list[Failure]]:
+    """Batch tables of a batch predicted as ``count`` chunks.
+
+    Raises:
+        InputError: a chunk has not finished (its failures table is missing).
+    """
+    out_dir = Path(out_dir)
+    failures: list[Failure] = []
+    for index in range(count):
+        _, failures_path = chunk_table_paths(out_dir, Chunk(index, count))
+        if not failures_path.exists():
+            raise InputError(failures_path, f"chunk {index} of {count} has not finished (no failures table)")
+        frame = pd.read_csv(failures_path, dtype=str, keep_default_na=False)
+        failures += [Failure(row.file, row.problem) for row in frame.itertuples()]
+    return write_batch_tables(out_dir, failures), failures
+
+
+__all__ = ["Chunk", "PredictSettings", "chunk_table_paths", "collect_inputs", "gather_chunks", "gather_results",
+           "predict_files", "predict_probabilities", "write_batch_tables"]

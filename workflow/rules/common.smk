@@ -1,4 +1,5 @@
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -51,6 +52,13 @@ _check_config_consistency(config)
 # job uses the same installation as the submitting process.
 MEDSEG = f"{shlex.quote(sys.executable)} -m medseg"
 DATASET = config["dataset"]
+
+
+def all_cores(cluster_default=8):
+    """Threads for a rule that uses every core it gets: all of --cores on a
+    local run; on a cluster (no --cores), the profile's set-threads decides,
+    else ``cluster_default``."""
+    return workflow.resource_settings.cores or cluster_default
 
 
 def dataset_path(relative):
@@ -111,6 +119,8 @@ def label_values_argument():
 wildcard_constraints:
     dataset=r"[A-Za-z0-9._-]+",
     fold=r"\d+",
+    chunk=r"\d+",
+    batch=r"[A-Za-z0-9._-]+",
 
 
 # Sections that decide a training run. Training rules get them as text params,

@@ -39,45 +39,124 @@ rule test_cases:
         " --part test --out {output} > {log} 2>&1"
 
 
-rule predict:
-    """Each fold's model on its own held-out scans, at their original geometry."""
-    input:
-        model="results/{dataset}/models/fold{fold}/model.json",
-        scans="results/{dataset}/lists/test_fold{fold}.txt",
+PREDICT_CHUNKS = config["predict"]["chunks"]
+INFERENCE = config["inference"]
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
+def fold_of_batch(batch):
+    """A batch named fold<k> is fold k's held-out scans; any other name is a
+    batch of new scans (config inference)."""
+    match = re.fullmatch(r"fold(\d+)", batch)
+    return int(match[1]) if match else None
+
+
+def batch_scans(wildcards):
+    if fold_of_batch(wildcards.batch) is not None:
+        return f"results/{wildcards.dataset}/lists/test_{wildcards.batch}.txt"
+    return f"results/{wildcards.dataset}/lists/inference_{wildcards.batch}.txt"
+
+
+def batch_model(wildcards):
+    """Model of a batch: the fold's own; for new scans inference.model, else
+    the cross-validation's choice (models/summary.json)."""
+    fold = fold_of_batch(wildcards.batch)
+    if fold is not None:
+        return f"results/{wildcards.dataset}/models/fold{fold}/model.json"
+    return INFERENCE["model"] or f"results/{wildcards.dataset}/models/summary.json"
+
+
+def batch_model_file(wildcards):
+    """The model as a workflow input, unless it is an MLflow URI."""
+    model = batch_model(wildcards)
+    return [] if model.startswith(MODEL_URI_SCHEMES) else [model]
+
+
+rule inference_inputs:
+    """The new scans of config inference.inputs, as a fixed list for the chunk jobs."""
     output:
-        table=report(
-            "results/{dataset}/predictions/fold{fold}/results.csv",
-            category="Prediction",
-            subcategory="fold {fold}",
-            labels={"table": "results"},
-        ),
-        ctr=report(
-            "results/{dataset}/predictions/fold{fold}/ctr_distribution.png",
-            category="Prediction",
-            subcategory="fold {fold}",
-            labels={"figure": "CTR distribution"},
-        ),
-        failures=report(
-            "results/{dataset}/predictions/fold{fold}/failures.csv",
-            category="Prediction",
-            subcategory="fold {fold}",
-            labels={"table": "failures"},
-        ),
+        "results/{dataset}/lists/inference_{batch}.txt",
     params:
+        inputs=" ".join(shlex.quote(str(p)) for p in INFERENCE["inputs"]),
+    log:
+        "results/{dataset}/logs/inference_inputs_{batch}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=30,
+    shell:
+        "{MEDSEG} list-inputs {params.inputs} --out {output} > {log} 2>&1"
+
+
+rule predict_chunk:
+    """One chunk of a batch (a fold's held-out scans, or new scans); chunks run
+    as parallel jobs, and a rerun skips the scans already finished."""
+    input:
+        model=batch_model_file,
+        scans=batch_scans,
+    output:
+        table=f"results/{{dataset}}/predictions/{{batch}}/results.chunk-{{chunk}}-of-{PREDICT_CHUNKS}.csv",
+        failures=f"results/{{dataset}}/predictions/{{batch}}/failures.chunk-{{chunk}}-of-{PREDICT_CHUNKS}.csv",
+    params:
+        model=lambda wildcards: shlex.quote(batch_model(wildcards)),
         out=subpath(output.table, parent=True),
         read=f"{read_arguments()} {case_id_argument()}",
         settings=predict_arguments(),
+        chunks=PREDICT_CHUNKS,
     log:
-        "results/{dataset}/logs/predict_fold{fold}.log",
+        "results/{dataset}/logs/predict_{batch}_chunk{chunk}.log",
     benchmark:
-        "results/{dataset}/benchmarks/predict_fold{fold}.tsv"
-    threads: workflow.cores
+        "results/{dataset}/benchmarks/predict_{batch}_chunk{chunk}.tsv"
+    threads: all_cores()
     resources:
         mem_mb=4000,
         runtime=120,
     shell:
-        "{MEDSEG} predict {input.scans} --model {input.model} --out {params.out} {params.read}"
-        " {params.settings} > {log} 2>&1"
+        # Exit status 1 (some scans failed) is not a job failure: the failures
+        # are listed in the table and the batch goes on.
+        "{MEDSEG} predict {input.scans} --model {params.model} --out {params.out} --chunk {wildcards.chunk}/{params.chunks}"
+        " {params.read} {params.settings} > {log} 2>&1 || [ $? -eq 1 ]"
+
+
+rule gather_predictions:
+    """The batch's results table, CTR histogram and failures, from its chunks."""
+    input:
+        expand(
+            "results/{{dataset}}/predictions/{{batch}}/{table}.chunk-{chunk}-of-{n}.csv",
+            table=("results", "failures"),
+            chunk=range(PREDICT_CHUNKS),
+            n=PREDICT_CHUNKS,
+        ),
+    output:
+        table=report(
+            "results/{dataset}/predictions/{batch}/results.csv",
+            category="Prediction",
+            subcategory="{batch}",
+            labels={"table": "results"},
+        ),
+        ctr=report(
+            "results/{dataset}/predictions/{batch}/ctr_distribution.png",
+            category="Prediction",
+            subcategory="{batch}",
+            labels={"figure": "CTR distribution"},
+        ),
+        failures=report(
+            "results/{dataset}/predictions/{batch}/failures.csv",
+            category="Prediction",
+            subcategory="{batch}",
+            labels={"table": "failures"},
+        ),
+    params:
+        out=subpath(output.table, parent=True),
+        chunks=PREDICT_CHUNKS,
+    log:
+        "results/{dataset}/logs/gather_predictions_{batch}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "{MEDSEG} gather-predictions {params.out} --chunks {params.chunks} > {log} 2>&1"
 
 
 rule evaluate:

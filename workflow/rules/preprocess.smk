@@ -25,7 +25,7 @@ rule preprocess:
         "results/{dataset}/logs/preprocess.log",
     benchmark:
         "results/{dataset}/benchmarks/preprocess.tsv"
-    threads: workflow.cores
+    threads: all_cores()
     resources:
         mem_mb=4000,
         runtime=60,

@@ -56,7 +56,7 @@ rule train:
         "results/{dataset}/logs/train_fold{fold}.log",
     benchmark:
         "results/{dataset}/benchmarks/train_fold{fold}.tsv"
-    threads: workflow.cores
+    threads: all_cores()
     resources:
         mem_mb=8000,
         runtime=240,

@@ -1,0 +1,129 @@
+"""The workflow on a real (single-node, localhost) SLURM cluster, through the
+shipped profile workflow/profiles/slurm, against the same workflow run locally.
+
+The cluster (munged, slurmctld, slurmd from Debian's packages) is started by
+tests/slurm_cluster.py and stopped afterwards. The only mock is the GPU: the
+node advertises two, which the profile's train and predict jobs are given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from services import require_programs, skip_or_fail
+from slurm_cluster import PROGRAMS, LocalSlurmCluster
+from workflow_runs import TEST_CONFIG, copy_workflow, run_snakemake
+
+pytestmark = pytest.mark.slow
+
+# Rules that run as SLURM jobs (the others are localrules) for TEST_CONFIG:
+# two folds (parallel train jobs), each fold's held-out scans in two chunks.
+CLUSTER_JOBS = {"phantoms": 1, "preprocess": 1, "splits": 1, "preview": 1, "train": 2, "predict_chunk": 4,
+                "evaluate": 2}
+GPU_RULES = {"train", "predict_chunk"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        skip_or_fail("a test SLURM cluster needs root (slurmd starts jobs as their user)")
+    programs = require_programs(*PROGRAMS)
+    root = Path(tmp_path_factory.mktemp("slurm"))
+    cluster = LocalSlurmCluster(root, programs)
+    try:
+        cluster.start()
+    except RuntimeError as err:
+        cluster.stop()
+        pytest.fail(str(err))
+    yield cluster
+    cluster.stop()
+    leftover = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"cluster processes left running: {leftover}"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _jobs(cluster: LocalSlurmCluster) -> list[dict[str, str]]:
+    """Every job slurmctld still holds (MinJobAge is long), as key=value fields."""
+    proc = subprocess.run(["scontrol", "show", "job", "--oneliner"], capture_output=True, text=True,
+                          env=cluster.env, check=True)
+    jobs = []
+    for line in proc.stdout.splitlines():
+        if line.strip() and not line.startswith("No jobs"):
+            jobs.append(dict(re.findall(r"(\S+?)=(\S*)", line)))
+    return jobs
+
+
+def test_workflow_through_slurm_matches_local_run(cluster, local_workflow_run, tmp_path):
+    local = local_workflow_run
+    on_slurm = copy_workflow(tmp_path / "slurm")
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("MLFLOW_")}
+    started = time.monotonic()
+    proc = run_snakemake(on_slurm, "--config", *TEST_CONFIG,
+                         # No accounting database here: job states come from squeue.
+                         "--slurm-status-command", "squeue", "--slurm-no-account",
+                         "--slurm-init-seconds-before-status-checks", "2", profile="slurm", env=env)
+    out = proc.stdout + proc.stderr
+    print(f"\nSLURM run: {time.monotonic() - started:.0f} s")
+
+    # The jobs really went through SLURM: Snakemake names their SLURM job IDs,
+    # slurmctld knows every one of them as COMPLETED, and the GPU rules got a GPU.
+    submitted = set(re.findall(r"SLURM jobid (\d+)", out))
+    jobs = {job["JobId"]: job for job in _jobs(cluster)}
+    assert submitted and submitted <= set(jobs), (submitted, sorted(jobs))
+    ours = [jobs[i] for i in submitted]
+    assert all(job["JobState"] == "COMPLETED" for job in ours), [(j["JobId"], j["JobState"]) for j in ours]
+    rules = [job["Comment"].split("_wildcards_")[0].removeprefix("rule_") for job in ours]
+    assert {rule: rules.count(rule) for rule in set(rules)} == CLUSTER_JOBS
+    for job, rule in zip(ours, rules):
+        gres = job.get("TresPerNode", "") + job.get("TresPerJob", "")
+        assert ("gpu" in gres) == (rule in GPU_RULES), (rule, job)
+    completed = {job["JobId"] for job in cluster.completed_jobs() if job.get("JobState") == "COMPLETED"}
+    assert submitted <= completed
+    # The two folds trained at the same time, as separate jobs.
+    trains = sorted((jobs[i] for i, r in zip(submitted, rules) if r == "train"), key=lambda j: j["StartTime"])
+    assert trains[1]["StartTime"] < trains[0]["EndTime"], "the fold jobs did not overlap"
+
+    # The outputs are those of the local run.
+    a, b = local / "results" / "e2e", on_slurm / "results" / "e2e"
+    assert (a / "splits.json").read_text() == (b / "splits.json").read_text()
+    manifest_a = pd.read_csv(a / "preprocessed" / "manifest.csv")
+    manifest_b = pd.read_csv(b / "preprocessed" / "manifest.csv")
+    for manifest, workdir in ((manifest_a, local), (manifest_b, on_slurm)):  # absolute source paths
+        for column in ("source", "mask_source"):
+            manifest[column] = manifest[column].str.replace(str(workdir), "<workdir>", regex=False)
+    pd.testing.assert_frame_equal(manifest_a, manifest_b)
+    for row in manifest_a.itertuples():
+        assert _sha(a / "preprocessed" / row.image) == _sha(b / "preprocessed" / row.image)
+    splits = json.loads((a / "splits.json").read_text())
+    for fold in (0, 1):
+        metrics_a = pd.read_csv(a / "models" / f"fold{fold}" / "metrics.csv")
+        metrics_b = pd.read_csv(b / "models" / f"fold{fold}" / "metrics.csv")
+        numeric = [c for c in metrics_a.columns if "dice" in c or "loss" in c]
+        np.testing.assert_allclose(metrics_a[numeric], metrics_b[numeric], rtol=1e-4, atol=1e-5)
+        table_a = pd.read_csv(a / "predictions" / f"fold{fold}" / "results.csv")
+        table_b = pd.read_csv(b / "predictions" / f"fold{fold}" / "results.csv")
+        assert sorted(table_a.case_id) == sorted(table_b.case_id) == sorted(splits["folds"][fold]["test"])
+        for case in table_a.case_id:
+            for mask in sorted((a / "predictions" / f"fold{fold}" / case / "masks").glob("*.png")):
+                other = b / "predictions" / f"fold{fold}" / case / "masks" / mask.name
+                x, y = np.asarray(Image.open(mask)) > 0, np.asarray(Image.open(other)) > 0
+                assert (x == y).mean() > 0.999, (fold, case, mask.name)
+        summary_a = pd.read_csv(a / "evaluation" / f"fold{fold}" / "summary.csv", index_col=0)
+        summary_b = pd.read_csv(b / "evaluation" / f"fold{fold}" / "summary.csv", index_col=0)
+        np.testing.assert_allclose(summary_a["dice_mean"], summary_b["dice_mean"], atol=1e-3)
+    # Each job left its log in the usual place.
+    for rule in ("preprocess", "train_fold1", "predict_fold1_chunk1", "evaluate_fold1"):
+        assert (b / "logs" / f"{rule}.log").stat().st_size > 0
