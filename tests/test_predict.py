@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dicom_factory import make_dicom, make_sr, synthetic_image
+from dicom_factory import make_sr
 from medseg.phantoms.write import write_phantom_dataset
 from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
 from medseg.structures import DEFAULT_LABELS

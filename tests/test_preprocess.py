@@ -13,7 +13,6 @@ from PIL import Image
 
 from dicom_factory import PATIENT_ID, PATIENT_NAME, make_dicom, make_sr, synthetic_image
 from medseg.atomic import atomic_path
-from medseg.ingest.jsrt import JSRT_BYTES
 from medseg.nifti import load_nifti_2d
 from medseg.preprocessing.geometry import ResizePadGeometry, to_original
 from medseg.preprocessing.manifest import MANIFEST_COLUMNS, manifest_fingerprint, read_manifest

@@ -1,5 +1,6 @@
 """The workflow on a real (single-node, localhost) SLURM cluster, through the
-shipped profile workflow/profiles/slurm, against the same workflow run locally.
+shipped profile workflow/profiles/slurm, against the same workflow run locally,
+with every training job killed once mid-way (as a preempted job) and resumed.
 
 The cluster (munged, slurmctld, slurmd from Debian's packages) is started by
 tests/slurm_cluster.py and stopped afterwards. The only mock is the GPU: the
@@ -70,6 +71,9 @@ def test_workflow_through_slurm_matches_local_run(cluster, local_workflow_run, t
     local = local_workflow_run
     on_slurm = copy_workflow(tmp_path / "slurm")
     env = {k: v for k, v in cluster.env.items() if not k.startswith("MLFLOW_")}
+    # Each train job's first attempt is killed after epoch 1, as a preempted
+    # job would be; the profile's retries must resume it from last.pt.
+    env["MEDSEG_TEST_KILL_AFTER_EPOCH"] = "1"
     started = time.monotonic()
     proc = run_snakemake(on_slurm, "--config", *TEST_CONFIG,
                          # No accounting database here: job states come from squeue.
@@ -83,17 +87,21 @@ def test_workflow_through_slurm_matches_local_run(cluster, local_workflow_run, t
     submitted = set(re.findall(r"SLURM jobid (\d+)", out))
     jobs = {job["JobId"]: job for job in _jobs(cluster)}
     assert submitted and submitted <= set(jobs), (submitted, sorted(jobs))
-    ours = [jobs[i] for i in submitted]
-    assert all(job["JobState"] == "COMPLETED" for job in ours), [(j["JobId"], j["JobState"]) for j in ours]
+    ours = [jobs[i] for i in sorted(submitted, key=int)]
     rules = [job["Comment"].split("_wildcards_")[0].removeprefix("rule_") for job in ours]
-    assert {rule: rules.count(rule) for rule in set(rules)} == CLUSTER_JOBS
+    states = {}
     for job, rule in zip(ours, rules):
+        states.setdefault(rule, []).append(job["JobState"])
         gres = job.get("TresPerNode", "") + job.get("TresPerJob", "")
         assert ("gpu" in gres) == (rule in GPU_RULES), (rule, job)
+    expected = {rule: ["COMPLETED"] * n for rule, n in CLUSTER_JOBS.items()}
+    expected["train"] = ["FAILED", "FAILED", "COMPLETED", "COMPLETED"]  # killed, then resumed
+    assert {rule: sorted(s, reverse=True) for rule, s in states.items()} == expected
     completed = {job["JobId"] for job in cluster.completed_jobs() if job.get("JobState") == "COMPLETED"}
-    assert submitted <= completed
+    assert {job["JobId"] for job in ours if job["JobState"] == "COMPLETED"} <= completed
     # The two folds trained at the same time, as separate jobs.
-    trains = sorted((jobs[i] for i, r in zip(submitted, rules) if r == "train"), key=lambda j: j["StartTime"])
+    trains = sorted((j for j, r in zip(ours, rules) if r == "train" and j["JobState"] == "COMPLETED"),
+                    key=lambda j: j["StartTime"])
     assert trains[1]["StartTime"] < trains[0]["EndTime"], "the fold jobs did not overlap"
 
     # The outputs are those of the local run.
@@ -124,6 +132,9 @@ def test_workflow_through_slurm_matches_local_run(cluster, local_workflow_run, t
         summary_a = pd.read_csv(a / "evaluation" / f"fold{fold}" / "summary.csv", index_col=0)
         summary_b = pd.read_csv(b / "evaluation" / f"fold{fold}" / "summary.csv", index_col=0)
         np.testing.assert_allclose(summary_a["dice_mean"], summary_b["dice_mean"], atol=1e-3)
+    for fold in (0, 1):  # the retry resumed, it did not start again
+        log = (b / "logs" / f"train_fold{fold}.log").read_text()
+        assert "resuming from" in log and "at epoch 2" in log and "epoch 1/2" not in log
     # Each job left its log in the usual place.
     for rule in ("preprocess", "train_fold1", "predict_fold1_chunk1", "evaluate_fold1"):
         assert (b / "logs" / f"{rule}.log").stat().st_size > 0

@@ -177,6 +177,35 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, repo_root):
     assert not (tmp_path / "out" / "last.pt").exists()
 
 
+def test_cv_finish_without_registered_models_still_summarises(tmp_path, repo_root):
+    """Every fold trained offline (no model version): cv-finish picks the best
+    fold from the model.json validation metrics, warns, writes the summary
+    and exits 0."""
+    config = _config(repo_root, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = client_for(uri)
+    parent = client.create_run(client.create_experiment("unit"), run_name="cross-validation").info.run_id
+    (tmp_path / "cv_run.json").write_text(json.dumps({"parent_run_id": parent}))
+    folds = []
+    for fold, dice in ((0, 0.70), (1, 0.80), (2, 0.75)):
+        path = tmp_path / f"fold{fold}.json"
+        path.write_text(json.dumps({"fold": fold, "run_id": None, "model_version": None, "model_uri": None,
+                                    "best_epoch": 3, "tracking_offline": True,
+                                    "best_metrics": {"val_dice_mean": dice, "val_loss": 1.0 - dice}}))
+        folds.append(str(path))
+    proc = subprocess.run([*MEDSEG, "cv-finish", "--config", str(config), "--parent-run-file",
+                           str(tmp_path / "cv_run.json"), "--tracking-uri", uri, "--out",
+                           str(tmp_path / "summary.json"), *folds], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no fold has a registered model" in proc.stderr and "best fold 1 chosen" in proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["best_fold"] == 1 and summary["model_uri"] is None and summary["model_version"] is None
+    assert summary["unregistered_folds"] == [0, 1, 2] and summary["tracking_offline"] is False
+    assert summary["cv_mean_val_dice_mean"] == pytest.approx(0.75)
+    assert client.get_run(parent).data.metrics["cv_mean_val_dice_mean"] == pytest.approx(0.75)
+    assert client.get_run(parent).data.tags["best_fold"] == "1"
+
+
 def test_tracking_server_lost_mid_training_keeps_everything(tmp_path, repo_root):
     """A real `mlflow server` stopped during training: training finishes, says
     where the results are, and loses nothing on disk."""
@@ -200,31 +229,53 @@ def test_tracking_server_lost_mid_training_keeps_everything(tmp_path, repo_root)
                 time.sleep(0.5)
         manifest, splits = _dataset(tmp_path, n=8, size=64, shape=(128, 128))
         config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=40, samples_per_epoch=16, batch_size=4)
-        log_path = tmp_path / "train.log"
-        with open(log_path, "w") as log:
-            train = subprocess.Popen(
-                [*MEDSEG, "train", "--config", str(config), "--manifest", str(manifest), "--splits", str(splits),
-                 "--fold", "0", "--out", str(tmp_path / "out")],
-                stderr=log, stdout=subprocess.DEVNULL,
-                env={**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
-            )
-            deadline = time.monotonic() + 120
-            while "epoch 3/40" not in log_path.read_text():
-                assert train.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
-                time.sleep(0.2)
-            os.killpg(server.pid, signal.SIGTERM)  # the server goes away mid-training
+
+        def server_goes_away():
+            os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
-            assert train.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+
+        text = train_interrupted(config, manifest, splits, tmp_path / "out", f"http://127.0.0.1:{port}",
+                                 epochs=40, at_epoch=3, interrupt=server_goes_away)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
-    text = log_path.read_text()
-    assert "epoch 40/40" in text and "MLflow was unreachable during training" in text
-    summary = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert_offline_training_kept_everything(tmp_path / "out", text, epochs=40)
+
+
+def train_interrupted(config: Path, manifest: Path, splits: Path, out: Path, uri: str, *, epochs: int,
+                      at_epoch: int, interrupt, timeout_s: float = 300) -> str:
+    """`medseg train` with MLFLOW_TRACKING_URI=uri; calls interrupt() once
+    epoch ``at_epoch`` is logged; asserts exit 0; returns the log."""
+    log_path = out.parent / f"{out.name}.log"
+    with open(log_path, "w") as log:
+        train = subprocess.Popen(
+            [*MEDSEG, "train", "--config", str(config), "--manifest", str(manifest), "--splits", str(splits),
+             "--fold", "0", "--out", str(out)],
+            stderr=log, stdout=subprocess.DEVNULL, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while f"epoch {at_epoch}/{epochs}" not in log_path.read_text():
+                assert train.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.2)
+            interrupt()  # the tracking server goes away mid-training
+            assert train.wait(timeout=timeout_s) == 0, log_path.read_text()[-3000:]
+        finally:
+            if train.poll() is None:
+                train.kill()
+    return log_path.read_text()
+
+
+def assert_offline_training_kept_everything(out: Path, log_text: str, epochs: int) -> None:
+    """Training that lost its tracking server finished, said where its results
+    are, and lost nothing on disk."""
+    assert f"epoch {epochs}/{epochs}" in log_text and "MLflow was unreachable during training" in log_text
+    summary = json.loads((out / "model.json").read_text())
     assert summary["tracking_offline"] is True and summary["model_uri"] is None
-    assert (tmp_path / "out" / "best.pt").exists() and (tmp_path / "out" / "last.pt").exists()
-    assert len((tmp_path / "out" / "metrics.csv").read_text().splitlines()) == 41  # header + 40 epochs
+    assert (out / "best.pt").exists() and (out / "last.pt").exists()
+    assert len((out / "metrics.csv").read_text().splitlines()) == epochs + 1  # header + one row per epoch
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["epoch"] == epochs
     # The model is still usable: predict falls back to best.pt beside model.json.
     from medseg.inference.model import load_model
 
-    assert load_model(str(tmp_path / "out" / "model.json")).labels == ["heart", "lungs", "clavicles"]
+    assert load_model(str(out / "model.json")).labels == ["heart", "lungs", "clavicles"]

@@ -213,25 +213,53 @@ def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Se
     Choice: the fold with the best mean validation Dice becomes
     ``models:/<name>@<alias>`` (a single network keeps inference fast; the
     other folds stay registered as ``@fold<k>``).
+
+    Folds trained while MLflow was unreachable have no registered model: the
+    best fold is then chosen among all folds from their model.json's
+    validation metrics, the summary says so (``model_uri`` None: the fold's
+    model.json and best.pt are the model) and a warning is logged. If, then,
+    the store cannot be reached either, the summary is still returned
+    (``tracking_offline`` True). With registered folds, an unreachable store
+    is an error (the alias is what the run produces).
     """
-    connect(target.tracking_uri, target.experiment)
-    client = client_for(target.tracking_uri)
-    usable = [s for s in fold_summaries if s.get("model_version")]
-    if not usable:
-        raise ValueError("no fold has a registered model")
-    best = max(usable, key=lambda s: s["best_metrics"].get("val_dice_mean", -1.0))
+    if not fold_summaries:
+        raise ValueError("no fold summaries")
+    registered = [s for s in fold_summaries if s.get("model_version")]
+
+    def score(summary: dict) -> float:
+        return summary["best_metrics"].get("val_dice_mean", -1.0)
+
+    best = max(registered or fold_summaries, key=score)
     means: dict[str, float] = {}
     for key in best["best_metrics"]:
-        values = [s["best_metrics"][key] for s in usable if key in s["best_metrics"]]
+        values = [s["best_metrics"][key] for s in fold_summaries if key in s["best_metrics"]]
         means[f"cv_mean_{key}"] = float(np.mean(values))
-    for key, value in means.items():
-        client.log_metric(parent_run_id, key, value)
-    client.set_tag(parent_run_id, "best_fold", str(best["fold"]))
-    client.set_registered_model_alias(target.registered_model, target.alias, best["model_version"])
-    return {
+    summary: dict[str, Any] = {
         "parent_run_id": parent_run_id,
         "best_fold": best["fold"],
-        "model_uri": f"models:/{target.registered_model}@{target.alias}",
-        "model_version": best["model_version"],
+        "model_uri": f"models:/{target.registered_model}@{target.alias}" if registered else None,
+        "model_version": best.get("model_version"),
         **means,
     }
+    if not registered:
+        log.warning("no fold has a registered model (MLflow was unreachable while training?): best fold %s chosen "
+                    "from the folds' validation metrics; use its model.json/best.pt, no @%s alias was set",
+                    best["fold"], target.alias)
+    if len(registered) < len(fold_summaries):
+        summary["unregistered_folds"] = sorted(s["fold"] for s in fold_summaries if not s.get("model_version"))
+    try:
+        connect(target.tracking_uri, target.experiment)
+        client = client_for(target.tracking_uri)
+        for key, value in means.items():
+            client.log_metric(parent_run_id, key, value)
+        client.set_tag(parent_run_id, "best_fold", str(best["fold"]))
+        if registered:
+            client.set_registered_model_alias(target.registered_model, target.alias, best["model_version"])
+        summary["tracking_offline"] = False
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types; the summary on disk matters more
+        if registered:
+            raise  # the alias is the product: let the job fail and be rerun
+        log.warning("could not record the cross-validation summary in MLflow (%s: %s); it is in the summary file",
+                    type(err).__name__, str(err)[:300])
+        summary["tracking_offline"] = True
+    return summary
