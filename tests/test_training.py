@@ -279,3 +279,19 @@ def assert_offline_training_kept_everything(out: Path, log_text: str, epochs: in
     from medseg.inference.model import load_model
 
     assert load_model(str(out / "model.json")).labels == ["heart", "lungs", "clavicles"]
+
+
+def test_cpu_threads_follow_the_cpus_the_job_was_given():
+    """A SLURM job (or `taskset`) may run on fewer CPUs than the node has:
+    torch's threads follow the affinity mask, not os.cpu_count()."""
+    import shutil
+
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset (util-linux) not available")
+    code = ("import torch; from medseg.training.trainer import pick_device; pick_device('cpu', 'auto'); "
+            "print(torch.get_num_threads())")
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert pinned.stdout.strip() == "1"
+    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert free.stdout.strip() == str(len(os.sched_getaffinity(0)))

@@ -42,6 +42,15 @@ log = logging.getLogger(__name__)
 KILL_AFTER_EPOCH_ENV = "MEDSEG_TEST_KILL_AFTER_EPOCH"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, which is what a SLURM
+    job (or taskset) was given, not the whole node's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass
 class Device:
     """Where and how the network runs."""
@@ -63,7 +72,7 @@ def pick_device(setting: str, amp: str) -> Device:
     if setting == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
     if not use_cuda:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(usable_cpus())
         return Device(torch.device("cpu"), None)
     dtype = None
     if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
@@ -250,7 +259,7 @@ class Trainer:
             self.transform.set_random_state(seed=seed)
         workers = self.settings.num_workers
         if workers < 0:
-            workers = 0 if self.device.torch_device.type == "cpu" else min(8, os.cpu_count() or 1)
+            workers = 0 if self.device.torch_device.type == "cpu" else min(8, usable_cpus())
         return DataLoader(self.dataset, batch_size=self.settings.batch_size, shuffle=True, num_workers=workers,
                           generator=torch.Generator().manual_seed(seed), drop_last=False,
                           pin_memory=self.device.torch_device.type == "cuda",
