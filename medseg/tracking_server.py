@@ -350,9 +350,13 @@ def stop_process_group(process: subprocess.Popen, timeout_s: float = 30) -> int:
     return process.returncode
 
 
+def _all_interfaces(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")
+
+
 def advertised_url(host: str, port: int) -> str:
     """The address clients use: the machine's name when listening on all interfaces."""
-    if host in ("0.0.0.0", "::", ""):
+    if _all_interfaces(host):
         host = socket.getfqdn()
     return f"http://{host}:{port}"
 
@@ -373,7 +377,7 @@ def serve(data_dir: str | Path, host: str = "127.0.0.1", port: int = 5000, postg
     Raises:
         TrackingServerError: something could not start (anything started is stopped first).
     """
-    bind_host = "0.0.0.0" if host in ("0.0.0.0", "::", "") else host
+    bind_host = "0.0.0.0" if _all_interfaces(host) else host
     if not port_is_free(port, bind_host):
         raise TrackingServerError(f"port {port} on {host} is in use: is a tracking server already running? "
                                   "(choose another with --port)")
@@ -396,7 +400,7 @@ def serve(data_dir: str | Path, host: str = "127.0.0.1", port: int = 5000, postg
                 log.info("created database mlflow")
             backend_store_uri = postgres.uri("mlflow")
         destination = artifacts_destination or str(data_dir / "artifacts")
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+        url = f"http://{'127.0.0.1' if _all_interfaces(host) else host}:{port}"
         mlflow_server = start_mlflow_server(backend_store_uri, destination, host, port, workers,
                                             logs / "mlflow.log", extra_args)
         log.info("starting mlflow server (backend %s, artifacts %s; log %s)", _hide_password(backend_store_uri),

@@ -11,21 +11,17 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from medseg.tracking_server import POSTGRES_PROGRAMS, PostgresNotFound, find_postgres_bin_dir, free_port
+
+__all__ = ["free_port", "require_programs", "skip_or_fail", "which"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-system-packages.sh"
-POSTGRES_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def skip_or_fail(reason: str) -> None:
@@ -48,11 +44,13 @@ def _install_attempt() -> str | None:
 
 
 def which(program: str) -> str | None:
+    """On PATH, in sbin, or (PostgreSQL's programs) where medseg looks for them."""
     found = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
-    if found is None:
-        for directory in POSTGRES_BIN_DIRS:
-            if (directory / program).exists():
-                return str(directory / program)
+    if found is None and program in POSTGRES_PROGRAMS:
+        try:
+            return str(find_postgres_bin_dir() / program)
+        except PostgresNotFound:
+            return None
     return found
 
 
@@ -60,8 +58,6 @@ def require_programs(*programs: str) -> dict[str, str]:
     """Paths of the programs, installing their Debian packages if needed; skips otherwise."""
     if any(which(p) is None for p in programs):
         why = _install_attempt()
-        global POSTGRES_BIN_DIRS
-        POSTGRES_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
         missing = [p for p in programs if which(p) is None]
         if missing:
             skip_or_fail(f"{', '.join(missing)} not found and could not be installed ({why or 'not in the packages'}); "

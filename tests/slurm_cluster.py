@@ -16,25 +16,19 @@ The GPU is the one thing mocked: jobs that get one still run on the CPU.
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medseg.tracking_server import free_port, stop_process_group
+
 PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "sinfo")
 
 NODE_CPUS = 16
 NODE_MEMORY_MB = 64000
 NODE_GPUS = 2
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -82,8 +76,8 @@ class LocalSlurmCluster:
         self.conf.write_text(f"""\
 ClusterName=medsegtest
 SlurmctldHost={host}
-SlurmctldPort={_port()}
-SlurmdPort={_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -176,15 +170,5 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def stop(self) -> None:
         """Stop only the processes this cluster started (slurmd first, munged last)."""
         for proc in reversed(self.processes):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_process_group(proc, timeout_s=20)
         self.processes.clear()
-
-
-def cleanup_root(root: Path) -> None:
-    shutil.rmtree(root, ignore_errors=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from medseg.phantoms.write import write_phantom_dataset
 from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
 from medseg.preprocessing.splits import make_splits, write_splits
 from medseg.tracking import client_for
+from medseg.tracking_server import start_mlflow_server, stop_process_group, wait_until_healthy
 
 MEDSEG = [sys.executable, "-m", "medseg"]
 
@@ -210,35 +210,17 @@ def test_tracking_server_lost_mid_training_keeps_everything(tmp_path, repo_root)
     """A real `mlflow server` stopped during training: training finishes, says
     where the results are, and loses nothing on disk."""
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    server = start_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts", port=port,
+                                 workers=1)
     try:
-        import urllib.request
-
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, 90, server)
         manifest, splits = _dataset(tmp_path, n=8, size=64, shape=(128, 128))
         config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=40, samples_per_epoch=16, batch_size=4)
-
-        def server_goes_away():
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
-
-        text = train_interrupted(config, manifest, splits, tmp_path / "out", f"http://127.0.0.1:{port}",
-                                 epochs=40, at_epoch=3, interrupt=server_goes_away)
+        text = train_interrupted(config, manifest, splits, tmp_path / "out", url, epochs=40, at_epoch=3,
+                                 interrupt=lambda: stop_process_group(server))  # the server goes away
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_process_group(server)
     assert_offline_training_kept_everything(tmp_path / "out", text, epochs=40)
 
 

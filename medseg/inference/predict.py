@@ -26,7 +26,7 @@ import glob as globbing
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,10 +295,15 @@ def _batches(files: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
         yield files[i:i + size]
 
 
-def gather_results(out_dir: Path) -> pd.DataFrame:
-    """Every finished scan's row (from its prediction.json), sorted by case ID."""
+def gather_results(out_dir: Path, case_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """Every finished scan's row (from its prediction.json), sorted by case ID;
+    with ``case_ids``, only those scans' rows (the finished ones)."""
+    if case_ids is None:
+        metas = sorted(out_dir.glob("*/prediction.json"))
+    else:
+        metas = [path for c in sorted(set(case_ids)) if (path := out_dir / c / "prediction.json").exists()]
     rows = []
-    for meta in sorted(out_dir.glob("*/prediction.json")):
+    for meta in metas:
         record = json.loads(meta.read_text())
         for key in ("labels", "spacing_mm", "original_shape"):
             record.pop(key, None)
@@ -365,24 +370,24 @@ def predict_files(files: Sequence[str | Path], model: LoadedModel, settings: Pre
     report_failures(failures, len(files), "predict" if chunk is None else f"predict {chunk.name}")
     if chunk is None:
         return write_batch_tables(out_dir, failures), failures
-    table = gather_results(out_dir)
-    if not table.empty:
-        table = table[table["case_id"].isin(set(case_ids))]
+    table = gather_results(out_dir, case_ids)  # this chunk's scans only, not the whole batch folder
     results_path, failures_path = chunk_table_paths(out_dir, chunk)
-    write_text_atomic(results_path, table.to_csv(index=False) if not table.empty else "case_id\n")
+    _write_results_csv(results_path, table)
     write_failures(failures_path, failures)
     return table, failures
+
+
+def _write_results_csv(path: Path, table: pd.DataFrame) -> None:
+    """The table as CSV, or just the header ``case_id`` when no scan finished."""
+    write_text_atomic(path, table.to_csv(index=False) if not table.empty else "case_id\n")
 
 
 def write_batch_tables(out_dir: Path, failures: Sequence[Failure]) -> pd.DataFrame:
     """``results.csv``/``.parquet`` of every finished scan in ``out_dir``, the
     CTR histogram and ``failures.csv``; returns the results table."""
     table = gather_results(out_dir)
-    if table.empty:
-        write_text_atomic(out_dir / "results.csv", "case_id\n")
-    else:
-        with atomic_path(out_dir / "results.csv") as tmp:
-            table.to_csv(tmp, index=False)
+    _write_results_csv(out_dir / "results.csv", table)
+    if not table.empty:
         with atomic_path(out_dir / "results.parquet") as tmp:
             table.to_parquet(tmp, index=False)
     save_ctr_distribution(out_dir / "ctr_distribution.png", table)
