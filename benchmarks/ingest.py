@@ -21,8 +21,9 @@ import numpy as np
 import pydicom
 import torch
 
+from medseg.ingest.inputs import list_image_files
 from medseg.phantoms.write import write_phantom_dataset
-from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, list_image_files, preprocess_dataset
+from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
 
 
 def plain_pydicom(files: list[Path], size: int) -> None:

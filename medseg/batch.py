@@ -35,12 +35,14 @@ class Failure:
 
 
 def _guarded(work: Callable[[T], R], item: T) -> tuple[R | None, Failure | None]:
+    """(result, None) or (None, failure); an unexpected error's failure has
+    no file yet: the caller names the item."""
     try:
         return work(item), None
     except InputError as err:
         return None, Failure(err.path, err.problem)
     except Exception as err:  # noqa: BLE001 - an unexpected error in one file must not stop the others
-        return None, Failure(str(item), f"{type(err).__name__}: {err}")
+        return None, Failure("", f"{type(err).__name__}: {err}")
 
 
 def _single_threaded_worker() -> None:
@@ -67,6 +69,7 @@ def run_batch(
     *,
     label: str,
     workers: int = 1,
+    name_of: Callable[[T], str] = str,
 ) -> tuple[list[R], list[Failure]]:
     """Apply ``work`` to every item, logging progress as ``label k/N``.
 
@@ -76,9 +79,11 @@ def run_batch(
             ``workers > 1``.
         label: what is being done, shown in progress lines.
         workers: processes to use; 1 runs in this process.
+        name_of: the item's file, for progress lines and failures.
 
     Returns:
         (results of the items that succeeded, in input order; failures).
+        Every item gives exactly one of the two.
     """
     total = len(items)
     results: list[R] = []
@@ -100,7 +105,10 @@ def run_batch(
         for done, (result, failure) in enumerate(outcomes, start=1):
             elapsed = time.perf_counter() - start
             eta = elapsed / done * (total - done)
-            name = Path(str(items[done - 1])).name
+            file = name_of(items[done - 1])
+            name = Path(file).name
+            if failure is not None and not failure.file:
+                failure = Failure(file, failure.problem)
             if failure is None:
                 results.append(result)  # type: ignore[arg-type]
                 log.info("%s %d/%d %s ok (%.1f s elapsed, ETA %.0f s)", label, done, total, name, elapsed, eta)
@@ -123,11 +131,27 @@ def write_failures(path: str | Path, failures: Sequence[Failure]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
-def report_failures(failures: Sequence[Failure], total: int, label: str) -> None:
-    """Log the end-of-batch summary, listing every failure."""
+def write_skipped(path: str | Path, skipped: Sequence) -> None:
+    """Write the files skipped as non-images (columns: file, reason), header only when none."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["file", "reason"])
+    for entry in skipped:
+        writer.writerow([entry.file, entry.reason])
+    write_text_atomic(path, buffer.getvalue())
+
+
+def report_failures(failures: Sequence[Failure], total: int, label: str, skipped: int = 0) -> None:
+    """Log the end-of-batch summary, listing every failure.
+
+    Args:
+        total: the inputs of the batch (files skipped as non-images excluded).
+        skipped: how many files were skipped as non-images (not failures).
+    """
+    extra = f" ({skipped} non-image files skipped, listed above)" if skipped else ""
     if not failures:
-        log.info("%s: all %d inputs succeeded", label, total)
+        log.info("%s: all %d inputs succeeded%s", label, total, extra)
         return
-    log.error("%s: %d of %d inputs failed:", label, len(failures), total)
+    log.error("%s: %d of %d inputs failed%s:", label, len(failures), total, extra)
     for failure in failures:
         log.error("  %s: %s", failure.file, failure.problem)

@@ -21,6 +21,10 @@ log = logging.getLogger("medseg")
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
 
+class UsageError(Exception):
+    """Bad arguments found after parsing (exit status 2)."""
+
+
 def _csv_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -86,30 +90,43 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     """Read files and print what the pipeline sees (one JSON line each)."""
     from medseg.batch import report_failures, run_batch
     from medseg.ingest import load_image
-    from medseg.preprocessing.preprocess import list_image_files
 
-    files = [f for item in args.inputs for f in list_image_files(item)]
+    inputs = _collect(args.inputs, args.case_id_from)
     options = _read_options(args)
 
-    def describe(path: Path) -> dict:
-        image = load_image(path, options)
+    def describe(entry) -> dict:
+        image = load_image(entry.path, options)
         return {
-            "case_id": image.case_id,
+            "case_id": entry.case_id,
+            "input_name": entry.name,
             "source": image.source,
             "format": image.source_format,
             "shape": list(image.shape),
             "spacing_mm": list(image.spacing_mm),
             "spacing_source": image.spacing_source,
+            "spacing_plane": image.spacing_plane,
             "photometric": image.photometric,
+            "exif_orientation": image.extra.get("exif_orientation"),
             "min": float(image.pixels.min()),
             "max": float(image.pixels.max()),
         }
 
-    results, failures = run_batch(files, describe, label="ingest")
+    results, failures = run_batch(inputs.files, describe, label="ingest", name_of=lambda entry: str(entry.path))
     for record in results:
-        print(json.dumps(record))
-    report_failures(failures, len(files), "ingest")
+        print(json.dumps(record, ensure_ascii=False))
+    report_failures(failures, len(inputs.files), "ingest", skipped=len(inputs.skipped))
     return EXIT_FAILURES if failures else EXIT_OK
+
+
+def _collect(inputs: Sequence[str], case_id_from: str = "filename"):
+    """The run's inputs with their case IDs; a bad list file or missing
+    folder is bad usage (ValueError / FileNotFoundError reach main)."""
+    from medseg.ingest.inputs import collect_inputs
+
+    try:
+        return collect_inputs(inputs, case_id_from)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -308,10 +325,13 @@ def cmd_tracking_server(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from medseg.inference.model import load_model
-    from medseg.inference.predict import PredictSettings, collect_inputs, predict_files
+    from medseg.inference.predict import PredictSettings, predict_files
     from medseg.training.trainer import pick_device
 
-    files = collect_inputs(args.inputs)
+    # Case IDs are given over the whole batch, before a chunk is taken, so
+    # every chunk job names its scans as an unsplit run would.
+    inputs = _collect(args.inputs, args.case_id_from)
+    files = inputs.files
     if not files:
         log.error("no input files found in %s", " ".join(args.inputs))
         return EXIT_USAGE
@@ -326,10 +346,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     settings = PredictSettings(threshold=args.threshold, postprocess=not args.no_postprocess, tta=args.tta,
                                batch_size=args.batch_size, write_seg=not args.no_seg,
-                               read_options=_read_options(args), case_id_from=args.case_id_from)
+                               read_options=_read_options(args))
     log.info("predicting %d files with %s (labels %s, %d px) on %s", len(files), model.uri,
              ", ".join(model.labels), model.size, device)
-    table, failures = predict_files(files, model, settings, args.out, device, chunk=args.chunk)
+    table, failures = predict_files(files, model, settings, args.out, device, chunk=args.chunk,
+                                    skipped=inputs.skipped)
     if args.chunk is None:
         log.info("results: %s (%d scans); failures: %d", Path(args.out) / "results.csv", len(table), len(failures))
     else:
@@ -377,7 +398,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from medseg.ingest import load_image
         from medseg.preprocessing.intensity import normalise_intensity
 
-        return normalise_intensity(load_image(meta["source"], _read_options(args)).pixels)
+        image = load_image(meta["source"], _read_options(args))
+        return normalise_intensity(image.pixels, valid=None if image.padding is None else ~image.padding)
 
     write_evaluation(args.out, table, summary, problems, pred_dir=pred_dir, truth_root=Path(args.truth),
                      images=image_of, labels=labels, truth_format=args.truth_format, label_values=args.label_values)
@@ -404,9 +426,14 @@ def cmd_list_cases(args: argparse.Namespace) -> int:
     if not 0 <= args.fold < len(folds):
         log.error("%s: no fold %d", args.splits, args.fold)
         return EXIT_USAGE
-    sources = read_manifest(args.manifest).set_index("case_id")["source"]
+    from medseg.ingest.inputs import list_file_line
+
+    manifest = read_manifest(args.manifest).set_index("case_id")
     cases = folds[args.fold][args.part]
-    write_text_atomic(args.out, "".join(f"{sources[c]}\n" for c in cases))
+    # The manifest's case IDs travel with the files, so predictions are
+    # named as the cases were in training and evaluation.
+    write_text_atomic(args.out, "".join(list_file_line(manifest.at[c, "source"], c, manifest.at[c, "input_name"])
+                                        for c in cases))
     log.info("%d %s cases of fold %d -> %s", len(cases), args.part, args.fold, args.out)
     return EXIT_OK
 
@@ -415,14 +442,14 @@ def cmd_list_inputs(args: argparse.Namespace) -> int:
     """The files `medseg predict` would read from INPUTS, one absolute path per
     line: a fixed list, so chunk jobs agree on which scans each one takes."""
     from medseg.atomic import write_text_atomic
-    from medseg.inference.predict import collect_inputs
+    from medseg.ingest.inputs import list_file_line
 
-    files = collect_inputs(args.inputs)
-    if not files:
+    inputs = _collect(args.inputs, args.case_id_from)
+    if not inputs.files:
         log.error("no input files found in %s", " ".join(args.inputs))
         return EXIT_USAGE
-    write_text_atomic(args.out, "".join(f"{f.resolve()}\n" for f in files))
-    log.info("%d input files -> %s", len(files), args.out)
+    write_text_atomic(args.out, "".join(list_file_line(f.path.resolve(), f.case_id, f.name) for f in inputs.files))
+    log.info("%d input files -> %s (%d non-image files skipped)", len(inputs.files), args.out, len(inputs.skipped))
     return EXIT_OK
 
 
@@ -445,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_phantoms)
 
     p = sub.add_parser("ingest", help="read images and print what the pipeline sees (JSON lines)")
-    p.add_argument("inputs", nargs="+", help="files or folders (searched recursively)")
+    p.add_argument("inputs", nargs="+", help="files, folders (searched recursively), globs or list files (.txt)")
+    p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename")
     _add_read_options(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -555,7 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list-inputs", help="the files predict would read from folders/globs/lists, as a list file")
     p.add_argument("inputs", nargs="+", help="folders (recursive), globs, list files (.txt) or files")
-    p.add_argument("--out", required=True, help="list file to write (one absolute path per line)")
+    p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename")
+    p.add_argument("--out", required=True, help="list file to write (one line per input: absolute path, case ID "
+                                                "and name, tab-separated)")
     p.set_defaults(func=cmd_list_inputs)
 
     p = sub.add_parser("cv-start", help="create the MLflow parent run of a cross-validation")
@@ -607,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, UsageError) as err:
         log.error("%s", err)
         return EXIT_USAGE
 

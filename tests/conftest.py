@@ -41,6 +41,36 @@ def local_workflow_run(tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.fixture(scope="session")
+def model_and_scans(tmp_path_factory):
+    """A small phantom-trained checkpoint and non-square phantom DICOMs to predict.
+
+    Session-scoped: the prediction tests (test_predict.py, test_plausibility.py)
+    share one trained model. Returns (best.pt path, folder of 4 DICOM scans).
+    """
+    from medseg.phantoms.write import write_phantom_dataset
+    from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
+    from medseg.structures import DEFAULT_LABELS
+    from medseg.training.data import load_cases
+    from medseg.training.settings import TrainSettings
+    from medseg.training.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("predict")
+    write_phantom_dataset(tmp / "raw", n=16, seed=5, shape=(160, 128), pixel_spacing_mm=1.4)
+    result = preprocess_dataset(DatasetSpec(tmp / "raw" / "images", tmp / "raw" / "masks"),
+                                PreprocessSettings(size=64), tmp / "pre")
+    ids = [r["case_id"] for r in result.rows]
+    train = load_cases(result.manifest_path, ids[:12], DEFAULT_LABELS)
+    val = load_cases(result.manifest_path, ids[12:], DEFAULT_LABELS)
+    settings = TrainSettings(preset="cpu_tiny", epochs=10, samples_per_epoch=48, learning_rate=0.01)
+    Trainer(settings, list(DEFAULT_LABELS), train, val, tmp / "model").fit()
+    scans = tmp / "scans"
+    scans.mkdir()
+    for case in ids[12:]:  # unseen cases
+        (scans / f"{case}.dcm").write_bytes((tmp / "raw" / "images" / f"{case}.dcm").read_bytes())
+    return tmp / "model" / "best.pt", scans
+
+
 @pytest.fixture(autouse=True)
 def _restore_mlflow_environment():
     """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI, which would

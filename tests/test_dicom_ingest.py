@@ -72,7 +72,7 @@ def test_real_cr_reads_as_display_polarity(real_cr: Path) -> None:
     assert result.spacing_source == "default"
     assert result.source_format == "dicom"
     assert result.photometric == "MONOCHROME1 (inverted)"
-    assert result.case_id == "CR-MONO1-10-chest"
+    assert Path(result.source).name == "CR-MONO1-10-chest.dcm"
     assert result.extra["transfer_syntax"] == ImplicitVRLittleEndian
     assert result.extra["transfer_syntax_inferred"] is True
     assert result.extra["bits_stored"] == 10
@@ -212,7 +212,9 @@ def test_imager_pixel_spacing_used_without_pixel_spacing(tmp_path: Path) -> None
     )
     result = read_dicom(path, OPTS)
     assert result.spacing_mm == pytest.approx((0.2, 0.25))
-    assert result.spacing_source == "ImagerPixelSpacing"
+    # No magnification factor: at the detector (tests/test_spacing.py has the rest).
+    assert result.spacing_source == "ImagerPixelSpacing (detector plane)"
+    assert result.spacing_plane == "detector"
 
 
 def test_default_spacing_without_spacing_elements(tmp_path: Path) -> None:
@@ -232,7 +234,7 @@ def test_file_without_preamble_or_file_meta(tmp_path: Path, syntax: str) -> None
     np.testing.assert_array_equal(result.pixels, stored.astype(np.float32))
     assert result.extra["transfer_syntax"] == syntax
     assert result.extra["transfer_syntax_inferred"] is True
-    assert result.case_id == "IM0001"
+    assert Path(result.source).name == "IM0001"
 
 
 def test_load_image_dispatches_extensionless_file_to_dicom(tmp_path: Path) -> None:
@@ -347,7 +349,10 @@ def test_no_patient_fields_in_result(tmp_path: Path) -> None:
         assert secret not in text
     assert not any("patient" in key.lower() for key in result.extra)
     ds = pydicom.dcmread(path)
-    assert result.case_id == "IM0003"
+    from medseg.ingest.inputs import collect_inputs
+
+    assert [f.case_id for f in collect_inputs([path]).files] == ["IM0003"]
+    assert [f.case_id for f in collect_inputs([path], "sop_instance_uid").files] == [ds.SOPInstanceUID]
     assert result.extra["sop_instance_uid"] == ds.SOPInstanceUID
     assert result.extra["study_instance_uid"] == ds.StudyInstanceUID
     assert result.extra["series_instance_uid"] == ds.SeriesInstanceUID

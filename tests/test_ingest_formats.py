@@ -32,7 +32,7 @@ def test_jsrt_img_read_and_inverted(tmp_path):
     assert image.shape == (2048, 2048)
     assert image.pixels.dtype == np.float32
     assert image.spacing_mm == (0.175, 0.175)
-    assert image.case_id == "JPCLN001"
+    assert Path(image.source).name == "JPCLN001.IMG"
     # White is zero: stored 4000 becomes 95, stored 0 becomes 4095.
     assert image.pixels[0, 0] == 4095 - 4000
     assert image.pixels[0, 2047] == 4095

@@ -18,33 +18,9 @@ import torch
 from PIL import Image
 
 from dicom_factory import make_sr
-from medseg.phantoms.write import write_phantom_dataset
-from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
 from medseg.structures import DEFAULT_LABELS
-from medseg.training.data import load_cases
-from medseg.training.settings import TrainSettings
-from medseg.training.trainer import Trainer
 
 MEDSEG = [sys.executable, "-m", "medseg"]
-
-
-@pytest.fixture(scope="module")
-def model_and_scans(tmp_path_factory):
-    """A small phantom-trained checkpoint and non-square phantom DICOMs to predict."""
-    tmp = tmp_path_factory.mktemp("predict")
-    write_phantom_dataset(tmp / "raw", n=16, seed=5, shape=(160, 128), pixel_spacing_mm=1.4)
-    result = preprocess_dataset(DatasetSpec(tmp / "raw" / "images", tmp / "raw" / "masks"),
-                                PreprocessSettings(size=64), tmp / "pre")
-    ids = [r["case_id"] for r in result.rows]
-    train = load_cases(result.manifest_path, ids[:12], DEFAULT_LABELS)
-    val = load_cases(result.manifest_path, ids[12:], DEFAULT_LABELS)
-    settings = TrainSettings(preset="cpu_tiny", epochs=10, samples_per_epoch=48, learning_rate=0.01)
-    Trainer(settings, list(DEFAULT_LABELS), train, val, tmp / "model").fit()
-    scans = tmp / "scans"
-    scans.mkdir()
-    for case in ids[12:]:  # unseen cases
-        (scans / f"{case}.dcm").write_bytes((tmp / "raw" / "images" / f"{case}.dcm").read_bytes())
-    return tmp / "model" / "best.pt", scans
 
 
 def _predict(model: Path, inputs, out: Path, *extra, check=True):
@@ -109,8 +85,11 @@ def test_bad_inputs_listed_rest_predicted(model_and_scans, tmp_path):
     assert proc.returncode == 1
     assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 2
     failures = pd.read_csv(tmp_path / "out" / "failures.csv")
-    assert sorted(Path(f).name for f in failures.file) == ["REPORT.dcm", "TRUNC", "notes.txt"]
-    assert "3 of 5 inputs failed" in proc.stderr
+    assert sorted(Path(f).name for f in failures.file) == ["TRUNC", "notes.txt"]
+    assert "2 of 4 inputs failed (1 non-image files skipped" in proc.stderr
+    # The structured report is no scan: skipped and listed, not a failure.
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert [Path(f).name for f in skipped.file] == ["REPORT.dcm"]
 
 
 def test_interrupted_run_finishes_on_rerun(model_and_scans, tmp_path):
@@ -168,10 +147,11 @@ def test_tta_agrees_with_plain_prediction(model_and_scans):
     move the masks)."""
     from medseg.inference.model import load_model
     from medseg.inference.predict import PredictSettings, _prepare, predict_probabilities
+    from medseg.ingest.inputs import collect_inputs
 
     model_path, scans = model_and_scans
     model = load_model(str(model_path))
-    files = sorted(scans.iterdir())
+    files = collect_inputs([scans]).files
     batch = np.stack([_prepare(f, model, PredictSettings()).tensor for f in files])
     plain = predict_probabilities(model, batch, False, torch.device("cpu")) >= 0.5
     tta = predict_probabilities(model, batch, True, torch.device("cpu")) >= 0.5

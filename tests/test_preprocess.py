@@ -15,7 +15,7 @@ from dicom_factory import PATIENT_ID, PATIENT_NAME, make_dicom, make_sr, synthet
 from medseg.atomic import atomic_path
 from medseg.nifti import load_nifti_2d
 from medseg.preprocessing.geometry import ResizePadGeometry, to_original
-from medseg.preprocessing.manifest import MANIFEST_COLUMNS, manifest_fingerprint, read_manifest
+from medseg.preprocessing.manifest import MANIFEST_COLUMNS, OPTIONAL_COLUMNS, manifest_fingerprint, read_manifest
 from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
 from medseg.structures import SCR_STRUCTURES, unpack_masks
 
@@ -54,7 +54,7 @@ def test_preprocess_writes_images_labels_manifest(tmp_path):
     result = preprocess_dataset(_spec(tmp_path), PreprocessSettings(size=48), out)
     assert not result.failures
     manifest = read_manifest(out / "manifest.csv")
-    assert list(manifest.columns) == list(MANIFEST_COLUMNS)
+    assert list(manifest.columns) == [*MANIFEST_COLUMNS, *OPTIONAL_COLUMNS]
     assert manifest["case_id"].tolist() == ["A1", "A2"]
     row = manifest.iloc[0]
     assert (row.original_rows, row.original_cols) == (96, 80)
@@ -112,15 +112,19 @@ def test_bad_inputs_are_listed_and_the_rest_goes_through(tmp_path):
     assert manifest["case_id"].tolist() == ["GOOD1", "GOOD2"]
     failures = pd.read_csv(out / "failures.csv")
     by_file = {Path(f).name: problem for f, problem in zip(failures.file, failures.problem)}
-    assert set(by_file) == {"notes.txt", "TRUNC.dcm", "REPORT.dcm", "JPCLN999.IMG", "NOMASK.dcm", "BADSIZE.dcm"}
+    assert set(by_file) == {"notes.txt", "TRUNC.dcm", "JPCLN999.IMG", "NOMASK.dcm", "BADSIZE.dcm"}
     assert "not a" in by_file["notes.txt"].lower()
     assert "truncated" in by_file["TRUNC.dcm"].lower()
-    assert "not an image" in by_file["REPORT.dcm"]
+    # A structured report found in the folder is not an image: skipped and
+    # listed, not a failure.
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert [Path(f).name for f in skipped.file] == ["REPORT.dcm"]
+    assert skipped.reason[0] == "not an image: Basic Text SR Storage"
     assert "8388608 bytes" in by_file["JPCLN999.IMG"]
     assert "without its mask" in by_file["NOMASK.dcm"]
     assert "does not match" in by_file["BADSIZE.dcm"]
     # The end-of-run summary lists every failure on stderr.
-    summary = proc.stderr[proc.stderr.index("6 of 8 inputs failed"):]
+    summary = proc.stderr[proc.stderr.index("5 of 7 inputs failed (1 non-image files skipped"):]
     for name in by_file:
         assert name in summary
     # No temporary files left behind.
@@ -152,13 +156,16 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.csv"]
 
 
-def test_duplicate_case_ids_are_failures(tmp_path):
+def test_same_stem_in_a_subfolder_gets_its_own_case_and_no_borrowed_mask(tmp_path):
     write_case(tmp_path, "DUP")
     (tmp_path / "images" / "sub").mkdir()
     make_dicom(tmp_path / "images" / "sub" / "DUP.dcm", synthetic_image(96, 80))
-    result = preprocess_dataset(_spec(tmp_path), PreprocessSettings(size=32), tmp_path / "out")
-    assert len(result.rows) == 1
-    assert any("duplicate case ID" in f.problem for f in result.failures)
+    result = preprocess_dataset(DatasetSpec(images=tmp_path / "images"), PreprocessSettings(size=32), tmp_path / "o1")
+    assert sorted(r["case_id"] for r in result.rows) == ["DUP", "sub_DUP"] and not result.failures
+    # masks/<structure>/DUP.gif could be either's: neither takes it.
+    result = preprocess_dataset(_spec(tmp_path), PreprocessSettings(size=32), tmp_path / "o2")
+    assert not result.rows and len(result.failures) == 2
+    assert all("other inputs of this run are called 'DUP' too" in f.problem for f in result.failures)
 
 
 def test_case_id_from_uid(tmp_path):

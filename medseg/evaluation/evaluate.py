@@ -6,6 +6,7 @@ Prediction layout (written by the predict stage), one folder per case::
                                           saved with medseg.nifti.save_nifti_2d
     <pred_dir>/<case_id>/prediction.json  {"case_id", "labels": [names in channel order],
                                            "source", "spacing_mm": [row, col],
+                                           "spacing_source", "spacing_plane",
                                            "original_shape": [H, W], "model_uri"}
 
 Predictions are at the original image's geometry; ground truth may be at a
@@ -35,7 +36,12 @@ import pandas as pd
 from medseg.atomic import atomic_path, write_text_atomic
 from medseg.errors import InputError
 from medseg.evaluation.metrics import DISTANCE_METRICS, METRIC_NAMES, OVERLAP_METRICS, segmentation_metrics
-from medseg.ingest.masks import read_label_image, read_scr_masks
+from medseg.ingest.inputs import InputFile, ambiguity_note, lookup_keys
+from medseg.ingest.masks import (
+    find_label_file, label_values_present, read_label_file, read_scr_masks, split_label_image,
+    warn_absent_label_values,
+)
+from medseg.ingest.types import SPACING_PLANES, plane_of_source
 from medseg.preprocessing.preprocess import MASK_FORMATS
 from medseg.structures import DEFAULT_LABELS, label_masks
 from medseg.visualise import overlay_rgb, save_contact_sheet, save_figure, subplots
@@ -44,7 +50,9 @@ log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.nii.gz"
 PREDICTION_FILE = "prediction.json"
-TABLE_COLUMNS: tuple[str, ...] = ("case_id", "label", *METRIC_NAMES)
+# truth_empty: the label's ground truth is empty in that case (both-empty
+# scores 1, see metrics); a label empty in every case is reported.
+TABLE_COLUMNS: tuple[str, ...] = ("case_id", "label", *METRIC_NAMES, "truth_empty")
 
 # Mean Jaccard on JSRT/SCR as published. Their protocols differ from ours
 # (folds, image sizes), so the comparison is indicative, not a ranking.
@@ -129,6 +137,9 @@ class CasePair:
         truth: {label: bool (Ht, Wt)} at the ground truth's geometry.
         pred_spacing_mm: (row, column) spacing of the prediction grid in mm.
         source: the image the prediction was made from.
+        truth_values: for label-image truth, the label values (of the
+            ``label_values`` table) that occur in this case's label image;
+            empty for SCR truth.
     """
 
     case_id: str
@@ -136,6 +147,7 @@ class CasePair:
     truth: dict[str, np.ndarray]
     pred_spacing_mm: tuple[float, float]
     source: str
+    truth_values: frozenset[int] = frozenset()
 
     @property
     def truth_spacing_mm(self) -> tuple[float, float]:
@@ -192,9 +204,27 @@ def read_prediction(case_dir: Path, labels: Mapping[str, Sequence[str]]) -> tupl
     return case_id, masks, (spacing[0], spacing[1]), str(meta.get("source", stack_file))
 
 
+def truth_keys(case_dirs: Sequence[Path]) -> list[tuple[InputFile, tuple[str, ...]]]:
+    """Per prediction folder, its input and the names its ground truth may be
+    stored under: the input's relative path, its case ID, its file stem,
+    leaving out any that another prediction of the batch shares
+    (``medseg.ingest.inputs.lookup_keys``), so truth is never paired with
+    another scan's prediction."""
+    entries = []
+    for case_dir in case_dirs:
+        try:
+            meta = json.loads((case_dir / PREDICTION_FILE).read_text())
+        except (OSError, ValueError):
+            meta = {}  # read_prediction reports it
+        source = str(meta.get("source") or case_dir.name)
+        entries.append(InputFile(Path(source), str(meta.get("input_name") or Path(source).name),
+                                 str(meta.get("case_id") or case_dir.name)))
+    return list(zip(entries, lookup_keys(entries)))
+
+
 def read_truth(
     truth_root: Path,
-    case_id: str,
+    case_id: str | Sequence[str],
     labels: Mapping[str, Sequence[str]],
     truth_format: str = "scr",
     label_values: Mapping[int, str] | None = None,
@@ -208,13 +238,27 @@ def read_truth(
     Raises:
         InputError: the truth is missing or unreadable.
     """
+    return _read_truth_values(truth_root, case_id, labels, truth_format, label_values, image_path)[0]
+
+
+def _read_truth_values(
+    truth_root: Path,
+    case_id: str | Sequence[str],
+    labels: Mapping[str, Sequence[str]],
+    truth_format: str,
+    label_values: Mapping[int, str] | None,
+    image_path: str | Path,
+) -> tuple[dict[str, np.ndarray], frozenset[int]]:
+    """:func:`read_truth` plus the label values occurring in the case's label
+    image (empty for SCR truth)."""
     structures = sorted({s for group in labels.values() for s in group})
     named = image_path or case_id
     if truth_format == "scr":
         masks, _ = read_scr_masks(truth_root, case_id, structures, named)
-    else:
-        masks, _ = read_label_image(truth_root, case_id, label_values or {}, named)
-    return label_masks(masks, labels)
+        return label_masks(masks, labels), frozenset()
+    values = label_values or {}
+    array = read_label_file(find_label_file(truth_root, case_id, named))
+    return label_masks(split_label_image(array, values), labels), frozenset(label_values_present(array, values))
 
 
 def _check_options(labels: Mapping[str, Sequence[str]], truth_format: str, label_values: Mapping[int, str] | None) -> None:
@@ -235,19 +279,24 @@ def load_case(
     labels: Mapping[str, Sequence[str]],
     truth_format: str = "scr",
     label_values: Mapping[int, str] | None = None,
+    keys: Sequence[str] | None = None,
 ) -> CasePair:
     """Prediction and ground truth of one case folder.
+
+    Args:
+        keys: names the case's truth may be stored under, most specific
+            first (:func:`truth_keys`); default: its case ID.
 
     Raises:
         InputError: prediction or truth missing or unreadable.
         ValueError: the grids are not whole-number scalings of each other.
     """
     case_id, pred, spacing, source = read_prediction(case_dir, labels)
-    truth = read_truth(truth_root, case_id, labels, truth_format, label_values, source)
+    truth, truth_values = _read_truth_values(truth_root, keys or case_id, labels, truth_format, label_values, source)
     pred_shape = next(iter(pred.values())).shape
     truth_shape = next(iter(truth.values())).shape
     resample_to(np.zeros(pred_shape, dtype=bool), truth_shape, case_id)  # refuse mismatches early
-    return CasePair(case_id, pred, truth, spacing, source)
+    return CasePair(case_id, pred, truth, spacing, source, truth_values)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -280,6 +329,10 @@ def evaluate_predictions(
         unreadable prediction or truth, mismatched geometry). The batch goes
         on past a bad case.
 
+    Logs a warning for each ``label_values`` value that occurs in none of
+    the label images read, and for each label whose truth is empty in every
+    scored case (:func:`comparison_table` says so too).
+
     Raises:
         ValueError: bad options (unknown format, structures without a value).
         InputError: ``pred_dir`` does not exist.
@@ -288,19 +341,33 @@ def evaluate_predictions(
     _check_options(labels, truth_format, label_values)
     rows: list[dict[str, object]] = []
     problems: list[tuple[str, str]] = []
-    for case_dir in _case_folders(pred_dir):
+    values_seen: set[int] = set()
+    n_truth = 0
+    folders = _case_folders(pred_dir)
+    for case_dir, (entry, keys) in zip(folders, truth_keys(folders)):
         try:
-            case = load_case(case_dir, truth_root, labels, truth_format, label_values)
+            case = load_case(case_dir, truth_root, labels, truth_format, label_values, keys)
         except (InputError, ValueError) as err:
-            problems.append((case_dir.name, str(err)))
-            log.warning("not scored: %s: %s", case_dir.name, err)
+            problem = str(err) + (ambiguity_note(entry, keys) if isinstance(err, InputError) else "")
+            problems.append((case_dir.name, problem))
+            log.warning("not scored: %s: %s", case_dir.name, problem)
             continue
+        n_truth += 1
+        values_seen |= case.truth_values
         spacing = case.truth_spacing_mm
         for label in labels:
             truth = case.truth[label]
             pred = resample_to(case.pred[label], truth.shape, case.case_id)
-            rows.append({"case_id": case.case_id, "label": label, **segmentation_metrics(pred, truth, spacing)})
+            rows.append({"case_id": case.case_id, "label": label, **segmentation_metrics(pred, truth, spacing),
+                         "truth_empty": not truth.any()})
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    # A value or label never seen is usually a wrong --label-values table or
+    # truth folder: every score of it would be meaningless.
+    if truth_format == "label_image" and n_truth:
+        warn_absent_label_values(label_values or {}, values_seen, n_truth, str(truth_root))
+    for label in absent_labels(table):
+        log.warning("label %s is empty in the ground truth of all %d scored cases (%s): its scores are meaningless",
+                    label, n_truth, truth_root)
     return table, problems
 
 
@@ -310,7 +377,9 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     Returns:
         One row per label (index "label", in the table's order) with columns
         ``n_cases``; ``n_missed`` (cases where exactly one of prediction and
-        truth is empty, i.e. infinite distances); for each metric
+        truth is empty, i.e. infinite distances); ``n_truth_empty`` (cases
+        whose truth for the label is empty; only when the table has the
+        ``truth_empty`` column); for each metric
         ``<metric>_mean``, ``_std`` (sample, NaN for one case), ``_median``
         and ``_worst`` (min Dice/Jaccard, max HD95/ASSD); and
         ``worst_case`` (the case with the lowest Dice). A missed case makes
@@ -318,6 +387,9 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
         stays informative.
     """
     columns = ["n_cases", "n_missed"]
+    has_truth_empty = "truth_empty" in table.columns
+    if has_truth_empty:
+        columns.append("n_truth_empty")
     for metric in METRIC_NAMES:
         columns += [f"{metric}_{stat}" for stat in ("mean", "std", "median", "worst")]
     columns.append("worst_case")
@@ -330,6 +402,8 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
             "n_cases": int(len(rows)),
             "n_missed": int(np.isinf(rows["hd95_mm"].to_numpy(dtype=float)).sum()),
         }
+        if has_truth_empty:
+            record["n_truth_empty"] = int(rows["truth_empty"].astype(bool).sum())
         for metric in METRIC_NAMES:
             values = rows[metric].astype(float)
             with np.errstate(invalid="ignore"):  # inf - inf in std is NaN, as documented
@@ -343,11 +417,43 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
+def absent_labels(table_or_summary: pd.DataFrame) -> list[str]:
+    """Labels whose ground truth is empty in every scored case, in order.
+
+    Accepts an :func:`evaluate_predictions` table (``truth_empty`` column) or
+    a :func:`summarise` summary (``n_truth_empty``); [] when neither says.
+    """
+    frame = table_or_summary
+    if "n_truth_empty" in frame.columns:
+        hits = frame[(frame["n_cases"] > 0) & (frame["n_truth_empty"] == frame["n_cases"])]
+        return [str(label) for label in hits.index]
+    if "truth_empty" in frame.columns and len(frame):
+        every = frame["truth_empty"].astype(bool).groupby(frame["label"], sort=False).all()
+        return [str(label) for label, all_empty in every.items() if all_empty]
+    return []
+
+
+def absent_labels_note(summary: pd.DataFrame) -> str:
+    """One line naming the labels absent from every ground-truth image, e.g.
+    "Absent from every ground-truth image (2 cases): clavicles. Their scores
+    are meaningless: check the truth folder and --label-values."; "" when
+    none is."""
+    absent = absent_labels(summary)
+    if not absent:
+        return ""
+    n = int(summary["n_cases"].max())
+    return (f"Absent from every ground-truth image ({n} case{'s' if n != 1 else ''}): {', '.join(absent)}. "
+            "Their scores are meaningless: check the truth folder and --label-values.")
+
+
 def comparison_table(summary: pd.DataFrame) -> str:
     """Plain-text table: our mean Jaccard per label beside the published ones.
 
     Rows are sources (this evaluation first), columns labels; "-" where a
-    source reports no figure for a label.
+    source reports no figure for a label. Ends with
+    :func:`absent_labels_note` when some label's truth is empty in every
+    case (the table is printed by ``medseg evaluate`` and is part of
+    summary.txt).
     """
     published_labels = list(dict.fromkeys(k for scores in PUBLISHED_JACCARD.values() for k in scores))
     labels = published_labels + [label for label in summary.index if label not in published_labels]
@@ -366,6 +472,9 @@ def comparison_table(summary: pd.DataFrame) -> str:
         out.append(line([f"{scores[label]:.3f}" if label in scores else "-" for label in labels], name))
     out.append("")
     out.append("Published results used their own splits and image sizes on JSRT/SCR: indicative only.")
+    note = absent_labels_note(summary)
+    if note:
+        out += ["", note]
     return "\n".join(out) + "\n"
 
 
@@ -476,6 +585,90 @@ def save_worst_gallery(
     return shown
 
 
+# --------------------------------------------------------------------------- spacing provenance
+
+
+def spacing_provenance(pred_dir: str | Path, case_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Where each case's millimetres come from, read from its prediction.json.
+
+    Args:
+        pred_dir: folder of ``<case_id>/prediction.json``.
+        case_ids: only these cases (e.g. the scored ones); None for all.
+
+    Returns:
+        DataFrame with columns case_id, spacing_source, spacing_plane (one of
+        :data:`medseg.ingest.types.SPACING_PLANES`), spacing_row_mm,
+        spacing_col_mm; one row per case ID with a readable
+        prediction.json. Files written before the plane was recorded get it
+        from their spacing_source (:func:`medseg.ingest.types.plane_of_source`).
+    """
+    wanted = None if case_ids is None else set(map(str, case_ids))
+    rows = []
+    for case_dir in _case_folders(Path(pred_dir)):
+        try:
+            meta = json.loads((case_dir / PREDICTION_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # listed as a problem by evaluate_predictions already
+        case_id = str(meta.get("case_id") or case_dir.name)
+        if wanted is not None and case_id not in wanted:
+            continue
+        source = str(meta.get("spacing_source") or "")
+        plane = str(meta.get("spacing_plane") or plane_of_source(source))
+        spacing = list(meta.get("spacing_mm") or [math.nan, math.nan])
+        rows.append({"case_id": case_id, "spacing_source": source,
+                     "spacing_plane": plane if plane in SPACING_PLANES else "unknown",
+                     "spacing_row_mm": float(spacing[0]), "spacing_col_mm": float(spacing[1])})
+    frame = pd.DataFrame(rows, columns=["case_id", "spacing_source", "spacing_plane", "spacing_row_mm",
+                                        "spacing_col_mm"])
+    # One row per case ID, so merging into the per-case table adds no rows.
+    return frame.drop_duplicates("case_id").reset_index(drop=True)
+
+
+def spacing_note(provenance: pd.DataFrame) -> str:
+    """One sentence on the plane of the millimetres (HD95, ASSD), for summary.txt.
+
+    E.g. "HD95/ASSD in mm: 3 of 10 cases use detector-plane spacing
+    (magnification not corrected: distances too large by the magnification
+    factor, typically 5-20 %); 1 uses the configured default spacing
+    (1 mm), not read from the image." Empty when there are no cases.
+    """
+    n = len(provenance)
+    if not n:
+        return ""
+    counts = provenance["spacing_plane"].value_counts()
+    if counts.get("patient", 0) == n:
+        return f"HD95/ASSD in mm: all {n} cases at the patient plane (spacing calibrated or magnification-corrected)."
+    defaults = provenance.loc[provenance["spacing_plane"] == "default", "spacing_row_mm"]
+    values = ", ".join(sorted({f"{v:g} mm" for v in defaults if math.isfinite(v)}))
+    what = {
+        "detector": "detector-plane spacing (magnification not corrected: distances too large by the "
+                    "magnification factor, typically 5-20 %)",
+        "unknown": "a Pixel Spacing of unknown plane (no calibration information)",
+        "default": f"the configured default spacing{f' ({values})' if values else ''}, not read from the image",
+    }
+    parts = []
+    for plane, text in what.items():
+        k = int(counts.get(plane, 0))
+        if k:
+            verb = "uses" if k == 1 else "use"
+            parts.append(f"{k} of {n} cases {verb} {text}" if not parts else f"{k} {verb} {text}")
+    return "HD95/ASSD in mm: " + "; ".join(parts) + "."
+
+
+def _with_spacing_counts(summary: pd.DataFrame, table: pd.DataFrame, provenance: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` plus n_spacing_<plane> columns: per label, how many of its
+    cases were measured with spacing of each plane (summary.csv is what the
+    workflow report shows)."""
+    out = summary.copy()
+    plane_of = dict(zip(provenance["case_id"], provenance["spacing_plane"]))
+    for plane in SPACING_PLANES:
+        out[f"n_spacing_{plane}"] = [
+            int(sum(plane_of.get(str(c), "unknown") == plane for c in table.loc[table["label"] == label, "case_id"]))
+            for label in out.index
+        ]
+    return out
+
+
 # --------------------------------------------------------------------------- outputs
 
 
@@ -503,7 +696,12 @@ def write_evaluation(
     (summary, comparison with published results, problems),
     ``problems.csv`` (case_id, problem; header only when none),
     ``boxplots.png``, and ``worst_cases.png`` when ``pred_dir`` and
-    ``truth_root`` are given and some case was scored.
+    ``truth_root`` are given and some case was scored. With ``pred_dir``,
+    the spacing provenance of the scored cases (:func:`spacing_provenance`)
+    is added: spacing_source / spacing_plane columns in cases.csv,
+    ``n_spacing_<plane>`` counts in summary.csv and a sentence in
+    summary.txt (:func:`spacing_note`) saying how many cases were measured
+    in detector-plane, unknown-plane or default millimetres.
 
     Returns:
         {file name: path} of what was written.
@@ -516,12 +714,21 @@ def write_evaluation(
         written[name] = out_dir / name
         return written[name]
 
-    _write_csv(table, target("cases.csv"), index=False)
-    _write_csv(summary, target("summary.csv"), index=True)
+    note = ""
+    cases, summary_out = table, summary
+    if pred_dir is not None and len(table):
+        provenance = spacing_provenance(pred_dir, list(dict.fromkeys(table["case_id"].astype(str))))
+        note = spacing_note(provenance)
+        cases = table.merge(provenance[["case_id", "spacing_source", "spacing_plane"]], on="case_id", how="left")
+        summary_out = _with_spacing_counts(summary, table, provenance)
+    _write_csv(cases, target("cases.csv"), index=False)
+    _write_csv(summary_out, target("summary.csv"), index=True)
     _write_csv(pd.DataFrame(list(problems), columns=["case_id", "problem"]), target("problems.csv"), index=False)
 
     shown = ["mean", "std", "median", "worst"]
     text = [f"Evaluation of {summary['n_cases'].max() if len(summary) else 0} cases", ""]
+    if note:
+        text += [note, ""]
     with pd.option_context("display.width", 200, "display.max_columns", 50):
         for metric in METRIC_NAMES:
             part = summary[[f"{metric}_{s}" for s in shown]].rename(columns=lambda c: c.rsplit("_", 1)[1])

@@ -22,13 +22,14 @@ batches and only the small results rows are kept.
 
 from __future__ import annotations
 
-import glob as globbing
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -36,17 +37,20 @@ import torch
 from PIL import Image
 
 from medseg.atomic import atomic_path, write_text_atomic
-from medseg.batch import Failure, report_failures, write_failures
+from medseg.batch import Failure, report_failures, write_failures, write_skipped
 from medseg.errors import InputError
 from medseg.ingest import ReadOptions, load_image
+from medseg.ingest.inputs import InputFile, Skipped
 from medseg.ingest.types import IngestedImage
 from medseg.inference.model import LoadedModel
 from medseg.nifti import save_nifti_2d
 from medseg.preprocessing.geometry import ResizePadGeometry, to_original
-from medseg.preprocessing.preprocess import canonical_image, case_id_of, list_image_files
+from medseg.preprocessing.preprocess import canonical_image
 from medseg.visualise import overlay_rgb, save_figure, subplots
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Test-time augmentation: shifts in preprocessed pixels and a zoom-out (no
 # flips: anatomy is not left-right symmetric). A zoom-out keeps the whole
@@ -66,7 +70,6 @@ class PredictSettings:
         batch_size: scans per forward pass.
         write_seg: write a DICOM SEG for DICOM inputs.
         read_options: polarity / spacing for inputs without metadata.
-        case_id_from: "filename" or "sop_instance_uid".
     """
 
     threshold: float = 0.5
@@ -75,54 +78,54 @@ class PredictSettings:
     batch_size: int = 8
     write_seg: bool = True
     read_options: ReadOptions = ReadOptions()
-    case_id_from: str = "filename"
-
-
-def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files from folders (recursive), globs, list files (``.txt``, one path
-    per line) and plain files, in order, without duplicates."""
-    files: list[Path] = []
-    for item in inputs:
-        text = str(item)
-        path = Path(text)
-        if any(ch in text for ch in "*?["):
-            files += [Path(p) for p in sorted(globbing.glob(text, recursive=True)) if Path(p).is_file()]
-        elif path.is_dir():
-            files += list_image_files(path)
-        elif path.suffix.lower() == ".txt" and path.is_file():
-            base = path.parent
-            for line in path.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    entry = Path(line)
-                    files.append(entry if entry.is_absolute() else base / entry)
-        else:
-            files.append(path)
-    seen: set[Path] = set()
-    unique = []
-    for f in files:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique
 
 
 @dataclass
 class _Prepared:
-    path: Path
+    entry: InputFile
     image: IngestedImage
-    case_id: str
     geometry: ResizePadGeometry
     tensor: np.ndarray  # (1, size, size)
     normalised: np.ndarray  # (H, W) in [0, 1]
 
 
-def _prepare(path: Path, model: LoadedModel, settings: PredictSettings) -> _Prepared:
-    image = load_image(path, settings.read_options)
+    @property
+    def path(self) -> Path:
+        return self.entry.path
+
+    @property
+    def case_id(self) -> str:
+        return self.entry.case_id
+
+
+def _prepare(entry: InputFile, model: LoadedModel, settings: PredictSettings) -> _Prepared:
+    image = load_image(entry.path, settings.read_options)
     geometry, normalised, tensor = canonical_image(image, model.size, model.intensity["lower_percentile"],
                                                    model.intensity["upper_percentile"])
-    return _Prepared(path, image, case_id_of(image, settings.case_id_from), geometry, tensor, normalised)
+    return _Prepared(entry, image, geometry, tensor, normalised)
+
+
+def finished_by(out_dir: Path, entry: InputFile) -> str | None:
+    """Whether ``out_dir/<case_id>`` holds this input's finished results.
+
+    Returns:
+        None when the scan has not finished there; "" when it has, for this
+        input; else the other input whose results the folder holds (an earlier
+        run that named its inputs differently): never taken for this one.
+    """
+    meta_file = out_dir / entry.case_id / "prediction.json"
+    if not meta_file.exists():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: predict it again
+    # The name (relative to the folder it was found in) still matches when
+    # the whole input folder was moved; the resolved path when the name was
+    # written by an older medseg.
+    if meta.get("input_name") == entry.name or meta.get("source") == str(entry.path.resolve()):
+        return ""
+    return str(meta.get("source") or meta.get("input_name") or "another input")
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -183,6 +186,7 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
                  out_dir: Path, forward_seconds: float, started: float) -> dict:
     """Map one scan's probabilities back, clean, measure and write outputs."""
     from medseg.inference.ctr import cardiothoracic_ratio, draw_ctr_lines, qc_flags
+    from medseg.inference.plausibility import check_anatomy, gate_ctr
     from medseg.inference.postprocess import clean_masks
 
     original = to_original(probabilities, prep.geometry)  # (C, H, W)
@@ -204,6 +208,8 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
     if "heart" in masks and "lungs" in masks:
         ctr = cardiothoracic_ratio(masks["heart"], masks["lungs"], spacing)
     flags = qc_flags(masks, prob_maps, ctr)
+    # Not an upright frontal chest: no CTR (nan), no CTR reading, no lines.
+    ctr, flags = gate_ctr(ctr, flags, check_anatomy(masks, spacing, prep.image.extra.get("view_position")))
     rgb = overlay_rgb(prep.normalised, masks)
     if ctr is not None:
         rgb = draw_ctr_lines(rgb, ctr)
@@ -222,12 +228,14 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
     row = {
         "case_id": prep.case_id,
         "source": str(Path(prep.image.source).resolve()),
+        "input_name": prep.entry.name,
         "source_format": prep.image.source_format,
         "rows": prep.image.shape[0],
         "cols": prep.image.shape[1],
         "spacing_row_mm": spacing[0],
         "spacing_col_mm": spacing[1],
         "spacing_source": prep.image.spacing_source,
+        "spacing_plane": prep.image.spacing_plane,  # "patient", "detector", "unknown" or "default"
         **{f"area_mm2_{n}": float(masks[n].sum() * pixel_area) for n in model.labels},
         "ctr": float(ctr.ctr) if ctr is not None else float("nan"),
         "heart_width_mm": float(ctr.heart_width_mm) if ctr is not None else float("nan"),
@@ -278,7 +286,7 @@ class Chunk:
     def name(self) -> str:
         return f"chunk-{self.index}-of-{self.count}"
 
-    def select(self, files: Sequence[Path]) -> list[Path]:
+    def select(self, files: Sequence[T]) -> list[T]:
         """This chunk's files; the chunks of all indices cover ``files`` once, in order."""
         start = len(files) * self.index // self.count
         stop = len(files) * (self.index + 1) // self.count
@@ -290,7 +298,7 @@ def chunk_table_paths(out_dir: Path, chunk: Chunk) -> tuple[Path, Path]:
     return out_dir / f"results.{chunk.name}.csv", out_dir / f"failures.{chunk.name}.csv"
 
 
-def _batches(files: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+def _batches(files: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for i in range(0, len(files), size):
         yield files[i:i + size]
 
@@ -311,45 +319,64 @@ def gather_results(out_dir: Path, case_ids: Iterable[str] | None = None) -> pd.D
     return pd.DataFrame(rows)
 
 
-def predict_files(files: Sequence[str | Path], model: LoadedModel, settings: PredictSettings, out_dir: str | Path,
-                  device: torch.device | None = None,
-                  chunk: Chunk | None = None) -> tuple[pd.DataFrame, list[Failure]]:
-    """Predict every file; skip those already finished; never stop on a bad one.
+def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: PredictSettings, out_dir: str | Path,
+                  device: torch.device | None = None, chunk: Chunk | None = None,
+                  skipped: Sequence[Skipped] = ()) -> tuple[pd.DataFrame, list[Failure]]:
+    """Predict every input; skip those already finished; never stop on a bad one.
 
     Args:
+        files: the inputs with unique case IDs (``medseg.ingest.inputs.collect_inputs``,
+            over the whole batch when this is a chunk of it).
         chunk: ``files`` is this chunk of a larger batch: write the chunk's own
             tables (``chunk_table_paths``) and leave the batch's tables to
             ``gather_chunks``.
+        skipped: non-image files skipped while collecting the inputs, listed
+            in ``skipped.csv`` (unsplit runs) and the closing summary.
 
     Returns:
         (results table of the finished scans: all of ``out_dir``, or this
-        chunk's only; failures of this run).
+        chunk's only; failures of this run). Every input is either in the
+        table or among the failures.
+
+    Raises:
+        ValueError: two inputs share a case ID (a caller bug: IDs come from
+            ``collect_inputs``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or next((p.device for p in model.module.parameters()), torch.device("cpu"))
-    files = [Path(f) for f in files]
+    counts = Counter(f.case_id.casefold() for f in files)
+    shared = sorted({f.case_id for f in files if counts[f.case_id.casefold()] > 1})
+    if shared or any(not f.case_id for f in files):
+        raise ValueError(f"inputs without a unique case ID: {', '.join(shared) or 'empty ID'}")
     failures: list[Failure] = []
     case_ids: list[str] = []  # of this run's inputs (finished now or before)
-    done = skipped = 0
+    done = already_done = 0
     start = time.perf_counter()
     for batch_files in _batches(files, settings.batch_size):
         prepared: list[_Prepared] = []
-        for path in batch_files:
+        for entry in batch_files:
+            owner = finished_by(out_dir, entry)
+            if owner:
+                failures.append(Failure(str(entry.path), f"its output folder {out_dir / entry.case_id} holds the "
+                                        f"results of {owner} from an earlier run; predict into a new --out folder"))
+                log.warning("predict %s FAILED: %s", entry.name, failures[-1].problem)
+                continue
+            if owner == "":
+                case_ids.append(entry.case_id)
+                already_done += 1
+                continue
             try:
-                prep = _prepare(path, model, settings)
+                prep = _prepare(entry, model, settings)
             except InputError as err:
                 failures.append(Failure(err.path, err.problem))
-                log.warning("predict %s FAILED: %s", path.name, err.problem)
+                log.warning("predict %s FAILED: %s", entry.name, err.problem)
                 continue
             except Exception as err:  # noqa: BLE001 - one bad file must not stop the batch
-                failures.append(Failure(str(path), f"{type(err).__name__}: {err}"))
-                log.warning("predict %s FAILED: %s", path.name, err)
+                failures.append(Failure(str(entry.path), f"{type(err).__name__}: {err}"))
+                log.warning("predict %s FAILED: %s", entry.name, err)
                 continue
             case_ids.append(prep.case_id)
-            if (out_dir / prep.case_id / "prediction.json").exists():
-                skipped += 1
-                continue
             prepared.append(prep)
         if prepared:
             t0 = time.perf_counter()
@@ -363,13 +390,15 @@ def predict_files(files: Sequence[str | Path], model: LoadedModel, settings: Pre
                     done += 1
                 except Exception as err:  # noqa: BLE001
                     failures.append(Failure(str(prep.path), f"{type(err).__name__}: {err}"))
-        handled = done + skipped + len(failures)
+        handled = done + already_done + len(failures)
         elapsed = time.perf_counter() - start
         log.info("predict %d/%d scans (%d new, %d already done, %d failed) %.1f scans/s", handled, len(files),
-                 done, skipped, len(failures), done / elapsed if elapsed else 0.0)
-    report_failures(failures, len(files), "predict" if chunk is None else f"predict {chunk.name}")
+                 done, already_done, len(failures), done / elapsed if elapsed else 0.0)
+    report_failures(failures, len(files), "predict" if chunk is None else f"predict {chunk.name}",
+                    skipped=len(skipped))
     if chunk is None:
-        return write_batch_tables(out_dir, failures), failures
+        write_skipped(out_dir / "skipped.csv", skipped)
+        return write_batch_tables(out_dir, failures, case_ids), failures
     table = gather_results(out_dir, case_ids)  # this chunk's scans only, not the whole batch folder
     results_path, failures_path = chunk_table_paths(out_dir, chunk)
     _write_results_csv(results_path, table)
@@ -382,10 +411,11 @@ def _write_results_csv(path: Path, table: pd.DataFrame) -> None:
     write_text_atomic(path, table.to_csv(index=False) if not table.empty else "case_id\n")
 
 
-def write_batch_tables(out_dir: Path, failures: Sequence[Failure]) -> pd.DataFrame:
-    """``results.csv``/``.parquet`` of every finished scan in ``out_dir``, the
+def write_batch_tables(out_dir: Path, failures: Sequence[Failure], case_ids: Iterable[str]) -> pd.DataFrame:
+    """``results.csv``/``.parquet`` of the batch's finished scans (``case_ids``;
+    other scans an earlier run left in ``out_dir`` are not this batch's), the
     CTR histogram and ``failures.csv``; returns the results table."""
-    table = gather_results(out_dir)
+    table = gather_results(out_dir, case_ids)
     _write_results_csv(out_dir / "results.csv", table)
     if not table.empty:
         with atomic_path(out_dir / "results.parquet") as tmp:
@@ -403,14 +433,16 @@ def gather_chunks(out_dir: str | Path, count: int) -> tuple[pd.DataFrame, list[F
     """
     out_dir = Path(out_dir)
     failures: list[Failure] = []
+    case_ids: list[str] = []
     for index in range(count):
-        _, failures_path = chunk_table_paths(out_dir, Chunk(index, count))
-        if not failures_path.exists():
+        results_path, failures_path = chunk_table_paths(out_dir, Chunk(index, count))
+        if not failures_path.exists() or not results_path.exists():
             raise InputError(failures_path, f"chunk {index} of {count} has not finished (no failures table)")
         frame = pd.read_csv(failures_path, dtype=str, keep_default_na=False)
         failures += [Failure(row.file, row.problem) for row in frame.itertuples()]
-    return write_batch_tables(out_dir, failures), failures
+        case_ids += pd.read_csv(results_path, dtype={"case_id": str}, keep_default_na=False)["case_id"].tolist()
+    return write_batch_tables(out_dir, failures, case_ids), failures
 
 
-__all__ = ["Chunk", "PredictSettings", "chunk_table_paths", "collect_inputs", "gather_chunks", "gather_results",
+__all__ = ["Chunk", "PredictSettings", "chunk_table_paths", "finished_by", "gather_chunks", "gather_results",
            "predict_files", "predict_probabilities", "write_batch_tables"]

@@ -73,13 +73,17 @@ def read_dicom(path: str | Path, options: ReadOptions) -> IngestedImage:
         path: the DICOM file; any extension or none, with or without the
             128-byte preamble and file meta information.
         options: ``apply_voi`` and the fallback ``pixel_spacing_mm`` used when
-            the file has neither Pixel Spacing nor Imager Pixel Spacing.
+            the file has no pixel spacing element at all.
 
     Returns:
         IngestedImage with ``pixels`` float32 of shape (Rows, Columns) in
         modality units (or VOI output units when a window/VOI LUT was
-        applied), ``spacing_mm`` = (row spacing, column spacing) in mm,
-        ``case_id`` = file stem and non-identifying metadata in ``extra``.
+        applied), ``spacing_mm`` = (row spacing, column spacing) in mm with
+        ``spacing_source`` / ``spacing_plane`` saying where it came from and
+        where it holds (see :func:`_spacing`), ``padding`` = bool (Rows,
+        Columns) mask of Pixel Padding Value pixels or None, ``case_id`` =
+        file stem and non-identifying metadata in ``extra`` (including
+        ``spacing_note`` / ``padding_note`` when an element was ignored).
 
     Raises:
         InputError: the file is missing, not DICOM, corrupt or truncated,
@@ -93,6 +97,11 @@ def read_dicom(path: str | Path, options: ReadOptions) -> IngestedImage:
     tsyntax, inferred = ensure_transfer_syntax(ds, path)
     stored = _decode_pixels(ds, tsyntax, path)
 
+    # Padding is defined on the stored values, before the Modality LUT and
+    # before any inversion (PS3.3 C.7.5.1.1.2): a mask of pixel positions
+    # taken here stays right whatever the later steps do to the values.
+    padding, padding_note = _padding_mask(ds, stored)
+
     values, voi_note = _apply_luts(stored, ds, options.apply_voi)
     pixels = np.asarray(values, dtype=np.float32)
     if photometric == "MONOCHROME1":
@@ -105,10 +114,16 @@ def read_dicom(path: str | Path, options: ReadOptions) -> IngestedImage:
         photometric_note = "MONOCHROME2"
     pixels = np.ascontiguousarray(pixels, dtype=np.float32)
 
-    spacing, spacing_source = _spacing(ds, options)
+    spacing, spacing_source, spacing_plane, spacing_note = _spacing(ds, options)
     extra = _extra_metadata(ds, tsyntax, photometric, voi_note)
     # True for legacy ACR-NEMA style files that carry no file meta.
     extra["transfer_syntax_inferred"] = inferred
+    if spacing_note:
+        extra["spacing_note"] = spacing_note
+    if padding is not None:
+        extra["padding_pixels"] = int(padding.sum())
+    if padding_note:
+        extra["padding_note"] = padding_note
 
     return IngestedImage(
         pixels=pixels,
@@ -117,8 +132,9 @@ def read_dicom(path: str | Path, options: ReadOptions) -> IngestedImage:
         source=str(path),
         source_format="dicom",
         photometric=photometric_note,
-        case_id=path.stem,
         extra=extra,
+        spacing_plane=spacing_plane,
+        padding=padding,
     )
 
 
@@ -173,6 +189,18 @@ def _sop_class_name(ds: Dataset) -> str:
     return UID(str(sop)).name
 
 
+def is_image_sop_class(sop_class_uid: str) -> bool:
+    """False for SOP classes known not to be images; True otherwise.
+
+    Every image storage SOP class pydicom knows has "Image Storage" in its
+    name; SR, RT Dose/Plan/Structure Set, Segmentation, presentation states,
+    encapsulated PDF, waveforms, DICOMDIR etc. do not. Unknown (private)
+    UIDs are given the benefit of the doubt: reading them says more.
+    """
+    uid = UID(str(sop_class_uid).strip())
+    return not (uid.type == "SOP Class" and "Image Storage" not in uid.name)
+
+
 def _check_single_grey_image(ds: Dataset, path: Path) -> str:
     """Refuse non-images, colour and multi-frame; return the photometric.
 
@@ -180,13 +208,8 @@ def _check_single_grey_image(ds: Dataset, path: Path) -> str:
         "MONOCHROME1" or "MONOCHROME2".
     """
     sop = ds.get("SOPClassUID")
-    if sop:
-        uid = UID(str(sop))
-        # Every image storage SOP class pydicom knows has "Image Storage" in
-        # its name; SR, RT Dose/Plan/Structure Set, Segmentation, presentation
-        # states, encapsulated PDF, waveforms etc. do not.
-        if uid.type == "SOP Class" and "Image Storage" not in uid.name:
-            raise InputError(path, f"not an image: {uid.name}")
+    if sop and not is_image_sop_class(str(sop)):
+        raise InputError(path, f"not an image: {UID(str(sop)).name}")
     if "PixelData" not in ds:
         what = _sop_class_name(ds) or "unknown SOP class"
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -370,19 +393,191 @@ def _spacing_from(ds: Dataset, keyword: str) -> tuple[float, float] | None:
     return (row, col)
 
 
-def _spacing(ds: Dataset, options: ReadOptions) -> tuple[tuple[float, float], str]:
-    """Pixel spacing in mm and where it came from.
+# spacing_source values written by _spacing, with the plane each implies.
+SPACING_SOURCES: dict[str, str] = {
+    "PixelSpacing (GEOMETRY)": "patient",
+    "PixelSpacing (FIDUCIAL)": "patient",
+    "PixelSpacing": "patient or unknown (see _spacing)",
+    "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor": "patient",
+    "ImagerPixelSpacing x DistanceSourceToPatient / DistanceSourceToDetector": "patient",
+    "ImagerPixelSpacing (detector plane)": "detector",
+    "NominalScannedPixelSpacing (detector plane)": "detector",
+    "default": "default",
+}
 
-    Pixel Spacing (calibrated to the patient) wins over Imager Pixel Spacing
-    (at the detector, includes geometric magnification); without either the
-    caller's default applies.
+_CALIBRATION_TYPES = ("GEOMETRY", "FIDUCIAL")  # PS3.3 10.7.1.2, enumerated values
+
+
+def _same_spacing(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Equal up to DS rounding (PS3.3 10.7.1.1 compares the values)."""
+    return all(math.isclose(x, y, rel_tol=1e-4) for x, y in zip(a, b))
+
+
+def _number(ds: Dataset, keyword: str) -> tuple[float | None, str]:
+    """(value, raw text) of a single-valued numeric element; value None when
+    absent, empty or not a finite number (raw text then says what was there)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None, ""
+    try:
+        number = _first_value(value)
+    except (TypeError, ValueError, IndexError):
+        return None, str(value)
+    return (number if math.isfinite(number) else None), str(value)
+
+
+def _magnification(ds: Dataset) -> tuple[float | None, str, list[str]]:
+    """Geometric magnification at the patient, SID / SOD, and its source.
+
+    Estimated Radiographic Magnification Factor (0018,1114) first; else
+    Distance Source to Detector (0018,1110) / Distance Source to Patient
+    (0018,1111) (DX Positioning Module, PS3.3 C.8.11.5, and XRF Positioner
+    Module, C.8.7.6: the factor is the ratio SID / SOD). A source cannot
+    be nearer the detector than the patient, so factors below 1 (SID < SOD)
+    and non-positive or non-finite values are rejected with a note.
+
+    Returns:
+        (factor or None, spacing_source for it, notes on rejected values).
     """
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        spacing = _spacing_from(ds, keyword)
-        if spacing is not None:
-            return spacing, keyword
+    notes: list[str] = []
+    ermf, raw = _number(ds, "EstimatedRadiographicMagnificationFactor")
+    if ermf is not None and ermf >= 1.0:
+        return ermf, "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor", notes
+    if raw:
+        notes.append(f"Estimated Radiographic Magnification Factor {raw!r} ignored (needs a finite number >= 1)")
+    sid, raw_sid = _number(ds, "DistanceSourceToDetector")
+    sod, raw_sod = _number(ds, "DistanceSourceToPatient")
+    if sid is not None and sod is not None and sod > 0 and sid >= sod:
+        return sid / sod, "ImagerPixelSpacing x DistanceSourceToPatient / DistanceSourceToDetector", notes
+    if raw_sid and raw_sod:
+        notes.append(
+            f"Distance Source to Detector {raw_sid!r} / Distance Source to Patient {raw_sod!r} ignored "
+            "(both must be finite and > 0, with the detector no nearer than the patient)"
+        )
+    return None, "", notes
+
+
+def _spacing(ds: Dataset, options: ReadOptions) -> tuple[tuple[float, float], str, str, str]:
+    """Pixel spacing in mm at the patient where the file allows, and its provenance.
+
+    The rule for projection radiographs (PS3.3 10.7.1.1-10.7.1.3, DX
+    Detector C.8.11.4, CR Image C.8.1.2, DX Positioning C.8.11.5):
+
+    1. Pixel Spacing (0028,0030), "physical distance in the Patient", when
+       present and calibrated:
+
+       - with Pixel Spacing Calibration Type (0028,0A02) GEOMETRY or
+         FIDUCIAL -> "PixelSpacing (GEOMETRY)" / "(FIDUCIAL)", plane
+         "patient";
+       - without it, but different from Imager Pixel Spacing (0018,1164) /
+         Nominal Scanned Pixel Spacing (0018,2010): 10.7.1.1 says the image
+         has then been corrected or calibrated -> "PixelSpacing", "patient";
+       - without either of those to compare with: 10.7.1.1 says it cannot
+         be determined -> "PixelSpacing", "unknown";
+       - equal to Imager Pixel Spacing without a calibration type: by
+         10.7.1.1 not calibrated (a detector-plane value copied over), so
+         it is handled as Imager Pixel Spacing alone, below (the
+         magnification correction then still applies); noted.
+
+    2. Imager Pixel Spacing (at the front plane of the detector, never
+       corrected for magnification) divided by the magnification factor
+       (:func:`_magnification`): "ImagerPixelSpacing /
+       EstimatedRadiographicMagnificationFactor" or "ImagerPixelSpacing x
+       DistanceSourceToPatient / DistanceSourceToDetector", plane "patient"
+       (strictly, the plane of the isocentre / centre of the field of view).
+    3. Imager Pixel Spacing as it is -> "ImagerPixelSpacing (detector
+       plane)", "detector"; then Nominal Scanned Pixel Spacing (film
+       digitiser pitch) -> "NominalScannedPixelSpacing (detector plane)".
+    4. ``options.pixel_spacing_mm`` -> "default", "default".
+
+    An unknown calibration type is ignored (noted); invalid spacings (not
+    two finite numbers > 0) count as absent.
+
+    Returns:
+        ((row, column) spacing in mm, spacing_source (a key of
+        :data:`SPACING_SOURCES`), plane ("patient", "detector", "unknown",
+        "default"), note: "" or why an element present was not used).
+    """
+    notes: list[str] = []
+    pixel = _spacing_from(ds, "PixelSpacing")
+    imager = _spacing_from(ds, "ImagerPixelSpacing")
+    scanned = _spacing_from(ds, "NominalScannedPixelSpacing")
+    detector = imager if imager is not None else scanned
+
+    if pixel is not None:
+        calibration = str(ds.get("PixelSpacingCalibrationType", "") or "").strip().upper()
+        if calibration in _CALIBRATION_TYPES:
+            return pixel, f"PixelSpacing ({calibration})", "patient", ""
+        if calibration:
+            notes.append(f"unknown Pixel Spacing Calibration Type {calibration!r} ignored")
+        if detector is None:
+            return pixel, "PixelSpacing", "unknown", "; ".join(notes)
+        if not _same_spacing(pixel, detector):
+            return pixel, "PixelSpacing", "patient", "; ".join(notes)
+        notes.append("Pixel Spacing equals the detector pixel spacing and has no calibration type: "
+                     "not calibrated (PS3.3 10.7.1.1)")
+
+    if imager is not None:
+        factor, source, why = _magnification(ds)
+        notes += why
+        if factor is not None:
+            return (imager[0] / factor, imager[1] / factor), source, "patient", "; ".join(notes)
+        return imager, "ImagerPixelSpacing (detector plane)", "detector", "; ".join(notes)
+    if scanned is not None:
+        return scanned, "NominalScannedPixelSpacing (detector plane)", "detector", "; ".join(notes)
     default = float(options.pixel_spacing_mm)
-    return (default, default), "default"
+    return (default, default), "default", "default", "; ".join(notes)
+
+
+def _padding_value(ds: Dataset, keyword: str) -> int | None:
+    """A Pixel Padding element as a stored pixel value (US or SS by Pixel
+    Representation; raw bytes when pydicom left the ambiguous VR open)."""
+    value = ds.get(keyword)
+    if value is None or value == "" or value == b"":
+        return None
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    if isinstance(value, (bytes, bytearray)):
+        little = ds.original_encoding[1] is not False
+        return int.from_bytes(bytes(value[:2]), "little" if little else "big", signed=signed)
+    try:
+        number = int(_first_value(value))
+    except (TypeError, ValueError, IndexError):
+        return None
+    bits = int(ds.get("BitsAllocated", 16))
+    if signed and number >= 1 << (bits - 1):
+        number -= 1 << bits  # read as US, meant as SS
+    return number
+
+
+def _padding_mask(ds: Dataset, stored: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """Which pixels are padding, from the stored values (PS3.3 C.7.5.1.1.2).
+
+    Pixel Padding Value (0028,0120) alone marks the pixels equal to it; with
+    Pixel Padding Range Limit (0028,0121) every stored value between the two
+    (inclusive, in either order: MONOCHROME1 puts the value above the limit)
+    is padding. Both are stored pixel values, before the Modality LUT.
+
+    Returns:
+        (bool (Rows, Columns) mask, True = padding, or None when the file
+        declares no padding or no pixel matches; note: "" or why the
+        elements were ignored, e.g. when every pixel would be padding).
+    """
+    value = _padding_value(ds, "PixelPaddingValue")
+    if value is None:
+        return None, ""
+    limit = _padding_value(ds, "PixelPaddingRangeLimit")
+    if limit is None:
+        mask = stored == value
+        what = f"Pixel Padding Value {value}"
+    else:
+        lo, hi = min(value, limit), max(value, limit)
+        mask = (stored >= lo) & (stored <= hi)
+        what = f"Pixel Padding Value/Range Limit {value}/{limit}"
+    if not mask.any():
+        return None, ""
+    if mask.all():
+        return None, f"{what} ignored: it matches every pixel"
+    return mask, ""
 
 
 def _extra_metadata(

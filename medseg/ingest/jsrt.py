@@ -1,7 +1,10 @@
 """JSRT ``.IMG``: headerless 2048x2048 big-endian uint16, 12 bits used.
 
 JSRT stores "white is zero" (high value = high optical density, so bone is
-dark); the reader inverts to display polarity. Pixel size 0.175 mm.
+dark); the reader inverts to display polarity. Pixel size 0.175 mm: the
+pitch at which the films were digitised, so it holds at the film (detector)
+plane and includes the geometric magnification of the chest; the images are
+read with spacing_plane "detector".
 """
 
 from __future__ import annotations
@@ -54,6 +57,6 @@ def read_jsrt(path: str | Path) -> IngestedImage:
         source=str(path),
         source_format="jsrt",
         photometric="white-is-zero (inverted)",
-        case_id=path.stem,
         extra={"bits_stored": JSRT_BITS},
+        spacing_plane="detector",
     )

@@ -6,10 +6,45 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Where a pixel spacing holds (IngestedImage.spacing_plane).
+SPACING_PLANES: tuple[str, ...] = ("patient", "detector", "unknown", "default")
+
+# Planes of the spacing sources that do not say it themselves: "config" and
+# "default" are the configured fallback; JSRT's 0.175 mm is the pitch at
+# which the films were digitised, i.e. at the film (detector) plane, not
+# corrected for magnification.
+_PLANE_OF_SOURCE: dict[str, str] = {"config": "default", "default": "default", "JSRT": "detector"}
+
+
+def plane_of_source(spacing_source: str) -> str:
+    """The spacing plane implied by a ``spacing_source`` string.
+
+    Used for readers that set no plane and for older prediction.json files
+    written before the plane was recorded. DICOM sources are classified by
+    the suffixes :mod:`medseg.ingest.dicom` writes ("(detector plane)", the
+    magnification corrections, the calibration types).
+
+    Returns:
+        One of :data:`SPACING_PLANES`; "unknown" for anything unrecognised.
+    """
+    source = str(spacing_source or "").strip()
+    if source in _PLANE_OF_SOURCE:
+        return _PLANE_OF_SOURCE[source]
+    if source.endswith("(detector plane)"):
+        return "detector"
+    if source.startswith("ImagerPixelSpacing") or source.startswith("PixelSpacing ("):
+        # Magnification-corrected Imager Pixel Spacing, or a calibrated
+        # Pixel Spacing (GEOMETRY / FIDUCIAL).
+        return "patient"
+    return "unknown"
+
 
 @dataclass
 class IngestedImage:
     """A radiograph read from disk, in display polarity.
+
+    It carries no case ID: what a scan is called depends on the other inputs
+    of the run (``medseg.ingest.inputs``), not on the file alone.
 
     Attributes:
         pixels: float32 array of shape (H, W). "Black is zero": bone and
@@ -17,15 +52,27 @@ class IngestedImage:
             Modality LUT (and VOI LUT / window where the file has one) applied.
         spacing_mm: (row spacing, column spacing) in millimetres.
         spacing_source: where the spacing came from, e.g. "PixelSpacing",
-            "ImagerPixelSpacing", "JSRT", "config", "default".
+            "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor",
+            "ImagerPixelSpacing (detector plane)", "JSRT", "config",
+            "default"; the DICOM values are listed in
+            :mod:`medseg.ingest.dicom` (``SPACING_SOURCES``).
         source: path of the file read.
         source_format: "dicom", "jsrt", or "raster".
         photometric: photometric handling applied, e.g. "MONOCHROME1 (inverted)",
             "MONOCHROME2", "white-is-zero (inverted)".
-        case_id: identifier safe to use in output names and logs. Never holds
-            patient-identifying fields.
         extra: further non-identifying metadata (e.g. DICOM UIDs for SEG
             references, bits stored, transfer syntax).
+        spacing_plane: where ``spacing_mm`` holds, one of
+            :data:`SPACING_PLANES`: "patient" (calibrated or corrected for
+            geometric magnification), "detector" (pixel pitch at the
+            detector / film: objects in the patient look larger by the
+            magnification factor, typically 5-20 % in width on a PA chest
+            film), "unknown" (the file does not say) or "default" (the
+            configured fallback, no measurement behind it). Left empty, it is
+            derived from ``spacing_source`` by :func:`plane_of_source`.
+        padding: bool (H, W), True where a pixel is padding (DICOM Pixel
+            Padding Value / Range Limit), to be left out of intensity
+            statistics; None when the file declares no padding.
     """
 
     pixels: np.ndarray
@@ -34,8 +81,19 @@ class IngestedImage:
     source: str
     source_format: str
     photometric: str
-    case_id: str
     extra: dict = field(default_factory=dict)
+    spacing_plane: str = ""
+    padding: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not self.spacing_plane:
+            self.spacing_plane = plane_of_source(self.spacing_source)
+        if self.spacing_plane not in SPACING_PLANES:
+            raise ValueError(f"spacing_plane must be one of {SPACING_PLANES}, got {self.spacing_plane!r}")
+        if self.padding is not None:
+            self.padding = np.asarray(self.padding, dtype=bool)
+            if self.padding.shape != self.pixels.shape:
+                raise ValueError(f"padding mask {self.padding.shape} does not match pixels {self.pixels.shape}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,8 +109,9 @@ class ReadOptions:
         invert: for PNG/JPEG/TIFF: True when the file is stored white-is-zero
             (bone dark), as the shared JSRT PNGs are.
         pixel_spacing_mm: spacing for formats without one (PNG/JPEG/TIFF) and
-            the fallback for DICOM files that lack PixelSpacing and
-            ImagerPixelSpacing.
+            the fallback for DICOM files that lack Pixel Spacing, Imager
+            Pixel Spacing and Nominal Scanned Pixel Spacing (reported with
+            spacing_plane "default").
         apply_voi: apply the DICOM VOI LUT / window when the file has one.
     """
 

@@ -100,6 +100,10 @@ def _dicom_bytes(image: np.ndarray, index: int, seed: int, pixel_spacing_mm: flo
     spacing = [f"{pixel_spacing_mm:.6g}", f"{pixel_spacing_mm:.6g}"]  # (row, column) mm
     ds.PixelSpacing = spacing
     ds.ImagerPixelSpacing = spacing
+    # The phantom is drawn at the patient: its spacing is calibrated, not
+    # detector pitch (PS3.3 10.7.1.3: equal spacings without a calibration
+    # type would read as detector plane).
+    ds.PixelSpacingCalibrationType = "GEOMETRY"
     ds.WindowCenter = (MAX_VALUE + 1) // 2
     ds.WindowWidth = MAX_VALUE + 1
     ds.PixelData = values.astype("<u2").tobytes()

@@ -35,9 +35,16 @@ MANIFEST_COLUMNS = (
 )
 
 
+# Written too, but not required of older manifests: the input's path
+# relative to the images folder (case IDs and mask keys derive from it), and
+# the plane its millimetres are measured at (medseg.ingest.types).
+OPTIONAL_COLUMNS = ("input_name", "spacing_plane")
+
+
 def write_manifest(path: str | Path, rows: Sequence[dict]) -> None:
-    """Write rows as CSV atomically, columns in :data:`MANIFEST_COLUMNS` order."""
-    frame = pd.DataFrame(list(rows), columns=list(MANIFEST_COLUMNS))
+    """Write rows as CSV atomically, columns in :data:`MANIFEST_COLUMNS` order
+    then :data:`OPTIONAL_COLUMNS`."""
+    frame = pd.DataFrame(list(rows), columns=[*MANIFEST_COLUMNS, *OPTIONAL_COLUMNS])
     frame = frame.sort_values("case_id", kind="stable")
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
@@ -49,6 +56,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: not a medseg manifest, missing columns {missing}")
+    if "input_name" not in frame.columns:  # manifests written before it was recorded
+        frame["input_name"] = [Path(s).name for s in frame["source"]]
     return frame
 
 

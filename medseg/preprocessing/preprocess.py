@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medseg.batch import Failure, report_failures, run_batch, write_failures
+from medseg.batch import Failure, report_failures, run_batch, write_failures, write_skipped
 from medseg.ingest import load_image
+from medseg.errors import InputError
+from medseg.ingest.inputs import CASE_ID_SOURCES, InputFile, ambiguity_note, collect_inputs, lookup_keys
 from medseg.ingest.masks import check_mask_geometry, read_label_image, read_scr_masks
 from medseg.ingest.types import IngestedImage, ReadOptions
 from medseg.nifti import save_nifti_2d
@@ -31,7 +32,6 @@ from medseg.structures import SCR_STRUCTURES, pack_masks
 log = logging.getLogger(__name__)
 
 MASK_FORMATS = ("scr", "label_image")
-CASE_ID_SOURCES = ("filename", "sop_instance_uid")
 
 
 @dataclass(frozen=True)
@@ -82,51 +82,28 @@ class PreprocessSettings:
     upper_percentile: float = 99.5
 
 
-def list_image_files(images: str | Path) -> list[Path]:
-    """All non-hidden files under ``images`` (recursive, sorted), or ``[images]``."""
-    images = Path(images)
-    if images.is_file():
-        return [images]
-    if not images.is_dir():
-        raise FileNotFoundError(f"{images}: no such file or folder")
-    return sorted(
-        p for p in images.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(images).parts)
-    )
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def safe_case_id(raw: str) -> str:
-    """Case ID usable as a file name (no separators, spaces or shell specials)."""
-    cleaned = _UNSAFE.sub("_", raw).strip("._")
-    return cleaned or "case"
-
-
-def case_id_of(image: IngestedImage, case_id_from: str = "filename") -> str:
-    """File-name-safe case ID: the file stem, or the SOP Instance UID."""
-    raw_id = image.case_id
-    if case_id_from == "sop_instance_uid":
-        raw_id = image.extra.get("sop_instance_uid") or raw_id
-    return safe_case_id(raw_id)
-
-
 def canonical_image(image: IngestedImage, size: int, lower_percentile: float = 0.5,
                     upper_percentile: float = 99.5) -> tuple[ResizePadGeometry, np.ndarray, np.ndarray]:
     """The network's view of an image: shared by preprocessing and prediction.
 
     Returns:
         (geometry, normalised (H, W) in [0, 1] at the original size,
-        preprocessed (1, size, size)).
+        preprocessed (1, size, size)). DICOM padding pixels
+        (``image.padding``) are left out of the percentiles and are 0.
     """
     geometry = ResizePadGeometry.fit(image.shape, image.spacing_mm, size)
-    normalised = normalise_intensity(image.pixels, lower_percentile, upper_percentile)
+    valid = None if image.padding is None else ~image.padding
+    normalised = normalise_intensity(image.pixels, lower_percentile, upper_percentile, valid=valid)
     return geometry, normalised, to_preprocessed(normalised[np.newaxis], geometry)
 
 
-def preprocess_case(image_path: Path, spec: DatasetSpec, settings: PreprocessSettings, out_dir: Path) -> dict:
+def preprocess_case(item: tuple[InputFile, Sequence[str]], spec: DatasetSpec, settings: PreprocessSettings,
+                    out_dir: Path) -> dict:
     """Preprocess one image (and its masks) and return its manifest row.
+
+    Args:
+        item: (the input with its case ID, the keys its masks may be stored
+            under: ``medseg.ingest.inputs.lookup_keys``).
 
     Writes ``out_dir/images/<case_id>.nii.gz`` (float32, size x size, [0, 1])
     and, with masks, ``out_dir/labels/<case_id>.nii.gz`` (uint8 bit field).
@@ -134,18 +111,22 @@ def preprocess_case(image_path: Path, spec: DatasetSpec, settings: PreprocessSet
     Raises:
         InputError: the image or its masks cannot be used.
     """
+    entry, mask_keys = item
+    image_path, case_id = entry.path, entry.case_id
     image = load_image(image_path, spec.read_options)
-    case_id = case_id_of(image, spec.case_id_from)
     geometry, _, preprocessed = canonical_image(image, settings.size, settings.lower_percentile,
                                                 settings.upper_percentile)
     preprocessed = preprocessed[0]
 
     label_path = ""
     if spec.masks_root is not None:
-        if spec.mask_format == "scr":
-            masks, mask_source = read_scr_masks(spec.masks_root, image.case_id, spec.structures, image_path)
-        else:
-            masks, mask_source = read_label_image(spec.masks_root, image.case_id, spec.label_values, image_path)
+        try:
+            if spec.mask_format == "scr":
+                masks, mask_source = read_scr_masks(spec.masks_root, mask_keys, spec.structures, image_path)
+            else:
+                masks, mask_source = read_label_image(spec.masks_root, mask_keys, spec.label_values, image_path)
+        except InputError as err:
+            raise InputError(err.path, err.problem + ambiguity_note(entry, mask_keys)) from None
         mask_shape = next(iter(masks.values())).shape
         check_mask_geometry(image_path, image.shape, mask_shape)
         stacked = np.stack([masks[name] for name in spec.structures]).astype(np.float32)
@@ -166,11 +147,13 @@ def preprocess_case(image_path: Path, spec: DatasetSpec, settings: PreprocessSet
         "image": image_rel,
         "label": label_path,
         "source": str(Path(image.source).resolve()),
+        "input_name": entry.name,
         "source_format": image.source_format,
         "mask_source": str(Path(mask_source).resolve()) if mask_source else "",
         "structures": "|".join(spec.structures) if label_path else "",
         "photometric": image.photometric,
         "spacing_source": image.spacing_source,
+        "spacing_plane": image.spacing_plane,
         **geometry.as_record(),
         "preprocessed_spacing_mm": float(np.mean(geometry.preprocessed_spacing_mm)),
         "scr_fold": fold if fold is not None else "",
@@ -185,6 +168,7 @@ class PreprocessResult:
     failures: list[Failure]
     manifest_path: Path
     failures_path: Path
+    skipped: list = field(default_factory=list)
 
 
 def preprocess_dataset(
@@ -192,31 +176,37 @@ def preprocess_dataset(
 ) -> PreprocessResult:
     """Preprocess every image under ``spec.images`` into ``out_dir``.
 
-    Writes ``manifest.csv`` (one row per successful case) and ``failures.csv``
-    (file, problem). Bad files are reported, not fatal.
+    Every image gets exactly one manifest row or one failure: case IDs are
+    unique in the run before anything is written (``medseg.ingest.inputs``),
+    and each case's masks are found by keys no other input shares.
+
+    Writes ``manifest.csv`` (one row per successful case), ``failures.csv``
+    (file, problem) and ``skipped.csv`` (non-image files found in the folder,
+    e.g. a DICOMDIR). Bad files are reported, not fatal.
+
+    Raises:
+        FileNotFoundError: ``spec.images`` does not exist or holds no image.
     """
     out_dir = Path(out_dir)
-    files = list_image_files(spec.images)
-    if not files:
+    inputs = collect_inputs([spec.images], spec.case_id_from)
+    if not inputs.files:
         raise FileNotFoundError(f"{spec.images}: no image files found")
+    items = list(zip(inputs.files, lookup_keys(inputs.files)))
     work = functools.partial(preprocess_case, spec=spec, settings=settings, out_dir=out_dir)
-    rows, failures = run_batch(files, work, label="preprocess", workers=workers)
-
-    # Two files with the same stem would overwrite each other's outputs.
-    seen: dict[str, str] = {}
-    unique_rows = []
-    for row in rows:
-        if row["case_id"] in seen:
-            failures.append(Failure(row["source"], f"duplicate case ID {row['case_id']!r} (also {seen[row['case_id']]})"))
-            continue
-        seen[row["case_id"]] = row["source"]
-        unique_rows.append(row)
+    rows, failures = run_batch(items, work, label="preprocess", workers=workers, name_of=lambda item: str(item[0].path))
 
     manifest_path = out_dir / "manifest.csv"
     failures_path = out_dir / "failures.csv"
-    write_manifest(manifest_path, unique_rows)
+    write_manifest(manifest_path, rows)
     write_failures(failures_path, failures)
-    report_failures(failures, len(files), "preprocess")
-    return PreprocessResult(unique_rows, failures, manifest_path, failures_path)
+    write_skipped(out_dir / "skipped.csv", inputs.skipped)
+    report_failures(failures, len(inputs.files), "preprocess", skipped=len(inputs.skipped))
+    if spec.mask_format == "label_image" and spec.masks_root is not None:
+        # A label value in no label image is usually a wrong --label-values
+        # table: warn, naming value and structure (issue 9).
+        from medseg.ingest.masks import check_label_values_occur
+
+        check_label_values_occur((row["mask_source"] for row in rows if row.get("mask_source")), spec.label_values)
+    return PreprocessResult(rows, failures, manifest_path, failures_path, inputs.skipped)
 
 

@@ -22,7 +22,8 @@ def predict_arguments():
 
 
 rule test_cases:
-    """The held-out test scans of one fold, as a list file for predict."""
+    """The held-out test scans of one fold, as a list file for predict (with
+    the manifest's case IDs, so predictions are named as in training)."""
     input:
         manifest="results/{dataset}/preprocessed/manifest.csv",
         splits="results/{dataset}/splits.json",
@@ -78,6 +79,7 @@ rule inference_inputs:
         "results/{dataset}/lists/inference_{batch}.txt",
     params:
         inputs=" ".join(shlex.quote(str(p)) for p in INFERENCE["inputs"]),
+        case_ids=case_id_argument(),
     log:
         "results/{dataset}/logs/inference_inputs_{batch}.log",
     threads: 1
@@ -85,7 +87,9 @@ rule inference_inputs:
         mem_mb=1000,
         runtime=30,
     shell:
-        "{MEDSEG} list-inputs {params.inputs} --out {output} > {log} 2>&1"
+        # Case IDs are fixed here, over the whole batch, so that every chunk
+        # job names its scans the same way.
+        "{MEDSEG} list-inputs {params.inputs} {params.case_ids} --out {output} > {log} 2>&1"
 
 
 rule predict_chunk:
@@ -130,6 +134,7 @@ rule gather_predictions:
     output:
         table=report(
             "results/{dataset}/predictions/{batch}/results.csv",
+            caption="../report/prediction_results.rst",
             category="Prediction",
             subcategory="{batch}",
             labels={"table": "results"},
@@ -169,6 +174,7 @@ rule evaluate:
     output:
         summary=report(
             "results/{dataset}/evaluation/fold{fold}/summary.csv",
+            caption="../report/evaluation_summary.rst",
             category="Evaluation",
             subcategory="fold {fold}",
             labels={"table": "summary"},
