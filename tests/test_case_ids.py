@@ -398,3 +398,18 @@ def test_evaluate_pairs_same_named_cases_with_their_own_truth(tmp_path):
                 "--no-mlflow", check_rc=1)
     assert "no case could be evaluated" in proc.stderr
     assert proc.stderr.count("other inputs of this run are called 'IM0001' too") >= 2
+
+
+def test_two_runs_with_same_names_into_one_folder_never_share_results(model_and_scans, tmp_path):
+    """`predict siteA/` then `predict siteB/` into the same --out: both name
+    their scan IM0001; the second must not be taken as already done."""
+    model, scans = model_and_scans
+    inputs = _collision_inputs(tmp_path / "in", scans)
+    out = tmp_path / "out"
+    _run("predict", inputs / "siteA", "--model", model, "--out", out, "--no-seg")
+    proc = _run("predict", inputs / "siteB", "--model", model, "--out", out, "--no-seg", check_rc=1)
+    assert "0 already done, 1 failed" in proc.stderr
+    failures = pd.read_csv(out / "failures.csv")
+    assert [Path(f) for f in failures.file] == [inputs / "siteB" / "IM0001.dcm"]
+    assert "holds the results of" in failures.problem[0] and "siteA" in failures.problem[0]
+    assert pd.read_csv(out / "results.csv").empty

@@ -120,12 +120,11 @@ def finished_by(out_dir: Path, entry: InputFile) -> str | None:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError):
         return None  # unreadable: predict it again
-    # The name (relative to the folder it was found in) still matches when
-    # the whole input folder was moved; the resolved path when the name was
-    # written by an older medseg.
-    if meta.get("input_name") == entry.name or meta.get("source") == str(entry.path.resolve()):
+    # The file itself, not its name: siteA/IM0001.dcm and siteB/IM0001.dcm
+    # predicted in two runs into one folder have the same name and case ID.
+    if meta.get("source") == str(entry.path.resolve()):
         return ""
-    return str(meta.get("source") or meta.get("input_name") or "another input")
+    return str(meta.get("source") or "another input")
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
