@@ -118,13 +118,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return EXIT_FAILURES if failures else EXIT_OK
 
 
-def _collect(inputs: Sequence[str], case_id_from: str = "filename"):
+def _collect(inputs: Sequence[str], case_id_from: str = "filename", exclude: Sequence[str] = ()):
     """The run's inputs with their case IDs; a bad list file or missing
     folder is bad usage (ValueError / FileNotFoundError reach main)."""
     from medseg.ingest.inputs import collect_inputs
 
     try:
-        return collect_inputs(inputs, case_id_from)
+        return collect_inputs(inputs, case_id_from, exclude=exclude)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -330,10 +330,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     # Case IDs are given over the whole batch, before a chunk is taken, so
     # every chunk job names its scans as an unsplit run would.
-    inputs = _collect(args.inputs, args.case_id_from)
+    inputs = _collect(args.inputs, args.case_id_from, exclude=[args.out])  # --out may lie in an input folder
     files = inputs.files
     if not files:
         log.error("no input files found in %s", " ".join(args.inputs))
+        return EXIT_USAGE
+    if not args.model.startswith(("models:/", "runs:/")) and not Path(args.model).exists():
+        log.error("model %s: file not found (give a best.pt, a model.json, models/summary.json or an MLflow "
+                  "models:/ or runs:/ URI)", args.model)
         return EXIT_USAGE
     if args.chunk is not None:
         log.info("chunk %d of %d (0-based) of %d files", args.chunk.index, args.chunk.count, len(files))
@@ -385,9 +389,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from medseg.structures import DEFAULT_LABELS
 
         labels = {k: list(v) for k, v in DEFAULT_LABELS.items()}
+    from medseg.errors import InputError
+
     pred_dir = Path(args.predictions)
-    table, problems = evaluate_predictions(pred_dir, Path(args.truth), labels, truth_format=args.truth_format,
-                                           label_values=args.label_values)
+    if not Path(args.truth).is_dir():
+        log.error("%s: ground-truth folder not found", args.truth)
+        return EXIT_USAGE
+    try:
+        table, problems = evaluate_predictions(pred_dir, Path(args.truth), labels, truth_format=args.truth_format,
+                                               label_values=args.label_values)
+    except (InputError, ValueError) as err:  # no prediction folder, inconsistent options
+        log.error("%s", err)
+        return EXIT_USAGE
     if table.empty:
         log.error("no case could be evaluated: %s", "; ".join(f"{c}: {p}" for c, p in problems[:5]))
         return EXIT_FAILURES

@@ -331,14 +331,15 @@ def test_chunked_predict_keeps_whole_batch_ids(model_and_scans, tmp_path):
     lines = listing.read_text().splitlines()
     assert len(lines) == 7 and all(len(line.split("\t")) == 3 for line in lines)
     out = tmp_path / "chunked"
-    for index in range(3):
-        _run("predict", listing, "--model", model, "--out", out, "--no-seg", "--chunk", f"{index}/3", check_rc=None)
-    _run("gather-predictions", out, "--chunks", 3)
+    for index in range(2):
+        _run("predict", listing, "--model", model, "--out", out, "--no-seg", "--chunk", f"{index}/2", check_rc=None)
+    _run("gather-predictions", out, "--chunks", 2)
     table = _check_table(out, 7)
     assert len(table) == 6
-    whole = tmp_path / "whole"
-    _run("predict", inputs, "--model", model, "--out", whole, "--no-seg", check_rc=1)
-    assert sorted(table.case_id) == sorted(pd.read_csv(whole / "results.csv", dtype={"case_id": str}).case_id)
+    # The IDs an unsplit run over the folder gives (collision-resolved over
+    # the whole batch, not per chunk).
+    whole = {f.case_id for f in collect_inputs([inputs]).files if f.path.name != "broken.dcm"}
+    assert set(table.case_id) == whole and {"siteA_IM0001", "siteB_IM0001"} <= whole
 
 
 def test_ingest_prints_one_line_per_input(tmp_path):
@@ -413,3 +414,56 @@ def test_two_runs_with_same_names_into_one_folder_never_share_results(model_and_
     assert [Path(f) for f in failures.file] == [inputs / "siteB" / "IM0001.dcm"]
     assert "holds the results of" in failures.problem[0] and "siteA" in failures.problem[0]
     assert pd.read_csv(out / "results.csv").empty
+
+
+def test_long_output_like_and_nested_names(tmp_path):
+    long_name = "y" * 245 + " z.png"  # legal (251 bytes) but too long with a hash and suffixes
+    files = [InputFile(Path("/d") / long_name, long_name), InputFile(Path("/d/failures.csv.png"), "failures.csv.png"),
+             InputFile(Path("/X1/sub/IM0002"), "sub/IM0002"), InputFile(Path("/X2/sub/IM0002"), "sub/IM0002")]
+    ids = [f.case_id for f in assign_case_ids(files)]
+    assert len(ids[0]) == 120 and ids[0].startswith("y" * 100)
+    assert ids[1].startswith("failures.csv-")  # never the batch's own failures.csv
+    assert ids[2:] == ["X1_sub_IM0002", "X2_sub_IM0002"]
+    assert all(is_safe_case_id(i) for i in ids)
+
+
+def test_rerun_reuses_results_only_for_the_same_file_model_and_settings(model_and_scans, tmp_path):
+    """Resume keys on the file as it is and on how it was predicted; the
+    --out folder inside the input folder is not read back as input; odd
+    files get one result or one clear failure each."""
+    model, scans = model_and_scans
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    phantoms = sorted(scans.iterdir())
+    (inputs / "y.dcm").write_bytes(phantoms[0].read_bytes())
+    no_uid = pydicom.dcmread(phantoms[1])
+    del no_uid.SOPInstanceUID
+    no_uid.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    no_uid.save_as(inputs / "no_uid.dcm")
+    (inputs / "empty.png").write_bytes(b"")
+    Image.fromarray(np.full((64, 48), 90, np.uint8)).save(inputs / ("y" * 245 + " z.png"))
+    out = inputs / "out"  # inside the input folder, as `predict . --out out` makes it
+    first = _run("predict", inputs, "--model", model, "--out", out, check_rc=1)
+    assert "no DICOM SEG written" in first.stderr  # the scan without a SOP Instance UID still gets its masks
+    assert "empty file (0 bytes)" in pd.read_csv(out / "failures.csv").problem[0]
+    table = _check_table(out, 4)
+    assert len(table) == 3 and table.set_index("case_id").at["no_uid", "dicom_seg"] == False  # noqa: E712
+    second = _run("predict", inputs, "--model", model, "--out", out, check_rc=1)
+    assert "3 already done" in second.stderr and "4 scans" in second.stderr  # out/ not read as input
+    # The same path now holds another scan: predicted again, not reused.
+    (inputs / "y.dcm").write_bytes(phantoms[2].read_bytes())
+    third = _run("predict", inputs, "--model", model, "--out", out, "--no-seg", check_rc=1)
+    assert "predict y.dcm again" in third.stderr
+    meta = json.loads((out / "y" / "prediction.json").read_text())
+    assert meta["source_bytes"] == len(phantoms[2].read_bytes())
+    assert pydicom.dcmread(phantoms[2]).Rows == meta["original_shape"][0]
+    # Other settings: predicted again too.
+    fourth = _run("predict", inputs, "--model", model, "--out", out, "--no-seg", "--threshold", "0.6", check_rc=1)
+    assert "0 already done" in fourth.stderr
+    _check_table(out, 4)
+
+
+def test_dicomdir_named_explicitly_says_what_it_is(tmp_path):
+    _write_fileset(tmp_path / "export", tmp_path)
+    proc = _run("ingest", tmp_path / "export" / "DICOMDIR", check_rc=1)
+    assert "not an image: DICOMDIR" in proc.stderr and "corrupt" not in proc.stderr

@@ -105,26 +105,50 @@ def _prepare(entry: InputFile, model: LoadedModel, settings: PredictSettings) ->
     return _Prepared(entry, image, geometry, tensor, normalised)
 
 
-def finished_by(out_dir: Path, entry: InputFile) -> str | None:
+# prediction.json keys that say what a result was made from (not table columns).
+_PROVENANCE_KEYS = ("source_bytes", "source_mtime_ns", "settings")
+
+
+def _provenance(entry: InputFile, model: LoadedModel, settings: PredictSettings) -> dict:
+    """The file's size and time and the model and settings used: a rerun
+    reuses a result only if all are unchanged."""
+    stat = entry.path.stat()
+    return {"source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
+            "settings": {"model_uri": model.uri, "threshold": settings.threshold, "tta": settings.tta,
+                         "postprocess": settings.postprocess, "read_options": repr(settings.read_options)}}
+
+
+def finished_by(out_dir: Path, entry: InputFile, model: LoadedModel, settings: PredictSettings) -> str | None:
     """Whether ``out_dir/<case_id>`` holds this input's finished results.
 
     Returns:
-        None when the scan has not finished there; "" when it has, for this
-        input; else the other input whose results the folder holds (an earlier
-        run that named its inputs differently): never taken for this one.
+        "" when it does, made from this file as it is now, with this model
+        and these settings; None when the scan is to be predicted (not
+        finished, or the file, model or settings changed since: the results
+        are then replaced); else the other file whose results the folder
+        holds (an earlier run that named its inputs differently), which are
+        never taken for this one's.
     """
     meta_file = out_dir / entry.case_id / "prediction.json"
-    if not meta_file.exists():
-        return None
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
     except (OSError, ValueError):
-        return None  # unreadable: predict it again
+        meta = None  # unreadable: predict it again
+    if meta is None:
+        return None
     # The file itself, not its name: siteA/IM0001.dcm and siteB/IM0001.dcm
     # predicted in two runs into one folder have the same name and case ID.
-    if meta.get("source") == str(entry.path.resolve()):
-        return ""
-    return str(meta.get("source") or "another input")
+    if meta.get("source") != str(entry.path.resolve()):
+        return str(meta.get("source") or "another input")
+    try:
+        current = _provenance(entry, model, settings)
+    except OSError:
+        return None  # the file is gone: reading it fails and says so
+    if {k: meta.get(k) for k in _PROVENANCE_KEYS} != current:
+        log.info("predict %s again: the file, the model or the settings changed since its results were made",
+                 entry.name)
+        return None
+    return ""
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -219,9 +243,13 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
         from medseg.inference.dicom_seg import write_dicom_seg
         from medseg import __version__
 
-        write_dicom_seg(prep.path, masks, case_dir / "seg.dcm", model_name=model.uri or "medseg",
-                        model_version=__version__)
-        seg_written = True
+        try:
+            write_dicom_seg(prep.path, masks, case_dir / "seg.dcm", model_name=model.uri or "medseg",
+                            model_version=__version__)
+            seg_written = True
+        except Exception as err:  # noqa: BLE001 - the masks stand without a SEG; say why there is none
+            log.warning("predict %s: no DICOM SEG written (%s: %s); masks and tables are", prep.entry.name,
+                        type(err).__name__, err)
 
     pixel_area = spacing[0] * spacing[1]
     row = {
@@ -244,7 +272,8 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
         "seconds": forward_seconds + time.perf_counter() - started,
         "dicom_seg": seg_written,
     }
-    meta = {**row, "labels": model.labels, "spacing_mm": list(spacing), "original_shape": list(prep.image.shape)}
+    meta = {**row, "labels": model.labels, "spacing_mm": list(spacing), "original_shape": list(prep.image.shape),
+            **_provenance(prep.entry, model, settings)}
     write_text_atomic(case_dir / "prediction.json", json.dumps(meta, indent=1) + "\n")
     return row
 
@@ -312,7 +341,7 @@ def gather_results(out_dir: Path, case_ids: Iterable[str] | None = None) -> pd.D
     rows = []
     for meta in metas:
         record = json.loads(meta.read_text())
-        for key in ("labels", "spacing_mm", "original_shape"):
+        for key in ("labels", "spacing_mm", "original_shape", *_PROVENANCE_KEYS):
             record.pop(key, None)
         rows.append(record)
     return pd.DataFrame(rows)
@@ -355,7 +384,7 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
     for batch_files in _batches(files, settings.batch_size):
         prepared: list[_Prepared] = []
         for entry in batch_files:
-            owner = finished_by(out_dir, entry)
+            owner = finished_by(out_dir, entry, model, settings)
             if owner:
                 failures.append(Failure(str(entry.path), f"its output folder {out_dir / entry.case_id} holds the "
                                         f"results of {owner} from an earlier run; predict into a new --out folder"))
@@ -389,14 +418,15 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
                     done += 1
                 except Exception as err:  # noqa: BLE001
                     failures.append(Failure(str(prep.path), f"{type(err).__name__}: {err}"))
+                    log.warning("predict %s FAILED: %s", prep.entry.name, failures[-1].problem)
         handled = done + already_done + len(failures)
         elapsed = time.perf_counter() - start
         log.info("predict %d/%d scans (%d new, %d already done, %d failed) %.1f scans/s", handled, len(files),
                  done, already_done, len(failures), done / elapsed if elapsed else 0.0)
     report_failures(failures, len(files), "predict" if chunk is None else f"predict {chunk.name}",
                     skipped=len(skipped))
+    write_skipped(out_dir / "skipped.csv", skipped)  # the same list from every chunk job
     if chunk is None:
-        write_skipped(out_dir / "skipped.csv", skipped)
         return write_batch_tables(out_dir, failures, case_ids), failures
     table = gather_results(out_dir, case_ids)  # this chunk's scans only, not the whole batch folder
     results_path, failures_path = chunk_table_paths(out_dir, chunk)

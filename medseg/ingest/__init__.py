@@ -40,6 +40,13 @@ def load_image(path: str | Path, options: ReadOptions | None = None) -> Ingested
         medseg.errors.InputError: naming the file and the problem.
     """
     options = options or ReadOptions()
+    from medseg.errors import InputError
+
+    try:
+        if Path(path).stat().st_size == 0:
+            raise InputError(path, "empty file (0 bytes): incomplete copy or download?")
+    except OSError:
+        pass  # the reader names the problem (missing, not a file)
     fmt = image_format(path)
     if fmt == "jsrt":
         from medseg.ingest.jsrt import read_jsrt

@@ -54,6 +54,9 @@ _DECODER_PACKAGES: dict[str, str] = {
     "1.2.840.10008.1.2.5": "pylibjpeg and pylibjpeg-rle",  # RLE Lossless
 }
 
+# The Media Storage SOP Class of a DICOMDIR (PS3.4 Annex F, PS3.10 8.6).
+MEDIA_STORAGE_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
+
 # Elements whose presence shows that a force-read file really is DICOM: a
 # text or random binary file "parses" under force=True into junk tags only.
 _IMAGE_EVIDENCE = ("SOPClassUID", "Modality", "Rows", "Columns", "PixelData")
@@ -168,6 +171,10 @@ def read_dataset(path: Path) -> Dataset:
             "truncated DICOM file: it ends inside a data element (incomplete "
             "copy or download?)",
         )
+    media = str(getattr(ds, "file_meta", None) and ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
+    if media == MEDIA_STORAGE_DIRECTORY_STORAGE:
+        raise InputError(path, "not an image: DICOMDIR, the directory of a DICOM file-set (give its folder: "
+                               "the images in it are read and the DICOMDIR skipped)")
     if not any(keyword in ds for keyword in _IMAGE_EVIDENCE):
         if forced:
             raise InputError(

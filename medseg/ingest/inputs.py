@@ -66,13 +66,17 @@ log = logging.getLogger(__name__)
 
 CASE_ID_SOURCES = ("filename", "sop_instance_uid")
 
-# The Media Storage SOP Class of a DICOMDIR (PS3.4 Annex F, PS3.10 8.6).
-MEDIA_STORAGE_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
 # PS3.10 8.6: a file-set's directory file is always called DICOMDIR.
 DICOMDIR_NAME = "DICOMDIR"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _HASH_DIGITS = 8
+# File names are limited to 255 bytes; outputs add suffixes such as
+# ".nii.gz", and very long IDs are unreadable anyway.
+MAX_CASE_ID_LENGTH = 120
+# An ID that looks like a file of an output folder (results.csv, failures.csv,
+# ctr_distribution.png, manifest.csv, ...) would clash with it there.
+_OUTPUT_FILE_LIKE = re.compile(r"\.(csv|parquet|png|json|txt|log|tsv|html|nii|gz|dcm)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,11 @@ def safe_case_id(raw: str) -> str:
 
 
 def is_safe_case_id(text: str) -> bool:
-    """True when ``text`` can be used as a case ID as it is."""
-    return bool(text) and safe_case_id(text) == text
+    """True when ``text`` can be used as a case ID as it is: only letters,
+    digits, ``.``, ``_``, ``-``, at most :data:`MAX_CASE_ID_LENGTH` long, and
+    not looking like an output file (``results.csv``)."""
+    return (bool(text) and safe_case_id(text) == text and len(text) <= MAX_CASE_ID_LENGTH
+            and not _OUTPUT_FILE_LIKE.search(text))
 
 
 def _ascii_letters(text: str) -> str:
@@ -170,9 +177,9 @@ def base_case_id(name: str) -> str:
     # anything else outside ASCII becomes "_".
     cleaned = [safe_case_id(_ascii_letters(part)) for part in parts]
     joined = "_".join(part for part in cleaned if part)
-    if joined and cleaned == list(parts):
+    if joined and cleaned == list(parts) and is_safe_case_id(joined):
         return joined
-    return f"{joined or 'case'}-{short_hash(name)}"
+    return f"{joined[:MAX_CASE_ID_LENGTH - _HASH_DIGITS - 1] or 'case'}-{short_hash(name)}"
 
 
 def assign_case_ids(files: Sequence[InputFile], uids: Sequence[str | None] | None = None) -> list[InputFile]:
@@ -202,7 +209,7 @@ def assign_case_ids(files: Sequence[InputFile], uids: Sequence[str | None] | Non
             for index, new_id in zip(group, _tell_apart([files[i] for i in group], [ids[i] for i in group])):
                 ids[index] = new_id
     if _collisions(ids):  # only reachable with adversarial names; never write over a scan
-        ids = [f"{i}-{short_hash(str(f.path.resolve()))}" if _collisions(ids) else i for f, i in zip(files, ids)]
+        ids = [_with_hash(i, str(f.path.resolve())) for f, i in zip(files, ids)]
     return [replace(f, case_id=i) for f, i in zip(files, ids)]
 
 
@@ -218,16 +225,21 @@ def _tell_apart(files: Sequence[InputFile], ids: Sequence[str]) -> list[str]:
     """New IDs for inputs that share one (step 3 of the module docstring)."""
     names = [f.name for f in files]
     if len({n.casefold() for n in names}) == len(names):
-        return [f"{i}-{short_hash(n)}" for i, n in zip(ids, names)]
-    # The same name in several folders: prefix the nearest parent folders
-    # that make the IDs differ.
-    parents = [f.path.resolve().parent.parts[::-1] for f in files]
+        return [_with_hash(i, n) for i, n in zip(ids, names)]
+    # The same name in several input folders: prefix the nearest folders
+    # above the name that make the IDs differ.
+    parents = [f.path.resolve().parts[:-len(PurePosixPath(f.name).parts)][::-1] for f in files]
     for depth in range(1, max(len(p) for p in parents) + 1):
         prefixed = ["_".join([*(safe_case_id(part) for part in reversed(p[:depth]) if safe_case_id(part)), i])
                     for p, i in zip(parents, ids)]
-        if len({p.casefold() for p in prefixed}) == len(prefixed):
+        if len({p.casefold() for p in prefixed}) == len(prefixed) and all(map(is_safe_case_id, prefixed)):
             return prefixed
-    return [f"{i}-{short_hash(str(f.path.resolve()))}" for f, i in zip(files, ids)]
+    return [_with_hash(i, str(f.path.resolve())) for f, i in zip(files, ids)]
+
+
+def _with_hash(case_id: str, text: str) -> str:
+    """``case_id`` with the hash of ``text`` appended, within the length limit."""
+    return f"{case_id[:MAX_CASE_ID_LENGTH - _HASH_DIGITS - 1]}-{short_hash(text)}"
 
 
 def lookup_keys(files: Sequence[InputFile]) -> list[tuple[str, ...]]:
@@ -303,14 +315,18 @@ def _list_file_entries(path: Path) -> Iterable[tuple[InputFile, str | None]]:
         yield InputFile(file, name, explicit=True), case_id
 
 
-def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename") -> InputSet:
+def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename",
+                   exclude: Sequence[str | Path] = ()) -> InputSet:
     """Every file a run reads from ``inputs``, each with its case ID.
 
     Args:
         inputs: folders (searched recursively, hidden files skipped), globs,
             list files (``.txt``, see the module docstring) and files, in
-            order; a file reached twice counts once.
+            order; a file reached twice (also through a link) counts once,
+            with a warning.
         case_id_from: "filename" (the name) or "sop_instance_uid".
+        exclude: folders whose files are never inputs, found while walking
+            (the run's own output folder, when it lies inside an input folder).
 
     Returns:
         InputSet: the inputs in order with unique case IDs (list-file IDs
@@ -330,10 +346,12 @@ def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename")
         path = Path(text)
         if any(ch in text for ch in "*?["):
             root = _glob_root(text)
-            for match in sorted(globbing.glob(text, recursive=True)):
-                if Path(match).is_file():
-                    found.append(InputFile(Path(match), _relative_name(Path(match), root)))
-                    given_ids.append(None)
+            matches = [Path(m) for m in sorted(globbing.glob(text, recursive=True)) if Path(m).is_file()]
+            if not matches:
+                log.warning("no file matches %s", text)
+            for match in matches:
+                found.append(InputFile(match, _relative_name(match, root)))
+                given_ids.append(None)
         elif path.is_dir():
             for file in list_image_files(path):
                 found.append(InputFile(file, file.relative_to(path).as_posix()))
@@ -349,12 +367,16 @@ def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename")
     files: list[InputFile] = []
     ids: list[str | None] = []
     skipped: list[Skipped] = []
-    seen: set[Path] = set()
+    seen: dict[Path, InputFile] = {}
+    excluded = [Path(e).resolve() for e in exclude]
     for entry, case_id in zip(found, given_ids):
         key = entry.path.resolve()
+        if not entry.explicit and any(key.is_relative_to(folder) for folder in excluded):
+            continue  # the run's own outputs
         if key in seen:
+            log.warning("%s is the same file as %s: read once", entry.path, seen[key].path)
             continue
-        seen.add(key)
+        seen[key] = entry
         reason = None if entry.explicit else non_image_reason(entry.path)
         if reason:
             skipped.append(Skipped(str(entry.path), reason))
@@ -429,7 +451,7 @@ def non_image_reason(path: Path) -> str | None:
     skipped. Anything else, unreadable files included, is an input: it gets
     a result or a failure that names the problem.
     """
-    from medseg.ingest.dicom import is_image_sop_class
+    from medseg.ingest.dicom import MEDIA_STORAGE_DIRECTORY_STORAGE, is_image_sop_class
 
     if path.name.upper() == DICOMDIR_NAME:
         return "DICOMDIR (the directory of a DICOM file-set, not an image)"

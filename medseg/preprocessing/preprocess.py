@@ -188,7 +188,9 @@ def preprocess_dataset(
         FileNotFoundError: ``spec.images`` does not exist or holds no image.
     """
     out_dir = Path(out_dir)
-    inputs = collect_inputs([spec.images], spec.case_id_from)
+    if not Path(spec.images).exists():
+        raise FileNotFoundError(f"{spec.images}: no such file or folder")
+    inputs = collect_inputs([spec.images], spec.case_id_from, exclude=[out_dir])
     if not inputs.files:
         raise FileNotFoundError(f"{spec.images}: no image files found")
     items = list(zip(inputs.files, lookup_keys(inputs.files)))
