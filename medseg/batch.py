@@ -121,24 +121,24 @@ def run_batch(
     return results, failures
 
 
-def write_failures(path: str | Path, failures: Sequence[Failure]) -> None:
-    """Write failures as CSV (columns: file, problem), header only when none."""
+def _write_file_table(path: str | Path, header: tuple[str, str], rows: Iterable[tuple[str, str]]) -> None:
+    """A two-column CSV, written atomically; header only when no row."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["file", "problem"])
-    for failure in failures:
-        writer.writerow([failure.file, failure.problem])
+    writer.writerow(header)
+    writer.writerows(rows)
     write_text_atomic(path, buffer.getvalue())
+
+
+def write_failures(path: str | Path, failures: Sequence[Failure]) -> None:
+    """Write failures as CSV (columns: file, problem), header only when none."""
+    _write_file_table(path, ("file", "problem"), ((f.file, f.problem) for f in failures))
 
 
 def write_skipped(path: str | Path, skipped: Sequence) -> None:
-    """Write the files skipped as non-images (columns: file, reason), header only when none."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["file", "reason"])
-    for entry in skipped:
-        writer.writerow([entry.file, entry.reason])
-    write_text_atomic(path, buffer.getvalue())
+    """Write the files skipped as non-images (``medseg.ingest.inputs.Skipped``;
+    columns: file, reason), header only when none."""
+    _write_file_table(path, ("file", "reason"), ((s.file, s.reason) for s in skipped))
 
 
 def report_failures(failures: Sequence[Failure], total: int, label: str, skipped: int = 0) -> None:

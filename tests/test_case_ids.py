@@ -306,21 +306,6 @@ def test_predict_same_names_each_scan_once_batch_size_1(model_and_scans, tmp_pat
     assert sorted(_check_table(pair, 2).case_id) == ["siteA_IM0001", "siteB_IM0001"]
 
 
-def test_predict_refuses_an_output_folder_holding_another_scan(model_and_scans, tmp_path):
-    model, scans = model_and_scans
-    one = sorted(scans.iterdir())[0]
-    out = tmp_path / "out"
-    _run("predict", one, "--model", model, "--out", out, "--no-seg")
-    case_id = one.stem
-    meta_file = out / case_id / "prediction.json"
-    meta = json.loads(meta_file.read_text())
-    meta.update(source="/elsewhere/other.dcm", input_name="other/" + one.name)  # as left by another naming
-    meta_file.write_text(json.dumps(meta))
-    proc = _run("predict", one, "--model", model, "--out", out, "--no-seg", check_rc=1)
-    assert "holds the results of /elsewhere/other.dcm" in proc.stderr
-    assert pd.read_csv(out / "results.csv").empty and len(pd.read_csv(out / "failures.csv")) == 1
-
-
 def test_chunked_predict_keeps_whole_batch_ids(model_and_scans, tmp_path):
     model, scans = model_and_scans
     inputs = _collision_inputs(tmp_path / "in", scans)
@@ -394,11 +379,12 @@ def test_evaluate_pairs_same_named_cases_with_their_own_truth(tmp_path):
     assert sorted(set(cases.case_id)) == ["siteA_IM0001", "siteB_IM0001"]
     assert (cases.dice == 1.0).all(), proc.stderr  # swapped truth would score far lower
     # Flat truth named after the shared file name: neither case takes it.
+    from medseg.evaluation.evaluate import evaluate_predictions
+
     _write_masks(tmp_path / "flat", "IM0001", truth["siteA"])
-    proc = _run("evaluate", "--predictions", preds, "--truth", tmp_path / "flat", "--out", tmp_path / "eval2",
-                "--no-mlflow", check_rc=1)
-    assert "no case could be evaluated" in proc.stderr
-    assert proc.stderr.count("other inputs of this run are called 'IM0001' too") >= 2
+    table, problems = evaluate_predictions(preds, tmp_path / "flat")
+    assert table.empty and [case for case, _ in problems] == ["siteA_IM0001", "siteB_IM0001"]
+    assert all("other inputs of this run are called 'IM0001' too" in problem for _, problem in problems)
 
 
 def test_two_runs_with_same_names_into_one_folder_never_share_results(model_and_scans, tmp_path):

@@ -195,21 +195,23 @@ def test_preprocess_of_exif_rotated_png_lines_up_with_upright_masks(tmp_path):
     (tmp_path / "untagged").mkdir()
     Image.fromarray(stored_for(upright, 6)).save(tmp_path / "untagged" / "CASE1.png")
 
+    from medseg.ingest.types import ReadOptions
+    from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
+
     outputs = {}
     for folder in ("upright", "exif", "exif8", "untagged"):
         out = tmp_path / f"pre-{folder}"
-        proc = _run("preprocess", "--images", str(tmp_path / folder), "--masks", str(tmp_path / "masks"),
-                    "--size", "64", "--pixel-spacing", "0.7", "--out", str(out))
-        outputs[folder] = (proc, out)
-    proc, _ = outputs["untagged"]
-    assert proc.returncode != 0 and "does not match" in (proc.stdout + proc.stderr)
+        spec = DatasetSpec(tmp_path / folder, tmp_path / "masks", read_options=ReadOptions(pixel_spacing_mm=0.7))
+        outputs[folder] = (preprocess_dataset(spec, PreprocessSettings(size=64), out), out)
+    result, _ = outputs["untagged"]
+    assert not result.rows and "does not match" in result.failures[0].problem
 
     reference_image, _ = load_nifti_2d(outputs["upright"][1] / "images" / "CASE1.nii.gz")
     reference_label, _ = load_nifti_2d(outputs["upright"][1] / "labels" / "CASE1.nii.gz")
     assert reference_label.any()
     for folder, orientation in (("exif", 6), ("exif8", 8)):
-        proc, out = outputs[folder]
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        result, out = outputs[folder]
+        assert not result.failures, result.failures
         image_out, _ = load_nifti_2d(out / "images" / "CASE1.nii.gz")
         label_out, _ = load_nifti_2d(out / "labels" / "CASE1.nii.gz")
         assert np.array_equal(image_out, reference_image)
