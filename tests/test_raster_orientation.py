@@ -225,3 +225,32 @@ def test_preprocess_of_exif_rotated_png_lines_up_with_upright_masks(tmp_path):
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["shape"] == [160, 128]
     assert "EXIF orientation 6 applied (rotated 90 degrees clockwise)" in record["photometric"]
+
+
+def test_predict_on_exif_rotated_jpeg_gives_upright_masks_and_the_same_ctr(model_and_scans, tmp_path):
+    """The issue's case: a JPEG stored sideways with EXIF Orientation 6 is
+    segmented upright, with the CTR of the upright scan."""
+    import pandas as pd
+
+    from medseg.ingest import load_image
+    from medseg.preprocessing.intensity import normalise_intensity
+
+    model, scans = model_and_scans
+    image = load_image(sorted(scans.iterdir())[0])  # 160x128 phantom, display polarity
+    upright = np.round(normalise_intensity(image.pixels) * 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(upright).save(tmp_path / "in" / "upright.jpg", quality=95)
+    write_tagged(tmp_path / "in" / "turned.jpg", upright, 6, quality=95)
+    out = tmp_path / "out"
+    proc = _run("predict", str(tmp_path / "in"), "--model", str(model), "--out", str(out),
+                "--pixel-spacing", str(image.spacing_mm[0]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_csv(out / "results.csv").set_index("case_id")
+    assert (table.at["turned", "rows"], table.at["turned", "cols"]) == upright.shape
+    assert table.at["turned", "ctr"] == pytest.approx(table.at["upright", "ctr"], abs=0.01)
+    for label in ("heart", "lungs"):
+        with Image.open(out / "turned" / "masks" / f"{label}.png") as a, \
+                Image.open(out / "upright" / "masks" / f"{label}.png") as b:
+            turned, plain = np.asarray(a) > 0, np.asarray(b) > 0
+        assert turned.shape == plain.shape == upright.shape
+        assert 2 * (turned & plain).sum() / (turned.sum() + plain.sum()) > 0.95, label
