@@ -47,6 +47,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
 def _chunk(text: str):
     from medseg.inference.predict import Chunk
 
@@ -330,6 +337,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     # Case IDs are given over the whole batch, before a chunk is taken, so
     # every chunk job names its scans as an unsplit run would.
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        log.error("--out %s is a file; give a folder for the results", out)
+        return EXIT_USAGE
+    if any(Path(item).is_dir() and Path(item).resolve() == out.resolve() for item in args.inputs):
+        log.error("--out %s is an input folder; give a folder of its own for the results (it may lie inside)", out)
+        return EXIT_USAGE
     inputs = _collect(args.inputs, args.case_id_from, exclude=[args.out])  # --out may lie in an input folder
     files = inputs.files
     if not files:
@@ -461,8 +475,19 @@ def cmd_list_inputs(args: argparse.Namespace) -> int:
     if not inputs.files:
         log.error("no input files found in %s", " ".join(args.inputs))
         return EXIT_USAGE
-    write_text_atomic(args.out, "".join(list_file_line(f.path.resolve(), f.case_id, f.name) for f in inputs.files))
-    log.info("%d input files -> %s (%d non-image files skipped)", len(inputs.files), args.out, len(inputs.skipped))
+    lines, unlisted = [], []
+    for f in inputs.files:
+        try:
+            lines.append(list_file_line(f.path.resolve(), f.case_id, f.name))
+        except ValueError:  # a tab or line break in the path: no list line can hold it
+            unlisted.append(f.path)
+            log.error("%s: cannot be listed: its path holds a tab or line break (rename it, or predict its "
+                      "folder directly)", f.path)
+    write_text_atomic(args.out, "".join(lines))
+    log.info("%d input files -> %s (%d non-image files skipped)", len(lines), args.out, len(inputs.skipped))
+    if unlisted:
+        log.error("list-inputs: %d of %d inputs could not be listed", len(unlisted), len(inputs.files))
+        return EXIT_FAILURES
     return EXIT_OK
 
 
@@ -553,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (one sub-folder per scan + results.csv/.parquet)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, "
                                           "else results/mlflow.db)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=_probability, default=0.5,
+                   help="probability above which a pixel belongs to a label, between 0 and 1 (default 0.5)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (small shifts, no flips)")
     p.add_argument("--no-postprocess", action="store_true", help="keep all connected components and holes")
     p.add_argument("--no-seg", action="store_true", help="do not write DICOM SEG files")

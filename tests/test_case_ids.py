@@ -346,7 +346,7 @@ def test_list_file_with_unsafe_or_repeated_case_ids_is_bad_usage(tmp_path):
     proc = _run("list-inputs", bad, "--out", tmp_path / "x.txt", check_rc=2)
     assert "same" in proc.stderr and "more than one file" in proc.stderr
     bad.write_text(f"{a}\t../escape\n")
-    assert "not file-name safe" in _run("ingest", bad, check_rc=2).stderr
+    assert "is not usable" in _run("ingest", bad, check_rc=2).stderr
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -447,6 +447,39 @@ def test_rerun_reuses_results_only_for_the_same_file_model_and_settings(model_an
     fourth = _run("predict", inputs, "--model", model, "--out", out, "--no-seg", "--threshold", "0.6", check_rc=1)
     assert "0 already done" in fourth.stderr
     _check_table(out, 4)
+    # Other weights behind the same model path: predicted again.
+    import torch
+
+    changed = tmp_path / "model" / "best.pt"
+    changed.parent.mkdir()
+    state = torch.load(model, map_location="cpu", weights_only=False)
+    state["model"] = {k: v * 0.5 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, changed)
+    _run("predict", inputs, "--model", changed, "--out", out, "--no-seg", "--threshold", "0.6", check_rc=1)
+    state["model"] = {k: v * 2 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, changed)
+    fifth = _run("predict", inputs, "--model", changed, "--out", out, "--no-seg", "--threshold", "0.6", check_rc=1)
+    assert "0 already done" in fifth.stderr
+    # A later run with another --out does not read this one's outputs (inside the input folder).
+    other = _run("predict", inputs, "--model", changed, "--out", tmp_path / "other", "--no-seg", check_rc=1)
+    assert f"not read: {out} holds medseg outputs" in other.stderr
+    _check_table(tmp_path / "other", 4)
+
+
+def test_bad_usage_is_exit_2(model_and_scans, tmp_path):
+    model, scans = model_and_scans
+    assert "between 0 and 1" in _run("predict", scans, "--model", model, "--out", tmp_path / "o", "--threshold",
+                                     "2", check_rc=2).stderr
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in _run("predict", scans, "--model", model, "--out", tmp_path / "file", check_rc=2).stderr
+    assert "is an input folder" in _run("predict", scans, "--model", model, "--out", scans, check_rc=2).stderr
+    # A path no list line can hold is refused by name; the others are listed.
+    (tmp_path / "in").mkdir()
+    for name in ("a\ttab.png", "plain.png"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "in" / name)
+    proc = _run("list-inputs", tmp_path / "in", "--out", tmp_path / "list.txt", check_rc=1)
+    assert "a\ttab.png: cannot be listed" in proc.stderr
+    assert [line.split("\t")[1] for line in (tmp_path / "list.txt").read_text().splitlines()] == ["plain"]
 
 
 def test_dicomdir_named_explicitly_says_what_it_is(tmp_path):

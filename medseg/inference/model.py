@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,17 @@ class LoadedModel:
     size: int
     intensity: dict = field(default_factory=lambda: dict(DEFAULT_INTENSITY))
     uri: str = ""
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the weights (state dict tensors in order) plus the
+        labels, size and intensity settings: which model made a result,
+        whatever path or alias it was loaded through."""
+        digest = hashlib.sha256(repr((self.labels, self.size, sorted(self.intensity.items()))).encode())
+        for name, tensor in self.module.state_dict().items():
+            digest.update(name.encode())
+            # As raw bytes: numpy has no bfloat16.
+            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
 
 def _from_checkpoint(path: Path) -> LoadedModel:

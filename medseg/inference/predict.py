@@ -109,16 +109,25 @@ def _prepare(entry: InputFile, model: LoadedModel, settings: PredictSettings) ->
 _PROVENANCE_KEYS = ("source_bytes", "source_mtime_ns", "settings")
 
 
-def _provenance(entry: InputFile, model: LoadedModel, settings: PredictSettings) -> dict:
-    """The file's size and time and the model and settings used: a rerun
-    reuses a result only if all are unchanged."""
+def _run_settings(model: LoadedModel, settings: PredictSettings) -> dict:
+    """What a result depends on besides the file: the model's weights (not
+    its path or alias, which can point to other weights later) and the
+    settings."""
+    return {"model_uri": model.uri, "model_sha256": model.fingerprint(), "threshold": settings.threshold,
+            "tta": settings.tta, "postprocess": settings.postprocess, "write_seg": settings.write_seg,
+            "read_options": repr(settings.read_options)}
+
+
+def _provenance(entry: InputFile, run_settings: dict) -> dict:
+    """The file's size and time and the run's settings: a rerun reuses a
+    result only if all are unchanged (size and time, as make and rsync do:
+    reading every file again to hash it would make a resumed run as slow as
+    a fresh one)."""
     stat = entry.path.stat()
-    return {"source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
-            "settings": {"model_uri": model.uri, "threshold": settings.threshold, "tta": settings.tta,
-                         "postprocess": settings.postprocess, "read_options": repr(settings.read_options)}}
+    return {"source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns, "settings": run_settings}
 
 
-def finished_by(out_dir: Path, entry: InputFile, model: LoadedModel, settings: PredictSettings) -> str | None:
+def finished_by(out_dir: Path, entry: InputFile, run_settings: dict) -> str | None:
     """Whether ``out_dir/<case_id>`` holds this input's finished results.
 
     Returns:
@@ -141,7 +150,7 @@ def finished_by(out_dir: Path, entry: InputFile, model: LoadedModel, settings: P
     if meta.get("source") != str(entry.path.resolve()):
         return str(meta.get("source") or "another input")
     try:
-        current = _provenance(entry, model, settings)
+        current = _provenance(entry, run_settings)
     except OSError:
         return None  # the file is gone: reading it fails and says so
     if {k: meta.get(k) for k in _PROVENANCE_KEYS} != current:
@@ -206,7 +215,7 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 
 def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel, settings: PredictSettings,
-                 out_dir: Path, forward_seconds: float, started: float) -> dict:
+                 out_dir: Path, forward_seconds: float, started: float, run_settings: dict) -> dict:
     """Map one scan's probabilities back, clean, measure and write outputs."""
     from medseg.inference.ctr import cardiothoracic_ratio, draw_ctr_lines, qc_flags
     from medseg.inference.plausibility import check_anatomy, gate_ctr
@@ -273,7 +282,7 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
         "dicom_seg": seg_written,
     }
     meta = {**row, "labels": model.labels, "spacing_mm": list(spacing), "original_shape": list(prep.image.shape),
-            **_provenance(prep.entry, model, settings)}
+            **_provenance(prep.entry, run_settings)}
     write_text_atomic(case_dir / "prediction.json", json.dumps(meta, indent=1) + "\n")
     return row
 
@@ -377,6 +386,7 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
     shared = sorted({f.case_id for f in files if counts[f.case_id.casefold()] > 1})
     if shared or any(not f.case_id for f in files):
         raise ValueError(f"inputs without a unique case ID: {', '.join(shared) or 'empty ID'}")
+    run_settings = _run_settings(model, settings)
     failures: list[Failure] = []
     case_ids: list[str] = []  # of this run's inputs (finished now or before)
     done = already_done = 0
@@ -384,7 +394,7 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
     for batch_files in _batches(files, settings.batch_size):
         prepared: list[_Prepared] = []
         for entry in batch_files:
-            owner = finished_by(out_dir, entry, model, settings)
+            owner = finished_by(out_dir, entry, run_settings)
             if owner:
                 failures.append(Failure(str(entry.path), f"its output folder {out_dir / entry.case_id} holds the "
                                         f"results of {owner} from an earlier run; predict into a new --out folder"))
@@ -414,7 +424,7 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
                 try:
                     # seconds: this scan's share of the forward pass + its own
                     # mapping back, measuring and writing.
-                    _finish_scan(prep, prob, model, settings, out_dir, per_scan, time.perf_counter())
+                    _finish_scan(prep, prob, model, settings, out_dir, per_scan, time.perf_counter(), run_settings)
                     done += 1
                 except Exception as err:  # noqa: BLE001
                     failures.append(Failure(str(prep.path), f"{type(err).__name__}: {err}"))

@@ -53,6 +53,7 @@ from __future__ import annotations
 import glob as globbing
 import hashlib
 import logging
+import os
 import re
 import unicodedata
 from collections import defaultdict
@@ -273,9 +274,21 @@ def ambiguity_note(entry: InputFile, keys: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- finding the files
 
 
+# Files that mark a folder as medseg's own output (a predict or preprocess
+# --out, or one scan's results folder): never read back as input.
+_OUTPUT_MARKERS = (("prediction.json",), ("results.csv", "failures.csv"), ("manifest.csv", "failures.csv"))
+
+
+def is_output_folder(folder: Path) -> bool:
+    """True when ``folder`` holds medseg's own outputs (see ``_OUTPUT_MARKERS``)."""
+    return any(all((folder / name).is_file() for name in marker) for marker in _OUTPUT_MARKERS)
+
+
 def list_image_files(folder: str | Path) -> list[Path]:
     """All non-hidden files under ``folder`` (recursive, sorted), or ``[folder]``
-    when it is a file.
+    when it is a file. Folders that hold medseg's own outputs (an earlier
+    run's ``--out`` inside an input folder) are left out, with an
+    informational line.
 
     Raises:
         FileNotFoundError: ``folder`` does not exist.
@@ -285,10 +298,20 @@ def list_image_files(folder: str | Path) -> list[Path]:
         return [folder]
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such file or folder")
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    files: list[Path] = []
+    for current, dirs, names in os.walk(folder):
+        here = Path(current)
+        kept = []
+        for name in sorted(dirs):
+            if name.startswith("."):
+                continue
+            if is_output_folder(here / name):
+                log.info("not read: %s holds medseg outputs (an earlier --out)", here / name)
+                continue
+            kept.append(name)
+        dirs[:] = kept
+        files += [here / name for name in names if not name.startswith(".") and (here / name).is_file()]
+    return sorted(files)
 
 
 def _glob_root(pattern: str) -> Path:
@@ -310,8 +333,9 @@ def _list_file_entries(path: Path) -> Iterable[tuple[InputFile, str | None]]:
         case_id = fields[1].strip() if len(fields) > 1 and fields[1].strip() else None
         name = fields[2].strip() if len(fields) > 2 and fields[2].strip() else file.name
         if case_id is not None and not is_safe_case_id(case_id):
-            raise ValueError(f"{path}:{number}: case ID {case_id!r} is not file-name safe "
-                             "(letters, digits, '.', '_', '-')")
+            raise ValueError(f"{path}:{number}: case ID {case_id!r} is not usable: it must be letters, digits, "
+                             f"'.', '_', '-', at most {MAX_CASE_ID_LENGTH} characters, and not end like an output "
+                             "file (.csv, .png, .json, ...)")
         yield InputFile(file, name, explicit=True), case_id
 
 
