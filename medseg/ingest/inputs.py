@@ -317,7 +317,7 @@ def list_image_files(folder: str | Path) -> list[Path]:
 def _glob_root(pattern: str) -> Path:
     """The folder part of a glob before its first wildcard."""
     parts = Path(pattern).parts
-    fixed = [p for p in parts[: next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))]]
+    fixed = parts[: next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))]
     return Path(*fixed) if fixed else Path(".")
 
 

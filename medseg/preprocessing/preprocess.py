@@ -19,7 +19,7 @@ import numpy as np
 from medseg.batch import Failure, report_failures, run_batch, write_failures, write_skipped
 from medseg.ingest import load_image
 from medseg.errors import InputError
-from medseg.ingest.inputs import CASE_ID_SOURCES, InputFile, ambiguity_note, collect_inputs, lookup_keys
+from medseg.ingest.inputs import CASE_ID_SOURCES, InputFile, Skipped, ambiguity_note, collect_inputs, lookup_keys
 from medseg.ingest.masks import check_mask_geometry, read_label_image, read_scr_masks
 from medseg.ingest.types import IngestedImage, ReadOptions
 from medseg.nifti import save_nifti_2d
@@ -168,7 +168,7 @@ class PreprocessResult:
     failures: list[Failure]
     manifest_path: Path
     failures_path: Path
-    skipped: list = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
 
 def preprocess_dataset(
