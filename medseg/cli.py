@@ -40,6 +40,25 @@ def _label_values(text: str) -> dict[int, str]:
     return table
 
 
+def _label_groups(text: str) -> dict[str, list[str]]:
+    """'{"lungs": ["left_lung", "right_lung"]}' -> {"lungs": ["left_lung", "right_lung"]}."""
+    try:
+        groups = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err.msg} at character {err.pos}): {text!r}") from None
+    if not isinstance(groups, dict) or not groups:
+        raise argparse.ArgumentTypeError(f'expected a JSON object of label groups, e.g. {{"lungs": ["left_lung", '
+                                         f'"right_lung"]}}, got {text!r}')
+    for name, group in groups.items():
+        if not name.strip():
+            raise argparse.ArgumentTypeError(f"label names must not be empty, got {text!r}")
+        if (not isinstance(group, list) or not group
+                or not all(isinstance(s, str) and s.strip() for s in group)):
+            raise argparse.ArgumentTypeError(f"label {name!r}: expected a non-empty list of structure names, "
+                                             f"got {json.dumps(group)}")
+    return groups
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -181,7 +200,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     from medseg.preprocessing.preview import preview_manifest
 
-    labels = json.loads(args.labels) if args.labels else None
+    labels = args.labels
     n = preview_manifest(args.manifest, args.out, max_cases=args.max_cases, **({"labels": labels} if labels else {}))
     log.info("drew %d cases into %s", n, args.out)
     return EXIT_OK
@@ -331,28 +350,30 @@ def cmd_tracking_server(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from medseg.inference.model import load_model
-    from medseg.inference.predict import PredictSettings, predict_files
-    from medseg.training.trainer import pick_device
-
-    # Case IDs are given over the whole batch, before a chunk is taken, so
-    # every chunk job names its scans as an unsplit run would.
+    # Bad usage is refused before torch is imported or any input is read.
     out = Path(args.out)
+    if not args.model.startswith(("models:/", "runs:/")) and not Path(args.model).exists():
+        log.error("model %s: file not found (give a best.pt, a model.json, models/summary.json or an MLflow "
+                  "models:/ or runs:/ URI)", args.model)
+        return EXIT_USAGE
     if out.exists() and not out.is_dir():
         log.error("--out %s is a file; give a folder for the results", out)
         return EXIT_USAGE
     if any(Path(item).is_dir() and Path(item).resolve() == out.resolve() for item in args.inputs):
         log.error("--out %s is an input folder; give a folder of its own for the results (it may lie inside)", out)
         return EXIT_USAGE
+    # Case IDs are given over the whole batch, before a chunk is taken, so
+    # every chunk job names its scans as an unsplit run would.
     inputs = _collect(args.inputs, args.case_id_from, exclude=[args.out])  # --out may lie in an input folder
     files = inputs.files
     if not files:
         log.error("no input files found in %s", " ".join(args.inputs))
         return EXIT_USAGE
-    if not args.model.startswith(("models:/", "runs:/")) and not Path(args.model).exists():
-        log.error("model %s: file not found (give a best.pt, a model.json, models/summary.json or an MLflow "
-                  "models:/ or runs:/ URI)", args.model)
-        return EXIT_USAGE
+
+    from medseg.inference.model import load_model
+    from medseg.inference.predict import PredictSettings, predict_files
+    from medseg.training.trainer import pick_device
+
     if args.chunk is not None:
         log.info("chunk %d of %d (0-based) of %d files", args.chunk.index, args.chunk.count, len(files))
         files = args.chunk.select(files)
@@ -396,7 +417,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         comparison_table, evaluate_predictions, log_evaluation_to_mlflow, summarise, write_evaluation,
     )
 
-    labels = json.loads(args.labels) if args.labels else None
+    # Bad usage is refused before any work: a missing --model-json would
+    # otherwise surface only after the results were written.
+    for option, path in (("--model-json", args.model_json), ("--config", args.config)):
+        if path and not Path(path).is_file():
+            raise UsageError(f"{option} {path}: file not found")
+    labels = args.labels
     config = _load_config(args.config) if args.config else {}
     labels = labels or config.get("labels")
     if not labels:
@@ -409,6 +435,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not Path(args.truth).is_dir():
         log.error("%s: ground-truth folder not found", args.truth)
         return EXIT_USAGE
+    if args.truth_format == "scr":  # a structure without its folder would fail every case
+        absent = sorted({s for group in labels.values() for s in group if not (Path(args.truth) / s).is_dir()})
+        if absent:
+            raise UsageError(f"labels use structures with no folder in {args.truth} (SCR layout "
+                             f"<structure>/<ID>.gif): {', '.join(absent)}")
     try:
         table, problems = evaluate_predictions(pred_dir, Path(args.truth), labels, truth_format=args.truth_format,
                                                label_values=args.label_values)
@@ -547,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--max-cases", type=_positive_int, default=12)
-    p.add_argument("--labels", help='label groups as JSON, e.g. \'{"lungs": ["left_lung", "right_lung"]}\'')
+    p.add_argument("--labels", type=_label_groups,
+                   help='label groups as JSON, e.g. \'{"lungs": ["left_lung", "right_lung"]}\'')
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("train", help="train a U-Net on one fold, tracked in MLflow (resumes from last.pt)")
@@ -603,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", required=True, help="ground truth: SCR layout (<structure>/<ID>.gif) or label images")
     p.add_argument("--truth-format", choices=["scr", "label_image"], default="scr")
     p.add_argument("--label-values", type=_label_values, help="for label images: VALUE=STRUCTURE,...")
-    p.add_argument("--labels", help='label groups as JSON (default: the config\'s, else heart/lungs/clavicles)')
+    p.add_argument("--labels", type=_label_groups,
+                   help='label groups as JSON (default: the config\'s, else heart/lungs/clavicles)')
     p.add_argument("--config", help="workflow config (labels, MLflow experiment)")
     p.add_argument("--model-json", help="the fold's model.json: links the evaluation run to its training run")
     p.add_argument("--tracking-uri")

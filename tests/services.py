@@ -2,8 +2,9 @@
 
 Where the programs are missing, the tests install them from Debian's packages
 (scripts/install-system-packages.sh) when they can (root + apt-get), and skip
-with the reason otherwise. CI sets MEDSEG_REQUIRE_SERVICE_TESTS=1, which turns
-such a skip into a failure, so these tests cannot silently stop running there.
+with the reason otherwise (``skip_or_fail``, from tests/requirements_switch.py):
+CI sets MEDSEG_REQUIRE_ALL_TESTS=1, which turns such a skip into a failure, so
+these tests cannot silently stop running there.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from requirements_switch import skip_or_fail
 
 from medseg.tracking_server import POSTGRES_PROGRAMS, PostgresNotFound, find_postgres_bin_dir, free_port
 
@@ -22,12 +23,6 @@ __all__ = ["free_port", "require_programs", "skip_or_fail", "which"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-system-packages.sh"
-
-
-def skip_or_fail(reason: str) -> None:
-    if os.environ.get("MEDSEG_REQUIRE_SERVICE_TESTS") == "1":
-        pytest.fail(f"service test cannot run, but MEDSEG_REQUIRE_SERVICE_TESTS=1: {reason}")
-    pytest.skip(reason)
 
 
 @functools.cache

@@ -7,7 +7,6 @@ when it is present.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from conftest import shared_data_dir
 from dicom_factory import (
     COMPRESSED_SYNTAXES,
     PATIENT_BIRTH_DATE,
@@ -34,6 +34,7 @@ from dicom_factory import (
     make_sr,
     synthetic_image,
 )
+from requirements_switch import import_or_skip_or_fail, skip_or_fail
 from medseg.errors import InputError
 from medseg.ingest import load_image
 from medseg.ingest.dicom import read_dicom
@@ -44,17 +45,14 @@ OPTS = ReadOptions()
 
 def _shared_cr_path() -> Path:
     """The real CR file: $MEDSEG_SHARED_DATA/dicom/... or <repo>/../shared/data/..."""
-    env = os.environ.get("MEDSEG_SHARED_DATA")
-    if env:
-        return Path(env) / "dicom" / "CR-MONO1-10-chest.dcm"
-    return Path(__file__).resolve().parents[2] / "shared/data/dicom/CR-MONO1-10-chest.dcm"
+    return shared_data_dir() / "dicom" / "CR-MONO1-10-chest.dcm"
 
 
 @pytest.fixture(scope="module")
 def real_cr() -> Path:
     path = _shared_cr_path()
     if not path.is_file():
-        pytest.skip(f"shared CR file not available at {path}")
+        skip_or_fail(f"shared CR file not available at {path}")
     return path
 
 
@@ -252,7 +250,7 @@ def test_load_image_dispatches_extensionless_file_to_dicom(tmp_path: Path) -> No
 @pytest.mark.parametrize("syntax", COMPRESSED_SYNTAXES, ids=lambda uid: uid.keyword)
 def test_compressed_matches_uncompressed(tmp_path: Path, syntax) -> None:
     if syntax in (JPEGLossless, JPEGLosslessSV1):
-        pytest.importorskip("imagecodecs")  # the factory's JPEG Lossless encoder
+        import_or_skip_or_fail("imagecodecs")  # the factory's JPEG Lossless encoder
     stored = synthetic_image(60, 44, bits_stored=12)
     plain = read_dicom(make_dicom(tmp_path / "plain.dcm", stored), OPTS)
     packed = read_dicom(

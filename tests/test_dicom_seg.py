@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from pathlib import Path
 
@@ -13,7 +12,9 @@ import pydicom
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian
 
+from conftest import shared_data_dir
 from dicom_factory import PATIENT_ID, make_dicom, synthetic_image
+from requirements_switch import skip_or_fail
 from medseg.errors import InputError
 from medseg.inference.dicom_seg import read_dicom_seg, write_dicom_seg
 
@@ -22,11 +23,9 @@ LEGACY_NAME = "CR-MONO1-10-chest.dcm"
 
 
 def _legacy_cr() -> Path:
-    env = os.environ.get("MEDSEG_SHARED_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-    path = root / "dicom" / LEGACY_NAME
+    path = shared_data_dir() / "dicom" / LEGACY_NAME
     if not path.is_file():
-        pytest.skip(f"legacy CR not present at {path}")
+        skip_or_fail(f"legacy CR not present at {path}")
     return path
 
 

@@ -50,10 +50,25 @@ def test_identical_masks_score_perfectly():
 
 
 def test_disjoint_masks_have_zero_overlap():
+    """10x10 squares at (0, 0) and (30, 30), 1 mm pixels.
+
+    Edges: each square's 36-pixel ring (the image border counts as outside).
+    A ring pixel of A at (9 - i, 9 - j) has its nearest B edge pixel at B's
+    corner (30, 30): distance sqrt((21 + i)^2 + (21 + j)^2), ring means i or j
+    in {0, 9}. B -> A is the mirror image: the same 36 values.
+    The largest, sorted: sqrt(30^2 + 30^2) (pixel (0, 0)), then
+    sqrt(29^2 + 30^2) twice (pixels (0, 1) and (1, 0)), then
+    sqrt(28^2 + 30^2) twice. HD95: rank 0.95 * 35 = 33.25 (linear) lies
+    between the 34th and 35th values, both sqrt(29^2 + 30^2), so
+    HD95 = sqrt(1741) = 41.725 mm. ASSD: the mean of the 36 distances.
+    """
     m = segmentation_metrics(square(0, 0, 10), square(30, 30, 10), (1.0, 1.0))
     assert m["dice"] == 0.0 and m["jaccard"] == 0.0
-    # Nearest edge pixels: (9, 9) and (30, 30): 21 px apart on each axis.
-    assert m["hd95_mm"] > 21 * math.sqrt(2) - TOL
+    ring = [math.hypot(21 + i, 21 + j) for i in range(10) for j in range(10) if i in (0, 9) or j in (0, 9)]
+    assert len(ring) == 36
+    assert sorted(ring)[33] == sorted(ring)[34] == pytest.approx(math.sqrt(29**2 + 30**2), abs=1e-12)
+    assert m["hd95_mm"] == pytest.approx(math.sqrt(29**2 + 30**2), abs=TOL)  # 41.725 mm
+    assert m["assd_mm"] == pytest.approx(sum(ring) / 36, abs=TOL)  # 36.250 mm
 
 
 def test_square_shifted_right_by_4px():
@@ -281,19 +296,39 @@ def test_write_evaluation_files_and_pictures(scored):
     assert pd.read_csv(out / "summary.csv", index_col="label").loc["lungs", "worst_case"] == "SHIFTED"
     assert set(pd.read_csv(out / "problems.csv").case_id) == {"NOTRUTH", "BROKEN"}
     txt = (out / "summary.txt").read_text()
+    assert txt.startswith("Evaluation of 2 cases\n")
     assert "Novikov et al. 2018" in txt and "NOTRUTH" in txt
-    for png in ("boxplots.png", "worst_cases.png"):
-        with Image.open(out / png) as img:
-            pixels = np.asarray(img.convert("L"), dtype=float)
-        assert min(pixels.shape) > 200 and pixels.std() > 5, png  # a drawn figure, not a blank canvas
+    assert comparison_table(scored["summary"]) in txt
+    assert "this evaluation (n=2)                       0.833   0.500      1.000" in txt  # mean Jaccard
+    assert "lungs     0.900 0.141   0.900  0.800" in txt  # Dice mean, std, median, worst
+    # Box plots: 2 rows x 3 labels of 3.2 x 3 inches at 100 dpi, with the
+    # boxes' orange median lines drawn.
+    boxes = _picture_colours(out / "boxplots.png", (960, 600))
+    assert boxes.get((255, 127, 14), 0) > 100 and len(boxes) > 20
+    # Worst cases: 4 tiles (truth, prediction of SHIFTED and PERFECT) in one
+    # row of 3-inch tiles, drawn with overlay_rgb on mid-grey: the exact
+    # overlay colours of lungs, heart and clavicles (0.65 * 0.5 + 0.35 * colour).
+    gallery = _picture_colours(out / "worst_cases.png", (1200, 300))
+    for colour in ((127, 127, 127), (82, 172, 82), (172, 82, 82), (82, 109, 172)):
+        assert gallery.get(colour, 0) > 1000, colour
     assert not list(out.glob(".tmp-*"))  # atomic writes left nothing behind
+
+
+def _picture_colours(path: Path, size: tuple[int, int]) -> dict[tuple[int, int, int], int]:
+    """{RGB colour: pixel count} of a PNG figure, after checking its size and mode."""
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.mode == "RGBA" and img.size == size, (img.format, img.mode, img.size)
+        pixels = np.asarray(img.convert("RGB")).reshape(-1, 3)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    return {tuple(int(v) for v in c): int(n) for c, n in zip(colours, counts)}
 
 
 def test_boxplots_from_a_bare_table(tmp_path):
     table = pd.DataFrame({"case_id": ["a", "b", "c"], "label": "lungs", "dice": [0.9, 0.95, 0.97],
                           "jaccard": [0.8, 0.9, 0.94], "hd95_mm": [3.0, math.inf, 1.0], "assd_mm": [1.0, math.inf, 0.5]})
     save_boxplots(table, tmp_path / "box.png")
-    assert (tmp_path / "box.png").stat().st_size > 5_000
+    colours = _picture_colours(tmp_path / "box.png", (320, 600))  # one label: 3.2 x 6 inches at 100 dpi
+    assert colours.get((255, 127, 14), 0) > 50 and colours.get((0, 0, 0), 0) > 500 and len(colours) > 20
 
 
 def test_log_evaluation_to_mlflow(scored):

@@ -7,8 +7,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 
@@ -169,18 +167,4 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: p
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
-def test_render_overlay_png(tmp_path: Path) -> None:
-    image, masks = render_phantom(2, (256, 256))
-    fig = Figure(figsize=(4, 4), dpi=50)
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-    for name, colour in zip(SCR_STRUCTURES, ("red", "green", "blue", "yellow", "cyan")):
-        ax.contour(masks[name], levels=[0.5], colors=colour, linewidths=1)
-    ax.axis("off")
-    out = tmp_path / "overlay.png"
-    fig.savefig(out)
-    assert out.is_file()
-    with Image.open(out) as png:
-        assert png.size == (200, 200)
-        assert np.asarray(png.convert("L"), dtype=np.float32).std() > 20
+# Overlay colours of phantoms and known masks: tests/test_visualise.py (medseg's own overlay_rgb).

@@ -31,33 +31,128 @@ def _predict(model: Path, inputs, out: Path, *extra, check=True):
     return proc
 
 
-def test_predict_outputs_at_original_geometry(model_and_scans, tmp_path):
+def _truth(raw: Path, case: str, columns_step: int = 1) -> dict[str, np.ndarray]:
+    """The phantom's own ground truth per label, at the scan's geometry
+    (columns averaged in groups of ``columns_step``, as the scan's pixels)."""
+    masks = {}
+    for label, sources in DEFAULT_LABELS.items():
+        union = np.zeros((0, 0), dtype=bool)
+        for name in sources:
+            with Image.open(raw / "masks" / name / f"{case}.gif") as gif:
+                mask = np.asarray(gif.convert("L")) > 127
+            union = mask if union.size == 0 else union | mask
+        if columns_step > 1:
+            h, w = union.shape
+            union = union.reshape(h, w // columns_step, columns_step).mean(axis=2) >= 0.5
+        masks[label] = union
+    return masks
+
+
+def _with_non_square_pixels(source: Path, dest: Path, columns_step: int) -> None:
+    """The scan with every ``columns_step`` columns averaged into one: the
+    same anatomy on pixels ``columns_step`` times wider than tall
+    (Pixel Spacing row\\column = s\\columns_step*s)."""
+    ds = pydicom.dcmread(source)
+    stored = ds.pixel_array.astype(np.float64)
+    h, w = stored.shape
+    ds.PixelData = np.round(stored.reshape(h, w // columns_step, columns_step).mean(axis=2)).astype("<u2").tobytes()
+    ds.Columns = w // columns_step
+    row, col = (float(v) for v in ds.PixelSpacing)
+    ds.PixelSpacing = ds.ImagerPixelSpacing = [f"{row:g}", f"{col * columns_step:g}"]
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(dest, enforce_file_format=True)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+@pytest.fixture(scope="module")
+def truth_run(model_and_scans, tmp_path_factory):
+    """One `medseg predict` over the 4 unseen phantom scans (160x128, 1.4 mm;
+    MONOCHROME1 and MONOCHROME2) and non-square-pixel versions of two of them
+    (160x64, 1.4 x 2.8 mm). Returns (output folder, input folder,
+    {case ID: (truth masks per label at the scan's geometry, (row, column) spacing in mm)})."""
     model, scans = model_and_scans
-    _predict(model, [scans], tmp_path)
-    table = pd.read_csv(tmp_path / "results.csv")
-    parquet = pd.read_parquet(tmp_path / "results.parquet")
-    assert len(table) == len(parquet) == 4
+    raw = model.parent.parent / "raw"
+    tmp = tmp_path_factory.mktemp("truth-run")
+    inputs = tmp / "in"
+    inputs.mkdir()
+    expected = {}
+    for source in sorted(scans.glob("*.dcm")):
+        (inputs / source.name).write_bytes(source.read_bytes())
+        expected[source.stem] = (_truth(raw, source.stem), (1.4, 1.4))
+    for source in sorted(scans.glob("*.dcm"))[:2]:  # one MONOCHROME1, one MONOCHROME2
+        name = f"{source.stem}-wide"
+        _with_non_square_pixels(source, inputs / f"{name}.dcm", 2)
+        expected[name] = (_truth(raw, source.stem, columns_step=2), (1.4, 2.8))
+    _predict(model, [inputs], tmp / "out")
+    return tmp / "out", inputs, expected
+
+
+def test_predicted_masks_match_truth_at_scan_geometry(truth_run):
+    """Masks and CTR agree with the phantoms' own truth at each scan's size and
+    aspect, for MONOCHROME1 and MONOCHROME2, a non-square image (160x128) and
+    non-square pixels (1.4 x 2.8 mm): a flipped, shifted, transposed or
+    polarity-inverted prediction fails."""
+    from medseg.inference.ctr import cardiothoracic_ratio
+
+    out, inputs, expected = truth_run
+    photometric = {pydicom.dcmread(f, stop_before_pixels=True).PhotometricInterpretation
+                   for f in inputs.iterdir()}
+    assert photometric == {"MONOCHROME1", "MONOCHROME2"}
+    table = pd.read_csv(out / "results.csv").set_index("case_id")
+    assert sorted(table.index) == sorted(expected)
+    for case, (truth, spacing) in expected.items():
+        predicted = {}
+        for label in DEFAULT_LABELS:
+            with Image.open(out / case / "masks" / f"{label}.png") as png:
+                predicted[label] = np.asarray(png) > 0
+            assert predicted[label].shape == truth[label].shape, (case, label)
+        dice = {label: _dice(predicted[label], truth[label]) for label in DEFAULT_LABELS}
+        # The test model reaches lungs 0.96-0.98 and heart 0.94-0.97 here; a
+        # flip, a shift by a few pixels or an inverted polarity falls below.
+        assert dice["lungs"] > 0.93 and dice["heart"] > 0.9, (case, dice)
+        # CTR: within 0.03 here; a column of 2.8 mm moves it by ~0.013.
+        truth_ctr = cardiothoracic_ratio(truth["heart"], truth["lungs"], spacing).ctr
+        assert table.loc[case, "ctr"] == pytest.approx(truth_ctr, abs=0.04), case
+        # Areas in mm2 (0.95-1.12 of the truth's here): a pixel spacing read wrongly is off by 2x.
+        for label in ("heart", "lungs"):
+            truth_mm2 = truth[label].sum() * spacing[0] * spacing[1]
+            assert table.loc[case, f"area_mm2_{label}"] == pytest.approx(truth_mm2, rel=0.2), (case, label)
+        assert table.loc[case, "spacing_row_mm"] == pytest.approx(spacing[0]), case
+        assert table.loc[case, "spacing_col_mm"] == pytest.approx(spacing[1]), case
+
+
+def test_predict_outputs_at_original_geometry(truth_run):
+    """Every output at the scan's own grid and spacing; the DICOM SEG
+    references its source and holds the PNG masks."""
+    from medseg.inference.dicom_seg import read_dicom_seg
+
+    out, inputs, expected = truth_run
+    table = pd.read_csv(out / "results.csv")
+    parquet = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(table, parquet, check_dtype=False)
+    assert len(table) == len(expected)
     for column in ("case_id", "area_mm2_heart", "area_mm2_lungs", "area_mm2_clavicles", "ctr", "qc_flags",
                    "model_uri", "seconds"):
         assert column in table.columns
     assert table[["area_mm2_lungs", "ctr", "seconds"]].notna().all().all()
-    assert (table.area_mm2_lungs > 0).all()
     for case in table.case_id:
-        case_dir = tmp_path / case
-        # Non-square 160x128 input -> non-square 160x128 masks.
+        case_dir = out / case
+        rows, cols = expected[case][0]["lungs"].shape  # 160x128, or 160x64 for wide pixels
         for label in DEFAULT_LABELS:
             with Image.open(case_dir / "masks" / f"{label}.png") as png:
-                assert png.size == (128, 160)
+                assert png.size == (cols, rows)
                 assert set(np.unique(np.asarray(png))) <= {0, 255}
         stack = nib.load(case_dir / "labels.nii.gz")
-        assert stack.shape[:2] == (128, 160)  # NIfTI stores (x, y)
-        assert stack.header.get_zooms()[:2] == pytest.approx((1.4, 1.4))
+        # NIfTI stores (x, y, z, t, label): a 2D vector image, one component per label.
+        assert stack.shape == (cols, rows, 1, 1, len(DEFAULT_LABELS))
+        # NIfTI zooms are (x, y): column spacing first.
+        assert stack.header.get_zooms()[:2] == pytest.approx(expected[case][1][::-1])
         with Image.open(case_dir / "overlay.png") as png:
-            assert png.size == (128, 160) and png.mode == "RGB"
-        # DICOM SEG references the source and holds the same masks.
-        from medseg.inference.dicom_seg import read_dicom_seg
-
-        source = pydicom.dcmread(scans / f"{case}.dcm")
+            assert png.size == (cols, rows) and png.mode == "RGB"
+        source = pydicom.dcmread(inputs / f"{case}.dcm")
         seg = pydicom.dcmread(case_dir / "seg.dcm")
         assert seg.Modality == "SEG" and seg.StudyInstanceUID == source.StudyInstanceUID
         referenced = seg.ReferencedSeriesSequence[0]
@@ -124,7 +219,9 @@ def test_real_legacy_cr_end_to_end(model_and_scans, tmp_path):
 
     real = shared_data_dir() / "dicom" / "CR-MONO1-10-chest.dcm"
     if not real.exists():
-        pytest.skip(f"{real} not present")
+        from requirements_switch import skip_or_fail
+
+        skip_or_fail(f"{real} not present")
     model, _ = model_and_scans
     _predict(model, [real], tmp_path)
     table = pd.read_csv(tmp_path / "results.csv")
@@ -141,23 +238,78 @@ def test_real_legacy_cr_end_to_end(model_and_scans, tmp_path):
     assert set(read_dicom_seg(case_dir / "seg.dcm")) == set(DEFAULT_LABELS)
 
 
-def test_tta_agrees_with_plain_prediction(model_and_scans):
-    """Shift/zoom test-time augmentation undoes its transforms: the averaged
-    probabilities still line up with the plain ones (a wrong inverse would
-    move the masks)."""
-    from medseg.inference.model import load_model
-    from medseg.inference.predict import PredictSettings, _prepare, predict_probabilities
-    from medseg.ingest.inputs import collect_inputs
+class _ConvStandIn(torch.nn.Module):
+    """Translation-equivariant stand-in network: a fixed random 5x5
+    convolution and a sigmoid, 3 output channels."""
 
-    model_path, scans = model_and_scans
-    model = load_model(str(model_path))
-    files = collect_inputs([scans]).files
-    batch = np.stack([_prepare(f, model, PredictSettings()).tensor for f in files])
-    plain = predict_probabilities(model, batch, False, torch.device("cpu")) >= 0.5
-    tta = predict_probabilities(model, batch, True, torch.device("cpu")) >= 0.5
-    lungs = model.labels.index("lungs")
-    dice = 2 * (plain[:, lungs] & tta[:, lungs]).sum() / (plain[:, lungs].sum() + tta[:, lungs].sum())
-    assert plain.shape == tta.shape and dice > 0.9
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 5, padding=2)
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(0)
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator))
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv(x))
+
+
+def _stand_in_batch(size: int = 48) -> np.ndarray:
+    """(2, 1, size, size) images with structure everywhere (no symmetric blob
+    a shift could hide in)."""
+    rng = np.random.default_rng(3)
+    return rng.random((2, 1, size, size), dtype=np.float32)
+
+
+@pytest.mark.parametrize("shift", [(3, -2), (-4, 0), (0, 5)])
+def test_tta_shift_is_undone_exactly(monkeypatch, shift):
+    """TTA with one known shift and a translation-equivariant network equals
+    plain prediction exactly away from the border: a missing or reversed
+    inverse shift moves the probabilities and fails."""
+    from medseg.inference import predict
+    from medseg.inference.model import LoadedModel
+
+    model = LoadedModel(_ConvStandIn().eval(), ["heart", "lungs", "clavicles"], 48)
+    batch = _stand_in_batch()
+    monkeypatch.setattr(predict, "TTA_SHIFTS", (shift,))
+    monkeypatch.setattr(predict, "TTA_SCALES", ())
+    plain = predict.predict_probabilities(model, batch, False, torch.device("cpu"))
+    tta = predict.predict_probabilities(model, batch, True, torch.device("cpu"))
+    # Border: the shift's zero fill plus the 5x5 kernel's reach (2 px).
+    margin = max(map(abs, shift)) + 2
+    inner = (Ellipsis, slice(margin, -margin), slice(margin, -margin))
+    np.testing.assert_allclose(tta[inner], plain[inner], rtol=0, atol=1e-6)
+
+
+def test_tta_zoom_is_undone(monkeypatch):
+    """The zoom-out's inverse puts the probabilities back in place: with a
+    pointwise stand-in network on a smooth image, TTA differs from plain
+    prediction only by interpolation error (a missing or wrong inverse moves
+    the edges by pixels and fails)."""
+    from medseg.inference import predict
+    from medseg.inference.model import LoadedModel
+
+    size = 64
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    smooth = 0.5 + 0.5 * np.sin(xx / 5.0) * np.cos(yy / 7.0)  # edges everywhere
+    batch = smooth[None, None]
+
+    class Pointwise(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.repeat(1, 3, 1, 1)
+
+    model = LoadedModel(Pointwise(), ["heart", "lungs", "clavicles"], size)
+    monkeypatch.setattr(predict, "TTA_SHIFTS", ())
+    monkeypatch.setattr(predict, "TTA_SCALES", (0.9,))
+    plain = predict.predict_probabilities(model, batch, False, torch.device("cpu"))
+    tta = predict.predict_probabilities(model, batch, True, torch.device("cpu"))
+    inner = (Ellipsis, slice(4, -4), slice(4, -4))
+    # TTA averages plain and zoomed: the zoomed half may differ by ~interpolation.
+    assert np.abs(tta - plain)[inner].max() < 0.03
+    # The same check catches a zoom left in place (no inverse).
+    monkeypatch.setattr(predict, "_zoom_back", lambda p, scale: p)
+    broken = predict.predict_probabilities(model, batch, True, torch.device("cpu"))
+    assert np.abs(broken - plain)[inner].max() > 0.1
 
 
 @pytest.mark.parametrize("n_files, count", [(0, 3), (2, 3), (7, 3), (1000, 8)])

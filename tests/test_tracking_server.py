@@ -222,18 +222,18 @@ def test_mlflow_server_lost_mid_training_keeps_everything(stack, phantoms, tmp_p
     training finishes offline with everything on disk; what reached the
     database before stays there; `cv-finish` still summarises the fold."""
     manifest, splits = phantoms
-    config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=20, samples_per_epoch=8, batch_size=4)
+    config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=12, samples_per_epoch=8, batch_size=4)
     port = free_port()
     server = start_mlflow_server(stack.postgres.uri("mlflow"), stack.root / "artifacts", port=port, workers=1,
                                  log_file=tmp_path / "mlflow.log")
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, 180, server, tmp_path / "mlflow.log")
-        text = train_interrupted(config, manifest, splits, tmp_path / "out", url, epochs=20, at_epoch=3,
+        text = train_interrupted(config, manifest, splits, tmp_path / "out", url, epochs=12, at_epoch=3,
                                  interrupt=lambda: stop_process_group(server))
     finally:
         stop_process_group(server)
-    assert_offline_training_kept_everything(tmp_path / "out", text, epochs=20)
+    assert_offline_training_kept_everything(tmp_path / "out", text, epochs=12)
     assert port_is_free(port)
 
     # What the lost server had stored is in the database (read through the other server).
@@ -321,10 +321,10 @@ def test_tracking_server_command(phantoms, tmp_path, repo_root, caplog):
 
         # Its PostgreSQL dies mid-training (mlflow keeps running, answering errors).
         manifest, splits = phantoms
-        config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=20, samples_per_epoch=8, batch_size=4)
-        text = train_interrupted(config, manifest, splits, tmp_path / "out", url, epochs=20, at_epoch=3,
+        config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=12, samples_per_epoch=8, batch_size=4)
+        text = train_interrupted(config, manifest, splits, tmp_path / "out", url, epochs=12, at_epoch=3,
                                  interrupt=lambda: stop_postgres(postgres, mode="immediate"))
-        assert_offline_training_kept_everything(tmp_path / "out", text, epochs=20)
+        assert_offline_training_kept_everything(tmp_path / "out", text, epochs=12)
         # Cross-validation summary with every fold offline and the store still broken: still made.
         fold = json.loads((tmp_path / "out" / "model.json").read_text())
         with caplog.at_level(logging.WARNING, logger="medseg.training.run"):

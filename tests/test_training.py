@@ -3,6 +3,7 @@ bad configs and unreachable trackers are refused before any work."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -108,41 +109,115 @@ def test_mlflow_run_holds_params_metrics_artifacts_model(trained):
     version = client.get_model_version_by_alias("medseg-unit", "fold0")
     assert version.run_id == run.info.run_id
     model = mlflow.pyfunc.load_model("models:/medseg-unit@fold0")
-    batch = np.random.default_rng(0).random((3, 1, 128, 128), dtype=np.float32)
+    # The registered model is the best checkpoint: on real preprocessed
+    # images (and on noise) it gives best.pt's probabilities, sigmoid of the
+    # network's logits, as medseg's own loader builds it.
+    from medseg.inference.model import load_model
+    from medseg.nifti import load_nifti_2d
+    from medseg.preprocessing.manifest import read_manifest
+
+    pre = trained["tmp"] / "pre"
+    images = [load_nifti_2d(pre / image)[0] for image in read_manifest(pre / "manifest.csv")["image"][:3]]
+    noise = np.random.default_rng(0).random((1, 128, 128), dtype=np.float32)
+    batch = np.concatenate([np.stack(images)[:, np.newaxis].astype(np.float32), noise[np.newaxis]])
+    assert batch.shape == (4, 1, 128, 128) and batch[:3].std() > 0.1
     probabilities = np.asarray(model.predict(batch))
-    assert probabilities.shape == (3, 3, 128, 128)
-    assert 0.0 <= probabilities.min() and probabilities.max() <= 1.0
+    checkpoint = load_model(str(trained["tmp"] / "fold0" / "best.pt"))
+    assert checkpoint.labels == ["heart", "lungs", "clavicles"] and checkpoint.size == 128
+    with torch.no_grad():
+        expected = torch.sigmoid(checkpoint.module.net(torch.from_numpy(batch))).numpy()
+    assert probabilities.shape == expected.shape == (4, 3, 128, 128)
+    np.testing.assert_allclose(probabilities, expected, rtol=0, atol=1e-5)
+    # A trained model, not a constant: the phantoms' lungs are found, the background is not lung.
+    assert expected[:3, 1].max() > 0.9 and expected[:3, 1].min() < 0.1
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, repo_root):
+TRACKED = ("train_loss", "val_loss", "val_dice_heart", "val_dice_lungs", "val_dice_clavicles", "val_dice_mean",
+           "learning_rate")
+
+
+def _train_until_killed(command: list[str], log_path: Path, kill_when) -> int:
+    """Start `medseg train`, SIGKILL it from outside as soon as
+    ``kill_when(log_text)`` is true; returns its exit code (-9 if killed)."""
+    with open(log_path, "w") as log:
+        train = subprocess.Popen(command, stderr=log, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while train.poll() is None and time.monotonic() < deadline:
+            if kill_when(log_path.read_text()):
+                train.kill()  # SIGKILL: no handler, no cleanup, as a preempted job
+                break
+            time.sleep(0.001)
+        return train.wait(timeout=60)
+    finally:
+        if train.poll() is None:
+            train.kill()
+
+
+def test_resume_after_outside_kills_matches_uninterrupted_run(tmp_path, repo_root):
+    """Killed from outside twice (at a random moment of the epochs, then right
+    after an epoch's metrics.csv row, i.e. between logging and checkpoint), then
+    resumed: the same final weights, the same MLflow run, and each metric's
+    history step by step as an uninterrupted run's (a step logged twice fails)."""
+    import random
+
     manifest, splits = _dataset(tmp_path, n=10, size=64, shape=(128, 128))
-    config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=4, samples_per_epoch=16, batch_size=4)
+    epochs = 6
+    config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=epochs, samples_per_epoch=16, batch_size=4)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _train(config, manifest, splits, tmp_path / "straight", uri)
+    # The epochs' span (training + validation), from the uninterrupted run.
+    with open(tmp_path / "straight" / "metrics.csv") as f:
+        span = 1.5 * sum(float(row["epoch_seconds"]) for row in csv.DictReader(f))
+    command = [*MEDSEG, "train", "--config", str(config), "--manifest", str(manifest), "--splits", str(splits),
+               "--fold", "0", "--out", str(tmp_path / "resumed"), "--tracking-uri", uri]
+    seed = random.randrange(1 << 30)
+    delay = random.Random(seed).uniform(0.0, 0.5) * span
+    metrics_csv = tmp_path / "resumed" / "metrics.csv"
 
-    killed = _train(config, manifest, splits, tmp_path / "resumed", uri,
-                    env={"MEDSEG_TEST_KILL_AFTER_EPOCH": "2"}, check=False)
-    assert killed.returncode == -9  # SIGKILL, like a preempted job
-    partial = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
-    assert partial["epoch"] == 2
-    assert not (tmp_path / "resumed" / "model.json").exists()
+    def rows() -> int:
+        return len(metrics_csv.read_text().splitlines()) - 1 if metrics_csv.exists() else 0
+
+    # 1. At a random moment of the first half of the epochs once the data is
+    #    loaded (before the first checkpoint too), as preemption strikes.
+    loaded_at: list[float] = []
+
+    def at_random_moment(text: str) -> bool:
+        if "training," in text and not loaded_at:
+            loaded_at.append(time.monotonic())
+        return bool(loaded_at) and time.monotonic() - loaded_at[0] >= delay
+
+    first = _train_until_killed(command, tmp_path / "kill1.log", at_random_moment)
+    done_first = rows()
+    context = f"random seed {seed}: first kill {delay:.2f} s into the epochs, {done_first} metrics.csv rows"
+    assert first == -9 and done_first < epochs - 1, context
+    # 2. As soon as the next epoch's row is in metrics.csv: between the
+    #    epoch's metrics and its checkpoint / MLflow logging.
+    second = _train_until_killed(command, tmp_path / "kill2.log", lambda _: rows() > done_first)
+    assert second == -9, context
     resumed = _train(config, manifest, splits, tmp_path / "resumed", uri)
-    assert "resuming from" in resumed.stderr
+    assert "continuing MLflow run" in resumed.stderr, context
 
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     again = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
-    assert again["epoch"] == straight["epoch"] == 4
+    assert again["epoch"] == straight["epoch"] == epochs
     for name, tensor in straight["model"].items():
-        torch.testing.assert_close(again["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-    for a, b in zip(straight["history"], again["history"]):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert a["val_dice_mean"] == pytest.approx(b["val_dice_mean"], rel=1e-4)
-    # The resumed job continued the same MLflow run, with all four epochs.
-    assert partial["mlflow_run_id"] == again["mlflow_run_id"]
+        torch.testing.assert_close(again["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{name} ({context})")
+    assert [h["epoch"] for h in again["history"]] == list(range(1, epochs + 1))
+    # One MLflow run for the interrupted training, continued by every restart.
     client = client_for(uri)
-    steps = sorted({m.step for m in client.get_metric_history(again["mlflow_run_id"], "train_loss")})
-    assert steps == [1, 2, 3, 4]
-    assert client.get_run(again["mlflow_run_id"]).info.status == "FINISHED"
+    runs = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
+    assert len(runs) == 2, (context, [(r.info.run_id, r.info.status) for r in runs])
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert again["mlflow_run_id"] != straight["mlflow_run_id"]
+    assert json.loads((tmp_path / "resumed" / "mlflow_run.json").read_text())["run_id"] == again["mlflow_run_id"]
+    for metric in TRACKED:
+        # Sorted by step, duplicates kept: a step logged twice fails.
+        expected = sorted(client.get_metric_history(straight["mlflow_run_id"], metric), key=lambda m: m.step)
+        got = sorted(client.get_metric_history(again["mlflow_run_id"], metric), key=lambda m: m.step)
+        assert [m.step for m in got] == [m.step for m in expected] == list(range(1, epochs + 1)), (metric, context)
+        np.testing.assert_allclose([m.value for m in got], [m.value for m in expected], rtol=1e-4, atol=1e-6,
+                                   err_msg=f"{metric} ({context})")
 
 
 @pytest.mark.parametrize(
@@ -216,12 +291,12 @@ def test_tracking_server_lost_mid_training_keeps_everything(tmp_path, repo_root)
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, 90, server)
         manifest, splits = _dataset(tmp_path, n=8, size=64, shape=(128, 128))
-        config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=40, samples_per_epoch=16, batch_size=4)
-        text = train_interrupted(config, manifest, splits, tmp_path / "out", url, epochs=40, at_epoch=3,
+        config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=12, samples_per_epoch=16, batch_size=4)
+        text = train_interrupted(config, manifest, splits, tmp_path / "out", url, epochs=12, at_epoch=3,
                                  interrupt=lambda: stop_process_group(server))  # the server goes away
     finally:
         stop_process_group(server)
-    assert_offline_training_kept_everything(tmp_path / "out", text, epochs=40)
+    assert_offline_training_kept_everything(tmp_path / "out", text, epochs=12)
 
 
 def train_interrupted(config: Path, manifest: Path, splits: Path, out: Path, uri: str, *, epochs: int,
@@ -269,7 +344,9 @@ def test_cpu_threads_follow_the_cpus_the_job_was_given():
     import shutil
 
     if shutil.which("taskset") is None:
-        pytest.skip("taskset (util-linux) not available")
+        from requirements_switch import skip_or_fail
+
+        skip_or_fail("taskset (util-linux) not available")
     code = ("import torch; from medseg.training.trainer import pick_device; pick_device('cpu', 'auto'); "
             "print(torch.get_num_threads())")
     pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,

@@ -57,6 +57,44 @@ def _pip_requirements() -> list[str]:
             f"numpy=={np.__version__}"]
 
 
+RUN_RECORD = "mlflow_run.json"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The MLflow run of a training output folder, written as soon as the run
+    exists, so that a job killed before its first checkpoint is continued in
+    the same run (no orphan RUNNING run per preemption).
+
+    The record is used only for the same tracking store, settings and data
+    (``settings_fingerprint``, ``data_fingerprint``); otherwise training
+    starts afresh in a new run, as it does for ``last.pt``.
+    """
+
+    path: Path
+    tracking_uri: str
+    settings_fingerprint: str
+    data_fingerprint: str
+
+    def _key(self) -> dict:
+        return {"tracking_uri": self.tracking_uri, "settings_fingerprint": self.settings_fingerprint,
+                "data_fingerprint": self.data_fingerprint}
+
+    def read(self) -> str | None:
+        """The recorded run ID if the record matches, else None."""
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or any(record.get(k) != v for k, v in self._key().items()):
+            return None
+        return record.get("run_id") or None
+
+    def write(self, run_id: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, json.dumps({"run_id": run_id, **self._key()}, indent=1) + "\n")
+
+
 def log_model(model: torch.nn.Module, size: int, target: TrackingTarget, fold: int | str,
               metadata: Mapping[str, Any] | None = None) -> dict:
     """Log ``model`` (logits) as a probability model, register it, alias it.
@@ -148,19 +186,33 @@ def train_fold(
         "device": trainer.device.name,
         "fold": str(fold),
     }
-    if trainer.run_id:
-        run = mlflow.start_run(run_id=trainer.run_id, log_system_metrics=target.system_metrics)
-        log.info("continuing MLflow run %s", trainer.run_id)
+    run_record = RunRecord(out_dir / RUN_RECORD, target.tracking_uri, settings.fingerprint(), data_fingerprint)
+    # A job killed before its first checkpoint left its run ID only in the record.
+    continued = trainer.run_id or run_record.read()
+    if continued:
+        run = mlflow.start_run(run_id=continued, log_system_metrics=target.system_metrics)
+        log.info("continuing MLflow run %s", continued)
+        if not trainer.history:  # the first job may have died before logging them (same values: no conflict)
+            mlflow.set_tags(tags)
+            mlflow.log_params(dict(params))
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"fold{fold}", parent_run_id=parent_run_id,
                                tags=tags, log_system_metrics=target.system_metrics)
+        run_record.write(run.info.run_id)
         mlflow.log_params(dict(params))
-        if config is not None:
-            mlflow.log_dict(dict(config), "config.yaml")
+    if config is not None:
+        mlflow.log_dict(dict(config), "config.yaml")
     run_id = run.info.run_id
     trainer.run_id = run_id
     tracker = RunLogger(run_id, out_dir)
     trainer.tracker = tracker
+    if trainer.history:
+        # Epochs checkpointed by the killed job but not yet sent to MLflow.
+        logged = tracker.call("get_metric_history", client_for(target.tracking_uri).get_metric_history, run_id,
+                              "train_loss")
+        if logged is not None:
+            steps = {m.step for m in logged}
+            trainer.log_epochs([h for h in trainer.history if h["epoch"] not in steps])
     status = "FAILED"
     try:
         result = trainer.fit()

@@ -7,6 +7,10 @@ Checkpoints (in the run's output folder):
   result an uninterrupted run would have had (epochs are seeded by their
   number alone).
 - ``best.pt``: weights with the best mean validation Dice so far.
+
+An epoch reaches the tracker only after its checkpoint is written, so a job
+killed at any moment never logs an epoch twice once resumed; the epochs it
+checkpointed but did not log are sent on resume (:meth:`Trainer.log_epochs`).
 """
 
 from __future__ import annotations
@@ -333,9 +337,23 @@ class Trainer:
             pred = {n: torch.sigmoid(logits[i, c]).numpy() > 0.5 for c, n in enumerate(self.labels)}
             tiles += [overlay_rgb(image, truth), overlay_rgb(image, pred)]
             titles += [f"{self.val_cases.case_ids[i]} truth", f"epoch {epoch} prediction"]
-        path = self.out_dir / "overlays" / f"epoch{epoch:04d}.png"
+        path = self.overlay_path(epoch)
         save_contact_sheet(path, tiles, titles, columns=4)
         return path
+
+    def overlay_path(self, epoch: int) -> Path:
+        """Where :meth:`save_overlays` writes the picture of ``epoch``."""
+        return self.out_dir / "overlays" / f"epoch{epoch:04d}.png"
+
+    def log_epochs(self, epochs: Sequence[dict]) -> None:
+        """Send these history rows (and their overlay pictures) to the tracker."""
+        if self.tracker is None:
+            return
+        for metrics in epochs:
+            epoch = metrics["epoch"]
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            if self.overlay_path(epoch).exists():
+                self.tracker.log_artifact(self.overlay_path(epoch), "overlays")
 
     # -- the loop ----------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -357,14 +375,14 @@ class Trainer:
                 self.best_epoch = epoch  # no validation data: best = latest
                 _save_checkpoint(self.best_path, self._state(epoch))
             self.history.append(metrics)
-            if self.tracker is not None:
-                self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if validate and (epoch % self.settings.overlay_every == 0 or epoch == epochs):
-                overlay = self.save_overlays(epoch)
-                if self.tracker is not None:
-                    self.tracker.log_artifact(overlay, "overlays")
+                self.save_overlays(epoch)
             _write_history_csv(self.out_dir / "metrics.csv", self.history)
             _save_checkpoint(self.last_path, self._state(epoch))
+            # Tracked only once the checkpoint holds the epoch: a job killed in
+            # between reruns no epoch that MLflow already has (no step logged
+            # twice); what MLflow missed is logged on resume (log_epochs).
+            self.log_epochs([metrics])
             if self.on_epoch is not None:
                 self.on_epoch({**metrics, "epochs": epochs})
             if kill_after and epoch == kill_after:

@@ -1,0 +1,169 @@
+"""Bad usage of `medseg predict` and `medseg evaluate` is exit status 2 with one
+line naming the problem, found before any work and before any output folder
+exists; every subcommand's --help works."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medseg.cli import build_parser, main
+from medseg.structures import SCR_STRUCTURES
+
+MEDSEG = [sys.executable, "-m", "medseg"]
+
+
+def _run_in_process(argv, capsys, caplog) -> tuple[int, str]:
+    """main(argv) as the shell would see it: (exit status, stderr + log)."""
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="medseg"):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as exit_:  # argparse's own errors
+            rc = exit_.code
+    return rc, capsys.readouterr().err + caplog.text
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "ERROR" in line or ": error:" in line]
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> dict[str, Path]:
+    """An input folder with one file, a model file that exists, a prediction
+    folder and an SCR-layout truth folder: every case below fails on its one
+    bad option, not on missing inputs."""
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "a.png").write_bytes(b"not read")
+    (tmp_path / "best.pt").write_bytes(b"not read")
+    (tmp_path / "pred").mkdir()
+    for structure in SCR_STRUCTURES:
+        (tmp_path / "truth" / structure).mkdir(parents=True)
+    return {"tmp": tmp_path, "out": tmp_path / "out"}
+
+
+def _predict(f, *extra):
+    return ["predict", f["tmp"] / "scans", "--model", f["tmp"] / "best.pt", "--out", f["out"], *extra]
+
+
+def _evaluate(f, *extra):
+    return ["evaluate", "--predictions", f["tmp"] / "pred", "--truth", f["tmp"] / "truth", "--out", f["out"],
+            "--no-mlflow", *extra]
+
+
+PREDICT_CASES = [
+    (("--chunk", "3/3"), "argument --chunk: chunk 3 of 3: need 0 <= index < count"),
+    (("--chunk", "4/3"), "argument --chunk: chunk 4 of 3: need 0 <= index < count"),
+    (("--chunk", "0/0"), "argument --chunk: chunk 0 of 0: need 0 <= index < count"),
+    (("--chunk=-1/3",), "argument --chunk: chunk '-1/3': expected I/N, e.g. 0/4"),
+    (("--chunk", "2"), "argument --chunk: chunk '2': expected I/N, e.g. 0/4"),
+    (("--chunk", "a/b"), "argument --chunk: chunk 'a/b': expected I/N, e.g. 0/4"),
+    (("--chunk", "1/2/3"), "argument --chunk: chunk '1/2/3': expected I/N, e.g. 0/4"),
+    (("--labels", '{"lungs": ["left_lung"]}'), "unrecognized arguments: --labels"),  # predict takes none
+]
+
+
+@pytest.mark.parametrize("extra, message", PREDICT_CASES, ids=[" ".join(c[0]) for c in PREDICT_CASES])
+def test_predict_bad_usage_is_exit_2(folders, capsys, caplog, extra, message):
+    rc, text = _run_in_process(_predict(folders, *extra), capsys, caplog)
+    assert rc == 2, text
+    assert len(_error_lines(text)) == 1, text
+    assert message in _error_lines(text)[0], text
+    assert not folders["out"].exists()
+
+
+def test_predict_missing_model_is_exit_2(folders, capsys, caplog):
+    argv = _predict(folders)
+    argv[argv.index("--model") + 1] = "/nonexistent/best.pt"
+    rc, text = _run_in_process(argv, capsys, caplog)
+    assert rc == 2, text
+    assert len(_error_lines(text)) == 1, text
+    assert "model /nonexistent/best.pt: file not found" in _error_lines(text)[0]
+    assert not folders["out"].exists()
+
+
+EVALUATE_CASES = [
+    (("--labels", "{lungs: [left_lung]}"),
+     "argument --labels: not JSON (Expecting property name enclosed in double quotes at character 1)"),
+    (("--labels", '["heart"]'), "argument --labels: expected a JSON object of label groups"),
+    (("--labels", "{}"), "argument --labels: expected a JSON object of label groups"),
+    (("--labels", '{"lungs": "left_lung"}'),
+     "argument --labels: label 'lungs': expected a non-empty list of structure names, got \"left_lung\""),
+    (("--labels", '{"lungs": []}'),
+     "argument --labels: label 'lungs': expected a non-empty list of structure names, got []"),
+    (("--labels", '{"lungs": ["left_lung", 3]}'), "label 'lungs': expected a non-empty list of structure names"),
+    (("--labels", '{"lungs": ["left_lung", "lung"]}'), "labels use structures with no folder in"),
+    (("--label-values", "heart=1"), "argument --label-values: expected VALUE=STRUCTURE, got 'heart=1'"),
+    (("--model-json", "/nonexistent/model.json"), "--model-json /nonexistent/model.json: file not found"),
+    (("--config", "/nonexistent/config.yaml"), "--config /nonexistent/config.yaml: file not found"),
+    (("--chunk", "0/2"), "unrecognized arguments: --chunk 0/2"),  # evaluate takes no chunk
+]
+
+
+@pytest.mark.parametrize("extra, message", EVALUATE_CASES, ids=[" ".join(c[0]) for c in EVALUATE_CASES])
+def test_evaluate_bad_usage_is_exit_2(folders, capsys, caplog, extra, message):
+    rc, text = _run_in_process(_evaluate(folders, *extra), capsys, caplog)
+    assert rc == 2, text
+    assert len(_error_lines(text)) == 1, text
+    assert message in _error_lines(text)[0], text
+    if "no folder" in message:
+        assert _error_lines(text)[0].endswith(": lung")  # names the structure, not the good one
+    assert not folders["out"].exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_bad_usage_exit_status_seen_by_the_shell(folders, command):
+    """The same through a real process: status 2, one error line on stderr."""
+    if command == "predict":
+        argv = _predict(folders)
+        argv[argv.index("--model") + 1] = "/nonexistent/best.pt"
+        message = "model /nonexistent/best.pt: file not found"
+    else:
+        argv = _evaluate(folders, "--labels", '{"lungs": "left_lung"}')
+        message = "label 'lungs': expected a non-empty list of structure names"
+    proc = subprocess.run([*MEDSEG, *map(str, argv)], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    errors = _error_lines(proc.stderr)
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not folders["out"].exists()
+
+
+# --------------------------------------------------------------------------- --help
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    """The parser's own subcommands (so a new one is checked without a list to update)."""
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_there_are_subcommands_to_check():
+    names = set(_subcommands())
+    assert {"phantoms", "ingest", "preprocess", "split", "preview", "train", "predict", "gather-predictions",
+            "evaluate", "list-cases", "list-inputs", "cv-start", "cv-finish", "tracking-server"} <= names
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_every_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: medseg {command} "), out[:200]
+    assert "options:" in out
+
+
+def test_top_level_help_lists_every_subcommand():
+    proc = subprocess.run([*MEDSEG, "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: medseg ")
+    # One line per subcommand, indented by 4 (wrapped help lines by more).
+    listed = re.findall(r"^ {4}(\S+)", proc.stdout, flags=re.MULTILINE)
+    assert sorted(listed) == sorted(_subcommands()), proc.stdout
