@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medseg import __version__
+from medseg.errors import DeviceUnavailable
 
 log = logging.getLogger("medseg")
 
@@ -709,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (FileNotFoundError, UsageError) as err:
+    except (FileNotFoundError, UsageError, DeviceUnavailable) as err:
         log.error("%s", err)
         return EXIT_USAGE
 

@@ -16,3 +16,8 @@ class InputError(Exception):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class DeviceUnavailable(RuntimeError):
+    """The device asked for (e.g. ``cuda``) does not exist on this machine:
+    a usage error (exit 2 from the CLI), not a crash."""

@@ -102,8 +102,25 @@ def test_auto_without_cuda_is_cpu_without_amp(no_cuda, amp):
 
 @pytest.mark.parametrize("amp", AMP_MODES)
 def test_cuda_asked_without_cuda_is_a_clear_error(no_cuda, amp):
-    with pytest.raises(RuntimeError, match=r"^device 'cuda' requested but torch.cuda.is_available\(\) is False$"):
+    from medseg.errors import DeviceUnavailable
+
+    with pytest.raises(DeviceUnavailable, match=r"^device 'cuda' requested but torch.cuda.is_available\(\) is False$"):
         pick_device("cuda", amp)
+
+
+def test_predict_on_cuda_without_cuda_is_bad_usage(no_cuda, tmp_path, caplog):
+    """`medseg predict --device cuda` on a machine without CUDA: exit 2 and
+    one line saying why, no traceback, nothing written."""
+    from medseg.cli import main
+
+    (tmp_path / "scan.png").write_bytes(b"")
+    (tmp_path / "best.pt").write_bytes(b"")
+    code = main(["predict", str(tmp_path / "scan.png"), "--model", str(tmp_path / "best.pt"), "--out",
+                 str(tmp_path / "out"), "--device", "cuda"])
+    assert code == 2
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "device 'cuda' requested but torch.cuda.is_available() is False"]
+    assert not (tmp_path / "out").exists()
 
 
 # --- the GradScaler: only for fp16 -------------------------------------------------

@@ -191,11 +191,16 @@ def test_resume_after_outside_kills_matches_uninterrupted_run(tmp_path, repo_roo
     done_first = rows()
     context = f"random seed {seed}: first kill {delay:.2f} s into the epochs, {done_first} metrics.csv rows"
     assert first == -9 and done_first < epochs - 1, context
-    # 2. As soon as the next epoch's row is in metrics.csv: between the
-    #    epoch's metrics and its checkpoint / MLflow logging.
-    second = _train_until_killed(command, tmp_path / "kill2.log", lambda _: rows() > done_first)
+    # 2. As soon as a further epoch's row is in metrics.csv (the second at
+    #    least, so a checkpoint exists): between that epoch's metrics and its
+    #    checkpoint / MLflow logging.
+    second = _train_until_killed(command, tmp_path / "kill2.log", lambda _: rows() > max(done_first, 1))
     assert second == -9, context
+    checkpointed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["epoch"]
     resumed = _train(config, manifest, splits, tmp_path / "resumed", uri)
+    # The last job went on from the checkpoint: it redid no checkpointed epoch.
+    assert f"resuming from {tmp_path / 'resumed' / 'last.pt'} at epoch {checkpointed + 1}" in resumed.stderr, context
+    assert f"epoch {checkpointed}/{epochs}" not in resumed.stderr, context
     assert "continuing MLflow run" in resumed.stderr, context
 
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)

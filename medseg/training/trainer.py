@@ -33,6 +33,7 @@ from monai.metrics import DiceMetric
 from monai.utils import set_determinism
 
 from medseg.atomic import atomic_path, write_text_atomic
+from medseg.errors import DeviceUnavailable
 from medseg.training.data import AugmentedCases, CaseTensors, augmentation, epoch_seed
 from medseg.training.loss import MultiLabelDiceCELoss, label_weight_tensor
 from medseg.training.network import NetworkSpec, build_network
@@ -71,10 +72,14 @@ class Device:
 
 def pick_device(setting: str, amp: str) -> Device:
     """CUDA when asked or available (mixed precision per ``amp``), else CPU
-    with all cores and no AMP."""
+    with all cores and no AMP.
+
+    Raises:
+        DeviceUnavailable: ``setting`` is "cuda" but CUDA is not available.
+    """
     use_cuda = setting == "cuda" or (setting == "auto" and torch.cuda.is_available())
     if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+        raise DeviceUnavailable("device 'cuda' requested but torch.cuda.is_available() is False")
     if not use_cuda:
         torch.set_num_threads(usable_cpus())
         return Device(torch.device("cpu"), None)
