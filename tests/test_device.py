@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
+from test_training import _config
 
 from medseg.training.settings import AMP_MODES
 from medseg.training.trainer import Device, pick_device, usable_cpus
@@ -221,15 +221,6 @@ def test_mixed_precision_training_on_cuda(tmp_path):
         floats = {name: t for name, t in state["model"].items() if t.is_floating_point()}
         assert floats and all(t.dtype == torch.float32 for t in floats.values()), path
         assert all(torch.isfinite(t).all() for t in floats.values()), path
-
-
-def _config(repo_root: Path, tmp: Path, **train) -> Path:
-    config = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())
-    config["dataset"] = "unit"
-    config["train"].update(train)
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def _flat_weights(checkpoint: Path) -> tuple[int, torch.Tensor]:

@@ -192,9 +192,11 @@ def train_fold(
     if continued:
         run = mlflow.start_run(run_id=continued, log_system_metrics=target.system_metrics)
         log.info("continuing MLflow run %s", continued)
-        if not trainer.history:  # the first job may have died before logging them (same values: no conflict)
+        if not trainer.history:  # the first job may have died before logging them
             mlflow.set_tags(tags)
-            mlflow.log_params(dict(params))
+            logged = client_for(target.tracking_uri).get_run(continued).data.params
+            # Only the missing ones: MLflow refuses to change a logged value.
+            mlflow.log_params({k: v for k, v in params.items() if k not in logged})
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"fold{fold}", parent_run_id=parent_run_id,
                                tags=tags, log_system_metrics=target.system_metrics)
