@@ -334,7 +334,8 @@ def test_chunked_predict_then_gather_equals_one_run(model_and_scans, tmp_path):
     broken = scans.parent / "bad" / "broken.dcm"
     broken.write_bytes(b"not a dicom file")
     whole = tmp_path / "whole"
-    _predict(model, [scans, broken], whole, "--no-seg", check=False)
+    unsplit = _predict(model, [scans, broken], whole, "--no-seg", check=False)
+    assert unsplit.returncode == 1 and "1 of 5 inputs failed" in unsplit.stderr, unsplit.stderr[-2000:]
     chunked = tmp_path / "chunked"
     first = _predict(model, [scans, broken], chunked, "--no-seg", "--chunk", "0/2")
     assert not (chunked / "results.csv").exists()

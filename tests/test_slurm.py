@@ -70,14 +70,25 @@ def _jobs(cluster: LocalSlurmCluster) -> list[dict[str, str]]:
 
 class _Requeuer(threading.Thread):
     """Requeues (`scontrol requeue`) each train job once, while it runs and
-    after its log shows epoch 1, as SLURM's preemption with requeue does."""
+    after its log shows epoch 1, as SLURM's preemption with requeue does.
+
+    SLURM holds a requeued job back (Reason=BeginTime, about two minutes);
+    the test then releases it (`scontrol update StartTime=now`), as an
+    administrator may, so the test does not wait."""
 
     def __init__(self, cluster: LocalSlurmCluster, logs: Path) -> None:
         super().__init__(daemon=True)
         self.cluster, self.logs = cluster, logs
         self.requeued: set[str] = set()
+        self.released: set[str] = set()
         self.errors: list[str] = []
         self._done = threading.Event()
+
+    def _scontrol(self, *args: str) -> bool:
+        proc = subprocess.run(["scontrol", *args], capture_output=True, text=True, env=self.cluster.env)
+        if proc.returncode != 0:
+            self.errors.append(f"scontrol {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.returncode == 0
 
     def run(self) -> None:
         while not self._done.wait(0.2):
@@ -87,17 +98,17 @@ class _Requeuer(threading.Thread):
                 self.errors.append(str(err))
                 continue
             for job in jobs:
+                job_id = job["JobId"]
+                if job_id in self.requeued - self.released and job.get("JobState") == "PENDING":
+                    if self._scontrol("update", f"JobId={job_id}", "StartTime=now"):
+                        self.released.add(job_id)
                 comment = job.get("Comment", "")
                 if not comment.startswith("rule_train_") or job["JobId"] in self.requeued:
                     continue
                 log = self.logs / f"train_fold{comment.rsplit('_', 1)[-1]}.log"
                 if job.get("JobState") == "RUNNING" and log.exists() and "epoch 1/" in log.read_text():
-                    proc = subprocess.run(["scontrol", "requeue", job["JobId"]], capture_output=True, text=True,
-                                          env=self.cluster.env)
-                    if proc.returncode == 0:
-                        self.requeued.add(job["JobId"])
-                    else:
-                        self.errors.append(f"scontrol requeue {job['JobId']}: {proc.stderr.strip()}")
+                    if self._scontrol("requeue", job_id):
+                        self.requeued.add(job_id)
 
     def stop(self) -> None:
         self._done.set()
