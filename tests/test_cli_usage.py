@@ -167,3 +167,20 @@ def test_top_level_help_lists_every_subcommand():
     # One line per subcommand, indented by 4 (wrapped help lines by more).
     listed = re.findall(r"^ {4}(\S+)", proc.stdout, flags=re.MULTILINE)
     assert sorted(listed) == sorted(_subcommands()), proc.stdout
+
+
+def test_predict_with_a_registry_uri_and_no_store_here_is_exit_2(tmp_path, monkeypatch, capsys, caplog):
+    """`models:/...` run from a folder without results/mlflow.db: one line
+    naming the store looked in, exit 2, and no empty store left behind."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "scan.png")
+    rc, text = _run_in_process(["predict", str(tmp_path / "scan.png"), "--model", "models:/medseg-x@candidate",
+                                "--out", str(tmp_path / "out")], capsys, caplog)
+    assert rc == 2, text
+    assert len(_error_lines(text)) == 1, text
+    assert f"no MLflow store at {tmp_path / 'results' / 'mlflow.db'}" in _error_lines(text)[0], text
+    assert not (tmp_path / "results").exists()

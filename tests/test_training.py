@@ -132,6 +132,19 @@ def test_mlflow_run_holds_params_metrics_artifacts_model(trained):
     assert expected[:3, 1].max() > 0.9 and expected[:3, 1].min() < 0.1
 
 
+def test_rerun_of_a_finished_training_does_nothing(trained):
+    """Running the same finished job again registers no second model version."""
+    tmp = trained["tmp"]
+    client = client_for(trained["uri"])
+    before = client.search_model_versions("name='medseg-unit'")
+    proc = _train(tmp / "config.yaml", tmp / "pre" / "manifest.csv", tmp / "splits.json", tmp / "fold0",
+                  trained["uri"])
+    assert "fold 0 is already trained" in proc.stderr, proc.stderr[-2000:]
+    assert json.loads((tmp / "fold0" / "model.json").read_text()) == trained["summary"]
+    after = client.search_model_versions("name='medseg-unit'")
+    assert sorted(v.version for v in after) == sorted(v.version for v in before)
+
+
 TRACKED = ("train_loss", "val_loss", "val_dice_heart", "val_dice_lungs", "val_dice_clavicles", "val_dice_mean",
            "learning_rate")
 

@@ -66,9 +66,17 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
     from medseg.tracking import default_tracking_uri
 
     tracking = default_tracking_uri(tracking_uri)
+    if tracking.startswith("sqlite:///") and not Path(tracking[len("sqlite:///"):]).is_file():
+        # MLflow would create an empty store there and then not find the model.
+        raise FileNotFoundError(
+            f"{uri}: no MLflow store at {tracking[len('sqlite:///'):]} (the default store is results/mlflow.db "
+            "under the current folder); give --tracking-uri or set MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(tracking)
-    info = mlflow.models.get_model_info(uri)
+    try:
+        info = mlflow.models.get_model_info(uri)
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types for a missing model
+        raise ValueError(f"{uri} not found in the MLflow store {tracking}: {err}") from err
     metadata = info.metadata or {}
     if "labels" not in metadata or "size" not in metadata:
         raise ValueError(f"{uri}: model has no medseg metadata (labels, size); was it logged by medseg train?")

@@ -179,6 +179,12 @@ def train_fold(
                       on_epoch=lambda m: log.info("%s", format_progress(m, label_names)),
                       data_fingerprint=data_fingerprint)
     trainer.try_resume()
+    finished = out_dir / "model.json"
+    if trainer.run_id and trainer.start_epoch > settings.epochs and finished.is_file():
+        summary = json.loads(finished.read_text())
+        if summary.get("run_id") == trainer.run_id:  # a rerun of a finished job: no second model version
+            log.info("fold %d is already trained (%s, MLflow run %s): nothing to do", fold, finished, trainer.run_id)
+            return summary
     tags = {
         "medseg.version": __version__,
         "git.commit": git_commit(),
