@@ -69,12 +69,17 @@ PREDICT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("extra, message", PREDICT_CASES, ids=[" ".join(c[0]) for c in PREDICT_CASES])
-def test_predict_bad_usage_is_exit_2(folders, capsys, caplog, extra, message):
-    rc, text = _run_in_process(_predict(folders, *extra), capsys, caplog)
+def _assert_one_usage_error(rc: int, text: str, message: str) -> None:
+    """Exit 2 and exactly one error line, which holds ``message``."""
     assert rc == 2, text
     assert len(_error_lines(text)) == 1, text
     assert message in _error_lines(text)[0], text
+
+
+@pytest.mark.parametrize("extra, message", PREDICT_CASES, ids=[" ".join(c[0]) for c in PREDICT_CASES])
+def test_predict_bad_usage_is_exit_2(folders, capsys, caplog, extra, message):
+    rc, text = _run_in_process(_predict(folders, *extra), capsys, caplog)
+    _assert_one_usage_error(rc, text, message)
     assert not folders["out"].exists()
 
 
@@ -109,9 +114,7 @@ EVALUATE_CASES = [
 @pytest.mark.parametrize("extra, message", EVALUATE_CASES, ids=[" ".join(c[0]) for c in EVALUATE_CASES])
 def test_evaluate_bad_usage_is_exit_2(folders, capsys, caplog, extra, message):
     rc, text = _run_in_process(_evaluate(folders, *extra), capsys, caplog)
-    assert rc == 2, text
-    assert len(_error_lines(text)) == 1, text
-    assert message in _error_lines(text)[0], text
+    _assert_one_usage_error(rc, text, message)
     if "no folder" in message:
         assert _error_lines(text)[0].endswith(": lung")  # names the structure, not the good one
     assert not folders["out"].exists()
