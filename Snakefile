@@ -20,6 +20,7 @@ include: "workflow/rules/phantoms.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/predict.smk"
+include: "workflow/rules/report.smk"
 
 
 report: "workflow/report/workflow.rst"
@@ -33,6 +34,7 @@ localrules:
     test_cases,
     inference_inputs,
     gather_predictions,
+    mlflow_runs,
 
 
 rule all:
@@ -41,6 +43,7 @@ rule all:
         dataset_path("preprocessed/preview.png"),
         dataset_path("models/summary.json"),
         expand(dataset_path("evaluation/fold{fold}/summary.csv"), fold=config["train_folds"]),
+        dataset_path("report/mlflow_runs.rst"),  # the report's main page includes it
         # New scans (config inference), when there are any.
         [dataset_path(f"predictions/{config['inference']['name']}/results.csv")] if config["inference"]["inputs"] else [],
     default_target: True

@@ -308,7 +308,7 @@ def cmd_cv_start(args: argparse.Namespace) -> int:
     tags = {"medseg.version": __version__, "git.commit": git_commit(),
             "dataset.fingerprint": manifest_fingerprint(args.manifest)}
     try:
-        run_id = start_cv_run(target, args.name, flatten(config), tags)
+        run_id = start_cv_run(target, args.name, flatten(config), tags, _describe_cv(config))
     except TrackingUnavailable as err:
         log.error("%s", err)
         return EXIT_USAGE
@@ -317,22 +317,43 @@ def cmd_cv_start(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _describe_cv(config: dict) -> str:
+    """The cross-validation run's description in the MLflow UI (Markdown)."""
+    folds = config.get("train_folds") or []
+    splits = config.get("splits") or {}
+    labels = ", ".join(config.get("labels") or {})
+    return (
+        f"Cross-validation on **{config.get('dataset', 'dataset')}**: folds {', '.join(map(str, folds))} of "
+        f"{splits.get('k', '?')} ({splits.get('scheme', '?')} splits), labels {labels}.\n\n"
+        "Nested runs: fold<k> (training, with its logged model) and evaluation-fold<k> (the fold's held-out test "
+        "cases). Metrics here are means over the folds under the folds' own names: best/* at each fold's best "
+        "epoch on its validation cases, test/* on the held-out test cases. The run ends when every fold is "
+        "evaluated; tag best_fold names the fold whose model got the registry alias."
+    )
+
+
 def cmd_cv_finish(args: argparse.Namespace) -> int:
     from medseg.atomic import write_text_atomic
     from medseg.tracking import TrackingUnavailable
-    from medseg.training.run import finish_cv_run
+    from medseg.training.run import evaluation_means, finish_cv_run
 
     config = _config_from_args(args)
     target = _tracking_target(config, args.tracking_uri)
     parent = json.loads(Path(args.parent_run_file).read_text())["parent_run_id"]
     summaries = [json.loads(Path(p).read_text()) for p in args.fold_summaries]
+    import pandas as pd
+
+    evaluations = [pd.read_csv(path, index_col="label").to_dict(orient="index") for path in args.evaluations]
     try:
-        summary = finish_cv_run(target, parent, summaries)
+        summary = finish_cv_run(target, parent, summaries, evaluation_means(evaluations) if evaluations else None)
     except TrackingUnavailable as err:
         log.error("%s", err)
         return EXIT_USAGE
     write_text_atomic(args.out, json.dumps(summary, indent=1) + "\n")
     log.info("best fold %s -> %s", summary["best_fold"], summary["model_uri"] or "no registered model")
+    if summary.get("runs_view"):
+        log.info("the folds side by side: `mlflow ui --backend-store-uri %s`, then open http://127.0.0.1:5000/%s",
+                 target.tracking_uri, summary["runs_view"])
     return EXIT_OK
 
 
@@ -413,6 +434,20 @@ def cmd_gather_predictions(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_mlflow_runs(args: argparse.Namespace) -> int:
+    from medseg.runs_page import write_runs_page
+
+    for path in (args.cv_run, *args.models):
+        if not Path(path).is_file():
+            raise UsageError(f"{path}: file not found")
+    if args.evaluations and len(args.evaluations) != len(args.models):
+        raise UsageError(f"--evaluations: {len(args.evaluations)} folders for {len(args.models)} --models")
+    write_runs_page(Path(args.out), Path(args.cv_run), [Path(m) for m in args.models],
+                    Path(args.cv_summary) if args.cv_summary else None, [Path(d) for d in args.evaluations])
+    log.info("MLflow runs of %d folds: %s", len(args.models), args.out)
+    return EXIT_OK
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medseg.evaluation.evaluate import (
         comparison_table, evaluate_predictions, log_evaluation_to_mlflow, summarise, write_evaluation,
@@ -462,17 +497,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     write_evaluation(args.out, table, summary, problems, pred_dir=pred_dir, truth_root=Path(args.truth),
                      images=image_of, labels=labels, truth_format=args.truth_format, label_values=args.label_values)
-    print(comparison_table(summary))
+    print(comparison_table(summary, table["case_id"].astype(str).tolist(), args.truth_format))
     if not args.no_mlflow:
-        model_json = json.loads(Path(args.model_json).read_text()) if args.model_json else {}
-        target = _tracking_target(config, args.tracking_uri or model_json.get("tracking_uri"))
-        run_id = log_evaluation_to_mlflow(target.tracking_uri, target.experiment, args.out, summary,
-                                          training_run_id=model_json.get("run_id"),
-                                          model_uri=model_json.get("model_uri"))
-        log.info("evaluation logged to MLflow run %s", run_id)
+        _log_evaluation(args, config, summary)
     for case_id, problem in problems:
         log.warning("not evaluated: %s: %s", case_id, problem)
     return EXIT_FAILURES if problems else EXIT_OK
+
+
+def _log_evaluation(args: argparse.Namespace, config: dict, summary) -> None:
+    """The evaluation's MLflow run, linked to the model of --model-json."""
+    from medseg import __version__
+    from medseg.atomic import write_text_atomic
+    from medseg.evaluation.evaluate import EVALUATION_RUN_RECORD, EvaluationLink, log_evaluation_to_mlflow
+    from medseg.tracking import flatten, git_commit
+
+    model_json = json.loads(Path(args.model_json).read_text()) if args.model_json else {}
+    target = _tracking_target(config, args.tracking_uri or model_json.get("tracking_uri"))
+    # Links to runs and models hold only within the store that has them.
+    same_store = model_json.get("tracking_uri") == target.tracking_uri
+    training = {}
+    if same_store and model_json.get("run_id"):
+        from medseg.tracking import client_for
+
+        try:
+            training = client_for(target.tracking_uri).get_run(model_json["run_id"]).data.tags
+        except Exception as err:  # noqa: BLE001 - a deleted run: evaluate without its tags
+            log.warning("training run %s not found in %s (%s): evaluation not linked to it", model_json["run_id"],
+                        target.tracking_uri, type(err).__name__)
+    link = EvaluationLink(
+        training_run_id=model_json.get("run_id"),
+        model_uri=model_json.get("model_uri"),
+        model_id=model_json.get("model_id") if training else None,
+        parent_run_id=model_json.get("parent_run_id") if training else None,
+        fold=model_json.get("fold"),
+        dataset_fingerprint=training.get("dataset.fingerprint"),
+        manifest=args.manifest,
+        dataset_name=target.experiment,
+    )
+    params = {"truth_format": args.truth_format, "predictions": str(args.predictions),
+              **flatten({"labels": args.labels or config.get("labels") or {}}),
+              **({"predict.threshold": str(config["predict"]["threshold"])} if "predict" in config else {})}
+    tags = {"medseg.version": __version__, "git.commit": git_commit()}
+    run_id = log_evaluation_to_mlflow(target.tracking_uri, target.experiment, args.out, summary, link, params, tags)
+    experiment_id = _experiment_id(target)
+    write_text_atomic(Path(args.out) / EVALUATION_RUN_RECORD, json.dumps(
+        {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": target.tracking_uri}) + "\n")
+    log.info("evaluation logged to MLflow run %s", run_id)
+
+
+def _experiment_id(target) -> str:
+    from medseg.tracking import client_for
+
+    return client_for(target.tracking_uri).get_experiment_by_name(target.experiment).experiment_id
 
 
 def cmd_list_cases(args: argparse.Namespace) -> int:
@@ -625,11 +702,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_read_options(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("gather-predictions", help="results.csv/.parquet, CTR histogram and failures.csv of a batch "
-                                                  "predicted in chunks (predict --chunk)")
+    p = sub.add_parser("gather-predictions", help="results.csv/.parquet, CTR histogram, overlays contact sheet, "
+                                                  "summary.txt and failures.csv of a batch predicted in chunks "
+                                                  "(predict --chunk)")
     p.add_argument("out", help="the batch's output folder (predict --out)")
     p.add_argument("--chunks", type=_positive_int, required=True, help="N of the chunks' I/N")
     p.set_defaults(func=cmd_gather_predictions)
+
+    p = sub.add_parser("mlflow-runs", help="the workflow's MLflow run IDs and how to open the MLflow UI, as "
+                                           "reStructuredText (the report's main page includes it)")
+    p.add_argument("--cv-run", required=True, help="models/cv_run.json (cv-start)")
+    p.add_argument("--cv-summary", help="models/summary.json (cv-finish)")
+    p.add_argument("--models", nargs="+", required=True, help="each fold's model.json")
+    p.add_argument("--evaluations", nargs="+", default=[], metavar="FOLDER",
+                   help="each fold's evaluation folder (same order as --models), for its mlflow_run.json")
+    p.add_argument("--out", required=True, help="the .rst file to write")
+    p.set_defaults(func=cmd_mlflow_runs)
 
     p = sub.add_parser("evaluate", help="score predictions against ground truth (Dice, Jaccard, HD95, ASSD in mm)")
     p.add_argument("--predictions", required=True, help="output folder of `medseg predict`")
@@ -642,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-json", help="the fold's model.json: links the evaluation run to its training run")
     p.add_argument("--tracking-uri")
     p.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow evaluation run")
+    p.add_argument("--manifest", help="the preprocessing manifest, logged as the evaluation run's dataset input")
     p.add_argument("--out", required=True, help="folder for cases.csv, summary.csv/.txt, box plots, worst cases")
     _add_read_options(p)
     p.set_defaults(func=cmd_evaluate)
@@ -675,6 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri")
     p.add_argument("--out", required=True, help="summary.json")
     p.add_argument("fold_summaries", nargs="+", help="model.json of each fold")
+    p.add_argument("--evaluations", nargs="+", default=[], metavar="SUMMARY_CSV",
+                   help="the folds' evaluation summary.csv files: their means go into the cross-validation run "
+                        "as test/<metric>/<label>")
     p.set_defaults(func=cmd_cv_finish)
 
     p = sub.add_parser("tracking-server", help="run a shared MLflow tracking server (PostgreSQL backend, served "

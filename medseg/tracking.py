@@ -16,10 +16,11 @@ Unreachable server policy:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +50,163 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} -> {"a.b": "1"}; lists become their text."""
+    """{"a": {"b": 1}} -> {"a.b": "1"}; lists become their text.
+
+    Unset values (None) are left out: MLflow would show the string "None",
+    which reads as a setting; a missing parameter shows as "-".
+    """
     flat: dict[str, str] = {}
     for key, value in mapping.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
             flat.update(flatten(value, f"{name}."))
-        else:
+        elif value is not None:
             flat[name] = str(value)
     return flat
+
+
+# Training history keys (metrics.csv, checkpoints) -> MLflow metric names.
+# Grouped by "/" prefix so MLflow's chart view puts train, val, perf and
+# best in sections, with the same names for training, cross-validation and
+# evaluation (test/...).
+_METRIC_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("val_dice_", "val/dice/"),
+    ("val_jaccard_", "val/jaccard/"),
+)
+_METRIC_NAMES: dict[str, str] = {
+    "train_loss": "train/loss",
+    "learning_rate": "train/learning_rate",
+    "val_loss": "val/loss",
+    "epoch_seconds": "perf/epoch_seconds",
+    "images_per_second": "perf/images_per_second",
+    "data_wait_fraction": "perf/data_wait_fraction",
+}
+
+# Tag holding a run's or experiment's description in the MLflow UI.
+DESCRIPTION_TAG = "mlflow.note.content"
+# MLflow's limit on a dataset digest (characters).
+DATASET_DIGEST_LENGTH = 32
+
+
+def metric_name(key: str) -> str:
+    """MLflow name of a training history key: "val_dice_heart" ->
+    "val/dice/heart", "train_loss" -> "train/loss"; unknown keys unchanged."""
+    if key in _METRIC_NAMES:
+        return _METRIC_NAMES[key]
+    for old, new in _METRIC_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def best_metric_name(key: str) -> str:
+    """Name of a best-epoch summary metric: "val_dice_heart" ->
+    "best/val_dice/heart", "val_loss" -> "best/val_loss"."""
+    for old, _ in _METRIC_PREFIXES:
+        if key.startswith(old):
+            return f"best/{old.rstrip('_')}/{key[len(old):]}"
+    return f"best/{key}"
+
+
+def dataset_input(manifest: str | Path, name: str, fingerprint: str, rows=None):
+    """The manifest as an MLflow dataset (for ``mlflow.log_input``).
+
+    Args:
+        manifest: the preprocessing manifest (CSV).
+        name: dataset name shown in the UI.
+        fingerprint: :func:`medseg.preprocessing.manifest.manifest_fingerprint`;
+            its first :data:`DATASET_DIGEST_LENGTH` characters become the
+            digest (MLflow stores at most 36).
+        rows: case IDs to keep (e.g. one split part); None for all.
+
+    Returns:
+        An ``mlflow.data.pandas_dataset.PandasDataset``. Only its schema,
+        row count and source path reach the store, never the rows.
+    """
+    import mlflow.data
+    import pandas as pd
+
+    frame = pd.read_csv(manifest)
+    if rows is not None:
+        frame = frame[frame["case_id"].astype(str).isin({str(r) for r in rows})]
+    # Only the columns describing the data, not machine paths of the sources.
+    frame = frame.drop(columns=[c for c in ("source", "mask_source") if c in frame.columns])
+    return mlflow.data.from_pandas(frame, source=Path(manifest).resolve().as_uri(), name=name,
+                                   digest=fingerprint[:DATASET_DIGEST_LENGTH])
+
+
+def run_context_tags() -> dict[str, str]:
+    """The tags ``mlflow.start_run`` adds by itself (user, source name and
+    type, git commit), for runs created through ``MlflowClient``."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return dict(resolve_tags({}))
+
+
+def describe_experiment(tracking_uri: str, experiment_id: str, labels: Sequence[str]) -> None:
+    """Give the experiment a description in the MLflow UI, unless it has one
+    (a user's own text is kept)."""
+    client = client_for(tracking_uri)
+    tags = client.get_experiment(experiment_id).tags
+    if not tags.get("mlflow.experimentKind"):  # the UI's model-training pages, not its GenAI ones
+        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    if tags.get(DESCRIPTION_TAG):
+        return
+    client.set_experiment_tag(experiment_id, DESCRIPTION_TAG, (
+        f"medseg: segmentation of {', '.join(labels)} on chest radiographs (one sigmoid channel per label, "
+        "in this order).\n\n"
+        "- a **cross-validation** run (tag medseg.role=cross-validation) per workflow run, ended when its folds "
+        "are evaluated; its metrics are the folds' means\n"
+        "- nested under it, one **training** run per fold (fold<k>, medseg.role=training) with its logged model "
+        "and registered version, and one **evaluation** run per fold (evaluation-fold<k>, "
+        "medseg.role=evaluation) scoring the fold's held-out test cases\n"
+        "- metric groups: train/*, val/* (per epoch), best/* (the chosen epoch), test/* (held-out cases, mm for "
+        "distances), perf/* and system/* (speed and machine load)"
+    ))
+
+
+# Key of the saved runs-table view (MLflow UI's "shared view": an experiment
+# tag mlflow.sharedViewState.<key>, opened with ?viewStateShareKey=<key>).
+RUNS_VIEW = "medseg-folds"
+
+
+def save_runs_view(tracking_uri: str, experiment_id: str, metric_names: Sequence[str]) -> str:
+    """Save a runs-table view of the experiment that shows the folds side by
+    side: the training and evaluation runs of every fold (flat, sorted by
+    fold) with their dataset, registered model version and the given
+    metric columns.
+
+    MLflow has no setting for the columns a runs table shows by default;
+    its UI opens a view stored as an experiment tag ("shared view") at
+    ``#/experiments/<id>/runs?viewStateShareKey=<key>``. The tag's JSON is
+    the UI's own view state (MLflow 3.x), so an MLflow UI that no longer
+    reads it shows the plain table.
+
+    Returns:
+        The path of the view in the UI, relative to its root URL.
+    """
+    columns = ["attributes.`Dataset`", "attributes.`Models`", "tags.`fold`", "tags.`medseg.role`",
+               *(f"metrics.`{name}`" for name in metric_names)]
+    state = {"selectedColumns": columns, "searchFilter": "tags.fold LIKE '%'", "orderByKey": "tags.`fold`",
+             "orderByAsc": True}
+    client = client_for(tracking_uri)
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{RUNS_VIEW}", json.dumps(state))
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}"
+
+
+def without_active_run(fn, *args, **kwargs) -> Any:
+    """Call ``fn`` in a helper thread, where MLflow sees no active run (its
+    run stack is thread-local).
+
+    Why: ``mlflow.pytorch.log_model`` inside a run copies every run metric
+    at the model's step onto the logged model, including the system metrics
+    sampled at that step; logged from here, the model gets only the metrics
+    linked to it on purpose (``model_id=``).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -164,15 +313,27 @@ class RunLogger:
             return None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log training history values under their MLflow names (:func:`metric_name`)."""
         import mlflow
 
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and v == v}
+        clean = {metric_name(k): float(v) for k, v in metrics.items() if v is not None and v == v}
         self._call("log_metrics", mlflow.log_metrics, clean, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         import mlflow
 
         self._call("log_artifact", mlflow.log_artifact, str(path), artifact_path)
+
+    def log_image(self, path: str | Path, key: str, step: int) -> None:
+        """A PNG as an MLflow image series (the UI shows a step slider)."""
+        import mlflow
+        from PIL import Image
+
+        def log() -> None:
+            with Image.open(path) as image:
+                mlflow.log_image(image.convert("RGB"), key=key, step=step)
+
+        self._call("log_image", log)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         import mlflow

@@ -74,6 +74,16 @@ def local_workflow_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def workflow_report(local_workflow_run) -> Path:
+    """``report.html`` of the local run (``snakemake --report``), made once for
+    the end-to-end test and the report's own test."""
+    from workflow_runs import TEST_CONFIG, run_snakemake
+
+    run_snakemake(local_workflow_run, "--config", *TEST_CONFIG, "--report", "report.html")
+    return local_workflow_run / "report.html"
+
+
+@pytest.fixture(scope="session")
 def model_and_scans(tmp_path_factory):
     """A small phantom-trained checkpoint and non-square phantom DICOMs to predict.
 

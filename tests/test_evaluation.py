@@ -14,12 +14,17 @@ import pytest
 from PIL import Image
 
 from medseg.evaluation.evaluate import (
+    EvaluationLink,
     PUBLISHED_JACCARD,
     TABLE_COLUMNS,
+    boxplot_figure,
     comparison_table,
     evaluate_predictions,
+    is_jsrt_case_id,
+    literature_comparison_reason,
     log_evaluation_to_mlflow,
     resample_to,
+    rounded_for_csv,
     save_boxplots,
     scaled_spacing,
     summarise,
@@ -277,7 +282,12 @@ def test_summary_and_comparison_table(scored):
     heart = summary.loc["heart"]
     assert heart.n_missed == 1 and heart.dice_worst == 0.0 and heart.hd95_mm_mean == math.inf
 
-    text = comparison_table(summary)
+    # The fixture's cases are not JSRT images: no published figures beside them.
+    text = comparison_table(summary, scored["table"]["case_id"], "scr")
+    assert text.startswith("No comparison with published results: 2 of 2 scored cases are not JSRT images")
+    assert not any(source in text for source in PUBLISHED_JACCARD) and "0.961" not in text
+    # The same scores from JSRT cases against SCR masks: compared.
+    text = comparison_table(summary, ["JPCLN001", "JPCNN093"], "scr")
     for source, scores in PUBLISHED_JACCARD.items():
         assert source in text
         for value in scores.values():
@@ -297,14 +307,19 @@ def test_write_evaluation_files_and_pictures(scored):
     assert set(pd.read_csv(out / "problems.csv").case_id) == {"NOTRUTH", "BROKEN"}
     txt = (out / "summary.txt").read_text()
     assert txt.startswith("Evaluation of 2 cases\n")
-    assert "Novikov et al. 2018" in txt and "NOTRUTH" in txt
-    assert comparison_table(scored["summary"]) in txt
-    assert "this evaluation (n=2)                       0.833   0.500      1.000" in txt  # mean Jaccard
+    assert "NOTRUTH" in txt
+    # Cases PERFECT and SHIFTED are not JSRT images: one line says why there is no comparison.
+    assert "Novikov et al. 2018" not in txt and "this evaluation" not in txt
+    assert comparison_table(scored["summary"], ["PERFECT", "SHIFTED"], "scr") in txt
+    assert sum(line.startswith("No comparison with published results: ") for line in txt.splitlines()) == 1
     assert "lungs     0.900 0.141   0.900  0.800" in txt  # Dice mean, std, median, worst
-    # Box plots: 2 rows x 3 labels of 3.2 x 3 inches at 100 dpi, with the
-    # boxes' orange median lines drawn.
-    boxes = _picture_colours(out / "boxplots.png", (960, 600))
-    assert boxes.get((255, 127, 14), 0) > 100 and len(boxes) > 20
+    # Box plots: 2 rows x 3 labels of 3.2 x 3.2 inches at 100 dpi, boxes
+    # filled with the label colours at 55 % over white (Dice; Jaccard at 25 %):
+    # heart and lungs (the clavicles' boxes have no height, both cases scoring 1).
+    boxes = _picture_colours(out / "boxplots.png", (960, 640))
+    for colour in ((255, 115, 115), (115, 255, 115), (255, 191, 191), (191, 255, 191)):
+        assert boxes.get(colour, 0) > 100, colour
+    assert len(boxes) > 20
     # Worst cases: 4 tiles (truth, prediction of SHIFTED and PERFECT) in one
     # row of 3-inch tiles, drawn with overlay_rgb on mid-grey: the exact
     # overlay colours of lungs, heart and clavicles (0.65 * 0.5 + 0.35 * colour).
@@ -327,8 +342,154 @@ def test_boxplots_from_a_bare_table(tmp_path):
     table = pd.DataFrame({"case_id": ["a", "b", "c"], "label": "lungs", "dice": [0.9, 0.95, 0.97],
                           "jaccard": [0.8, 0.9, 0.94], "hd95_mm": [3.0, math.inf, 1.0], "assd_mm": [1.0, math.inf, 0.5]})
     save_boxplots(table, tmp_path / "box.png")
-    colours = _picture_colours(tmp_path / "box.png", (320, 600))  # one label: 3.2 x 6 inches at 100 dpi
-    assert colours.get((255, 127, 14), 0) > 50 and colours.get((0, 0, 0), 0) > 500 and len(colours) > 20
+    colours = _picture_colours(tmp_path / "box.png", (320, 640))  # one label: 3.2 x 6.4 inches at 100 dpi
+    # Lungs green boxes (55 % over white), black medians and dots.
+    assert colours.get((115, 255, 115), 0) > 500 and colours.get((0, 0, 0), 0) > 500 and len(colours) > 20
+
+
+# --------------------------------------------------------------------------- literature comparison, pictures, CSVs
+
+
+@pytest.mark.parametrize("case_id, jsrt", [
+    ("JPCLN001", True), ("JPCLN154", True), ("JPCNN001", True), ("JPCNN093", True),
+    ("JPCLN155", False), ("JPCNN094", False), ("JPCLN000", False), ("jpcln001", False),
+    ("JPCLN001.IMG", False), ("xJPCLN001", False), ("JPCXN001", False), ("PHANTOM0001", False),
+])
+def test_jsrt_case_ids(case_id, jsrt):
+    assert is_jsrt_case_id(case_id) is jsrt
+
+
+@pytest.mark.parametrize("case_ids, truth_format, shown", [
+    (["JPCLN001", "JPCLN002", "JPCNN010", "JPCLN001"], "scr", True),
+    (["PHANTOM0001", "PHANTOM0002"], "scr", False),
+    (["JPCLN001", "PHANTOM0002"], "scr", False),  # one case from elsewhere is enough
+    (["JPCLN001", "JPCNN010"], "label_image", False),  # not the SCR masks
+    ([], "scr", False),
+    (None, "scr", False),  # unknown data: never compared
+])
+def test_comparison_only_for_jsrt_cases_with_scr_truth(scored, case_ids, truth_format, shown):
+    text = comparison_table(scored["summary"], case_ids, truth_format)
+    reason = literature_comparison_reason(case_ids, truth_format)
+    assert (reason == "") is shown
+    for source in PUBLISHED_JACCARD:
+        assert (source in text) is shown, source
+    if not shown:  # one line, saying why
+        assert text == (f"No comparison with published results: {reason}; the published Jaccard figures are for "
+                        "JSRT images scored against SCR masks.\n")
+    assert literature_comparison_reason(["PHANTOM0001", "JPCLN001", "PHANTOM0002"]).startswith(
+        "2 of 3 scored cases are not JSRT images")
+    assert "label images" in literature_comparison_reason(["JPCLN001"], "label_image")
+
+
+def test_comparison_columns_follow_the_label_order(scored):
+    summary = scored["summary"]
+    assert comparison_table(summary, ["JPCLN001"]).splitlines()[0].split()[2:] == list(DEFAULT_LABELS)
+    # Any order, and a label nobody published: the summary's order, "-" where no figure.
+    order = ["clavicles", "heart", "trachea", "lungs"]
+    other = pd.concat([summary.loc[["clavicles", "heart"]], summary.loc[["lungs"]].rename(index={"lungs": "trachea"}),
+                       summary.loc[["lungs"]]])
+    lines = comparison_table(other, ["JPCLN001", "JPCNN002"], "scr").splitlines()
+    assert lines[0].split()[2:] == order  # after "Mean Jaccard"
+    ours = next(line for line in lines if line.startswith("this evaluation"))
+    assert ours.split()[-4:] == [f"{other.loc[label, 'jaccard_mean']:.3f}" for label in order]
+    for source, scores in PUBLISHED_JACCARD.items():
+        row = next(line for line in lines if line.startswith(source))
+        assert row.split()[-4:] == [f"{scores[label]:.3f}" if label != "trachea" else "-" for label in order]
+        # Right-aligned under the header's label names.
+        ends = [lines[0].index(label) + len(label) for label in order]
+        assert all(row[end - 1] != " " and row[end:end + 1] in ("", " ") for end in ends), row
+
+
+def test_write_evaluation_compares_jsrt_cases_with_published_results(scored, tmp_path):
+    table = scored["table"].replace({"case_id": {"PERFECT": "JPCLN001", "SHIFTED": "JPCNN002"}})
+    summary = summarise(table)
+    write_evaluation(tmp_path / "scr", table, summary)
+    txt = (tmp_path / "scr" / "summary.txt").read_text()
+    assert comparison_table(summary, ["JPCLN001", "JPCNN002"], "scr") in txt
+    # Columns heart, lungs, clavicles as in the rest of summary.txt: the heart
+    # is missed in one of two cases, the lungs score (1 + 320/480) / 2.
+    assert "Mean Jaccard                                heart   lungs  clavicles" in txt
+    assert "this evaluation (n=2)                       0.500   0.833      1.000" in txt
+    assert "Frid-Adar et al. 2018                       0.906   0.961      0.855" in txt
+    assert "No comparison" not in txt
+    # The same cases scored against label images: not the published protocol.
+    write_evaluation(tmp_path / "li", table, summary, truth_format="label_image")
+    txt = (tmp_path / "li" / "summary.txt").read_text()
+    assert "No comparison with published results: the ground truth is label images, not SCR masks" in txt
+    assert "Frid-Adar" not in txt
+
+
+def test_boxplot_figure_shows_jaccard_beside_dice_in_label_colours(scored):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    from medseg.visualise import label_colour
+
+    table = scored["table"]
+    fig = boxplot_figure(table)
+    try:
+        assert fig.get_suptitle().startswith("Evaluation of 2 cases")
+        axes = fig.axes
+        assert len(axes) == 2 * len(DEFAULT_LABELS)  # row-major: overlap row, then HD95 row
+        for col, label in enumerate(DEFAULT_LABELS):
+            top, bottom = axes[col], axes[len(DEFAULT_LABELS) + col]
+            assert top.get_title().startswith(f"{label}: Dice and Jaccard")
+            assert [t.get_text() for t in top.get_xticklabels()] == ["Dice", "Jaccard"]
+            assert top.get_ylim() == (0.0, 1.02)
+            assert bottom.get_title().startswith(f"{label}: HD95 (mm)")
+            boxes = [*top.patches, *bottom.patches]
+            assert len(boxes) == 3
+            for box in boxes:
+                assert to_rgb(box.get_facecolor()) == pytest.approx(label_colour(label, col)), label
+            # The dots at x = 2 are the cases' Jaccard values.
+            rows = table[table.label == label]
+            dots = top.collections[1].get_offsets()
+            assert np.allclose(dots[:, 0], 2, atol=0.1)
+            assert sorted(dots[:, 1]) == pytest.approx(sorted(rows.jaccard))
+        assert "1 missed, not shown" in axes[len(DEFAULT_LABELS)].get_title()  # heart HD95 of SHIFTED
+    finally:
+        plt.close(fig)
+
+
+def test_rounded_for_csv():
+    frame = pd.DataFrame({"dice": [0.123456789, 1.0], "hd95_mm": [1.23456, math.inf], "hd95_mm_mean": [2.005001, 3.0],
+                          "area_mm2": [123.456, 0.04], "n_cases": [3, 4], "truth_empty": [True, False],
+                          "case_id": ["JPCLN001", "JPCLN002"]})
+    out = rounded_for_csv(frame)
+    assert out["dice"].tolist() == [0.1235, 1.0]
+    assert out["hd95_mm"].tolist() == [1.23, math.inf]  # inf stays inf
+    assert out["hd95_mm_mean"].tolist() == [2.01, 3.0]
+    assert out["area_mm2"].tolist() == [123.5, 0.0]
+    assert out[["n_cases", "truth_empty", "case_id"]].equals(frame[["n_cases", "truth_empty", "case_id"]])
+    assert frame["dice"][0] == 0.123456789  # a copy: the caller's frame is unchanged
+
+
+def test_evaluation_csvs_are_rounded(scored, tmp_path):
+    import csv
+
+    table = scored["table"].copy()
+    table["hd95_mm"] *= 1.0123456  # 2.0 mm -> 2.0246912 mm; 0 and inf stay
+    summary = summarise(table)
+    write_evaluation(tmp_path, table, summary, pred_dir=scored["pred_dir"])
+    for name in ("cases.csv", "summary.csv"):
+        with open(tmp_path / name, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            for column, text in row.items():
+                if column in ("case_id", "label", "worst_case", "spacing_source", "spacing_plane"):
+                    continue
+                decimals = len(text.split(".")[1]) if "." in text else 0
+                limit = 2 if column.endswith("_mm") or "_mm_" in column else 4
+                assert decimals <= limit, (name, column, text)
+    cases = pd.read_csv(tmp_path / "cases.csv")
+    shifted = cases[cases.case_id == "SHIFTED"].set_index("label")
+    assert shifted.loc["lungs", "jaccard"] == 0.6667 and shifted.loc["lungs", "hd95_mm"] == 2.02
+    assert shifted.loc["heart", "hd95_mm"] == math.inf and shifted.loc["heart", "assd_mm"] == math.inf
+    assert list(cases.columns) == [*TABLE_COLUMNS, "spacing_source", "spacing_plane"]
+    written = pd.read_csv(tmp_path / "summary.csv", index_col="label")
+    assert written.loc["lungs", "jaccard_mean"] == 0.8333 and written.loc["lungs", "hd95_mm_mean"] == 1.01
+    assert written.loc["heart", "hd95_mm_mean"] == math.inf
+    assert written["n_cases"].tolist() == [2, 2, 2]
 
 
 def test_log_evaluation_to_mlflow(scored):
@@ -336,17 +497,24 @@ def test_log_evaluation_to_mlflow(scored):
     out = tmp / "mlflow-out"
     write_evaluation(out, scored["table"], scored["summary"], scored["problems"])
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    run_id = log_evaluation_to_mlflow(uri, "evaluation-test", out, scored["summary"],
-                                      training_run_id="trainrun123", model_uri="models:/medseg/1")
-    run = client_for(uri).get_run(run_id)
-    assert run.info.run_name == "evaluation" and run.info.status == "FINISHED"
-    assert run.data.tags["medseg.role"] == "evaluation"
-    assert run.data.tags["training_run_id"] == "trainrun123"
-    assert run.data.tags["model_uri"] == "models:/medseg/1"
+    client = client_for(uri)
+    parent = client.create_run(client.create_experiment("evaluation-test"), run_name="cv").info.run_id
+    link = EvaluationLink(training_run_id="trainrun123", model_uri="models:/medseg/1", parent_run_id=parent, fold=2,
+                          dataset_fingerprint="f" * 64)
+    run_id = log_evaluation_to_mlflow(uri, "evaluation-test", out, scored["summary"], link,
+                                      params={"truth_format": "scr"}, tags={"medseg.version": "9.9"})
+    run = client.get_run(run_id)
+    assert run.info.run_name == "evaluation-fold2" and run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["medseg.role"] == "evaluation" and tags["mlflow.parentRunId"] == parent
+    assert tags["training_run_id"] == "trainrun123" and tags["model_uri"] == "models:/medseg/1"
+    assert tags["fold"] == "2" and tags["medseg.version"] == "9.9" and tags["dataset.fingerprint"] == "f" * 64
+    assert "fold 2" in tags["mlflow.note.content"]
+    assert run.data.params["n_cases"] == "2" and run.data.params["n_missed.heart"] == "1"
+    assert run.data.params["truth_format"] == "scr"
     metrics = run.data.metrics
-    assert metrics["lungs_dice_mean"] == pytest.approx(0.9)
-    assert metrics["lungs_hd95_mm_median"] == pytest.approx(1.0, abs=TOL)  # median of 0 and 2.0 mm
-    assert metrics["heart_n_missed"] == 1
-    assert "heart_hd95_mm_mean" not in metrics  # infinite: not logged, n_missed explains
-    artifacts = {a.path for a in client_for(uri).list_artifacts(run_id)}
+    assert metrics["test/dice/lungs"] == pytest.approx(0.9)
+    assert metrics["test_median/hd95_mm/lungs"] == pytest.approx(1.0, abs=TOL)  # median of 0 and 2.0 mm
+    assert "test/hd95_mm/heart" not in metrics  # infinite: not logged, n_missed explains
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"cases.csv", "summary.csv", "summary.txt", "boxplots.png"} <= artifacts

@@ -214,7 +214,7 @@ def test_palette_label_image_scores_as_scr_truth(dataset):
     assert set(_dice(palette)) == set(expected)
     for key, dice in _dice(palette).items():
         assert dice == pytest.approx(_dice(scr)[key], abs=1e-6), key
-        assert dice == pytest.approx(expected[key], abs=1e-6), key
+        assert dice == pytest.approx(expected[key], abs=5e-5), key  # cases.csv keeps 4 decimals
     assert all(expected[case, "heart"] > 0.8 and expected[case, "lungs"] > 0.8 for case in CASES)
     assert all(expected[case, "clavicles"] == 1.0 for case in CASES)
     assert np.isfinite(palette["hd95_mm"]).all()
@@ -229,7 +229,7 @@ def test_label_value_that_never_occurs_is_a_warning(dataset):
     assert "heart is empty" not in proc.stderr  # value 1 still gives the heart
     # 7 adds nothing to the heart: the scores stand.
     for key, dice in _dice(table).items():
-        assert dice == pytest.approx(dataset["expected"][key], abs=1e-6)
+        assert dice == pytest.approx(dataset["expected"][key], abs=5e-5)  # cases.csv keeps 4 decimals
 
 
 def test_label_absent_from_every_truth_is_said_in_the_summary(dataset):

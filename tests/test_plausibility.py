@@ -354,8 +354,8 @@ def test_predict_flags_rotated_mirrored_lateral_and_non_chest_scans(model_and_sc
     def has_ctr_lines(case: str) -> bool:
         overlay = np.asarray(Image.open(out / case / "overlay.png"))
         yellow = (overlay == (255, 255, 0)).all(axis=-1)
-        cyan = (overlay == (0, 255, 255)).all(axis=-1)
-        return bool(yellow.any() or cyan.any())
+        magenta = (overlay == (255, 0, 255)).all(axis=-1)
+        return bool(yellow.any() or magenta.any())
 
     for source in originals:  # upright: plausible, with a CTR and its lines
         case = source.stem

@@ -262,7 +262,7 @@ def test_draw_ctr_lines_changes_only_the_line_rows():
     # 100 x 120 image -> 2 px lines on rows (row - 1, row).
     assert changed_rows == {29, 30, 59, 60}
     np.testing.assert_array_equal(out[59:61, 42:83], np.broadcast_to([1.0, 1.0, 0.0], (2, 41, 3)))
-    np.testing.assert_array_equal(out[29:31, 10:110], np.broadcast_to([0.0, 1.0, 1.0], (2, 100, 3)))
+    np.testing.assert_array_equal(out[29:31, 10:110], np.broadcast_to([1.0, 0.0, 1.0], (2, 100, 3)))  # magenta
     # Nothing beyond the line ends.
     np.testing.assert_array_equal(out[59:61, :42], rgb[59:61, :42])
     np.testing.assert_array_equal(out[59:61, 83:], rgb[59:61, 83:])

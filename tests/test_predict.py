@@ -151,7 +151,8 @@ def test_predict_outputs_at_original_geometry(truth_run):
         # NIfTI zooms are (x, y): column spacing first.
         assert stack.header.get_zooms()[:2] == pytest.approx(expected[case][1][::-1])
         with Image.open(case_dir / "overlay.png") as png:
-            assert png.size == (cols, rows) and png.mode == "RGB"
+            # The scan at its own size, then the band with case ID, CTR, QC flags and legend.
+            assert png.mode == "RGB" and png.width == cols and png.height > rows
         source = pydicom.dcmread(inputs / f"{case}.dcm")
         seg = pydicom.dcmread(case_dir / "seg.dcm")
         assert seg.Modality == "SEG" and seg.StudyInstanceUID == source.StudyInstanceUID
@@ -229,7 +230,7 @@ def test_real_legacy_cr_end_to_end(model_and_scans, tmp_path):
     assert (table.rows[0], table.cols[0]) == (440, 440)
     case_dir = tmp_path / "CR-MONO1-10-chest"
     with Image.open(case_dir / "overlay.png") as png:
-        assert png.size == (440, 440)
+        assert png.width == 440 and png.height > 440  # the scan, then its caption band
     from medseg.inference.dicom_seg import read_dicom_seg
 
     seg = pydicom.dcmread(case_dir / "seg.dcm")
@@ -352,3 +353,129 @@ def test_chunked_predict_then_gather_equals_one_run(model_and_scans, tmp_path):
                                   pd.read_csv(chunked / "results.csv")[columns])
     assert list(pd.read_csv(chunked / "failures.csv").file) == [str(broken)]
     assert (chunked / "ctr_distribution.png").exists()
+    assert (chunked / "overlays.png").exists()
+    summary = (chunked / "summary.txt").read_text()
+    assert "4 scans predicted, 1 input failed" in summary and "overlays.png shows 4 of 4 scans." in summary
+
+
+# --------------------------------------------------------------------------- batch tables and pictures
+
+
+def test_ctr_histogram_has_an_edge_at_one_half_and_counts_it_left():
+    from medseg.inference.predict import ctr_histogram
+
+    counts, edges = ctr_histogram([0.45, 0.5, 0.5000001, 0.62])
+    assert 0.5 in edges.tolist()  # exactly, not 0.49999999
+    np.testing.assert_allclose(np.diff(edges), 0.025)
+    assert edges[0] == pytest.approx(0.2) and edges[-1] == pytest.approx(0.9)
+    half = edges.tolist().index(0.5)
+    assert counts[half - 1] == 1 and counts[half] == 1  # 0.5 itself is not above 0.5
+    assert counts.sum() == 4 and counts.dtype.kind == "i"
+    # Values outside 0.2-0.9 widen the range rather than vanish; 0.5 stays an edge.
+    counts, edges = ctr_histogram([0.1, 1.3])
+    assert edges[0] <= 0.1 and edges[-1] >= 1.3 and counts.sum() == 2 and 0.5 in edges.tolist()
+
+
+def test_ctr_distribution_whole_scan_counts_and_k_of_n_in_the_title():
+    from medseg.inference.predict import ctr_distribution_figure
+
+    table = pd.DataFrame({"case_id": list("abcde"), "ctr": [0.45, 0.5, 0.53, 0.61, float("nan")]})
+    fig = ctr_distribution_figure(table)
+    ax = fig.axes[0]
+    title = ax.get_title()
+    assert "2 of 4 scans above 0.5" in title and "1 scan without a CTR" in title
+    ticks = [t for t in ax.get_yticks() if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks  # 1 scan per bin: no 0.2 steps
+    bars = [p for p in ax.patches if hasattr(p, "get_data")]  # the histogram's StepPatch
+    values, edges = bars[0].get_data()[:2]
+    assert 0.5 in edges.tolist() and values.sum() == 4
+    assert any(line.get_xdata()[0] == 0.5 for line in ax.get_lines())  # the threshold line
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    empty = ctr_distribution_figure(pd.DataFrame({"case_id": []}))
+    assert "0 of 0 scans above 0.5" in empty.axes[0].get_title()
+    plt.close(empty)
+
+
+def _fake_finished_scans(out: Path, n: int) -> list[str]:
+    """``n`` finished scan folders as predict leaves them (prediction.json,
+    overlay.png), with full-precision measurements."""
+    ids = [f"CASE{i:03d}" for i in range(n)]
+    for i, case in enumerate(ids):
+        (out / case).mkdir(parents=True)
+        Image.fromarray(np.full((40, 30, 3), 20 * (i % 12), dtype=np.uint8)).save(out / case / "overlay.png")
+        meta = {"case_id": case, "rows": 40, "cols": 30, "spacing_row_mm": 0.143, "spacing_col_mm": 0.1430000001,
+                "area_mm2_heart": 12345.678901, "area_mm2_lungs": 0.04999,
+                "ctr": 0.3 + 0.0312345 * i if i else float("nan"),  # the first scan has no CTR
+                "heart_width_mm": 101.23456, "thoracic_width_mm": 202.98765, "qc_flags": "low_confidence_heart",
+                "seconds": 0.1234567, "labels": ["heart", "lungs"], "settings": {}}
+        (out / case / "prediction.json").write_text(json.dumps(meta))
+    return ids
+
+
+def test_results_tables_rounded_prediction_json_full(tmp_path):
+    from medseg.inference.predict import write_batch_tables
+
+    ids = _fake_finished_scans(tmp_path, 3)
+    table = write_batch_tables(tmp_path, [], ids)
+    assert table.loc[1, "ctr"] == pytest.approx(0.3312345)  # returned at full precision
+    text = (tmp_path / "results.csv").read_text()
+    csv = pd.read_csv(tmp_path / "results.csv")
+    assert csv.area_mm2_heart.tolist() == [12345.7] * 3 and csv.area_mm2_lungs.tolist() == [0.0] * 3
+    assert csv.heart_width_mm.tolist() == [101.2] * 3 and csv.thoracic_width_mm.tolist() == [203.0] * 3
+    assert csv.ctr.tolist()[1:] == [0.3312, 0.3625] and np.isnan(csv.ctr[0])
+    assert csv.seconds.tolist() == [0.123] * 3
+    assert "0.1430000001" in text and "12345.678901" not in text  # spacing exact, measurements rounded
+    # results.parquet holds the same (rounded) table; prediction.json keeps full precision.
+    pd.testing.assert_frame_equal(csv, pd.read_parquet(tmp_path / "results.parquet"), check_dtype=False)
+    assert json.loads((tmp_path / "CASE001" / "prediction.json").read_text())["ctr"] == 0.3312345
+    # Reading the table back (as gather_chunks does with chunk tables) keeps every case ID.
+    assert pd.read_csv(tmp_path / "results.csv", dtype={"case_id": str}).case_id.tolist() == ids
+
+
+def test_overlay_sheet_samples_twelve_and_summary_says_k_of_n(tmp_path):
+    from medseg.batch import Failure
+    from medseg.inference.predict import overlay_sample, write_batch_tables
+
+    ids = _fake_finished_scans(tmp_path, 15)
+    sample = overlay_sample(ids)
+    assert len(sample) == 12 and sample[0] == ids[0] and sample[-1] == ids[-1]  # spread over the batch
+    assert overlay_sample(ids[:5]) == ids[:5]
+    write_batch_tables(tmp_path, [Failure("bad.dcm", "not an image")], ids)
+    with Image.open(tmp_path / "overlays.png") as png:
+        assert png.width > 400 and png.height > 300
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "15 scans predicted, 1 input failed" in summary
+    # CTRs 0.3 + 0.0312345 i for i = 1..14: above 0.5 from i = 7; CASE000 has none.
+    assert "CTR above 0.5 in 8 of 14 scans with a CTR. 1 without one" in summary
+    assert "overlays.png shows 12 of 15 scans." in summary
+    # Numbers and words only: the report's captions include it as reStructuredText.
+    from docutils.core import publish_parts
+
+    html = publish_parts(summary, writer="html", settings_overrides={"report_level": 2, "halt_level": 2})
+    assert "12 of 15 scans" in html["body"]
+
+
+def test_overlay_caption_and_legend_follow_the_ctr():
+    from medseg.inference.ctr import HEART_LINE_COLOUR, THORAX_LINE_COLOUR, CtrResult
+    from medseg.inference.predict import overlay_caption, overlay_legend
+    from medseg.visualise import LABEL_COLOURS
+
+    measured = CtrResult(0.51234, 100.0, 195.2, (30, 10, 40), (20, 2, 60), ["cardiomegaly"])
+    assert overlay_caption("JPCLN001", measured, ["cardiomegaly", "low_confidence_heart"]) == [
+        "JPCLN001", "CTR 0.512", "QC: cardiomegaly, low_confidence_heart"]
+    legend = overlay_legend(["heart", "lungs", "clavicles"], measured)
+    assert [(e.name, e.colour, e.line) for e in legend] == [
+        ("heart", LABEL_COLOURS["heart"], False), ("lungs", LABEL_COLOURS["lungs"], False),
+        ("clavicles", LABEL_COLOURS["clavicles"], False), ("heart width", HEART_LINE_COLOUR, True),
+        ("thorax width", THORAX_LINE_COLOUR, True)]
+    # Withheld (not a frontal chest): no value, no lines, so no line in the legend either.
+    gated = CtrResult(float("nan"), 100.0, 195.2, None, None, [])
+    assert overlay_caption("X", gated, ["not_frontal_chest"]) == ["X", "CTR: none", "QC: not_frontal_chest"]
+    assert overlay_caption("X", None, []) == ["X", "CTR: none", "QC: no flags"]
+    assert [e.name for e in overlay_legend(["heart", "lungs"], gated)] == ["heart", "lungs"]
+    # The thorax line is told apart from the clavicle fill, also where it lies over the lungs.
+    clavicle_over_lung = 0.65 * (0.65 * 0.5 + 0.35 * np.array(LABEL_COLOURS["lungs"])) + 0.35 * np.array(
+        LABEL_COLOURS["clavicles"])
+    assert np.abs(np.array(THORAX_LINE_COLOUR) - clavicle_over_lung).max() > 0.5

@@ -25,7 +25,7 @@ from services import require_programs
 from test_training import MEDSEG, _config, _dataset, assert_offline_training_kept_everything, train_interrupted
 from workflow_runs import copy_workflow, run_snakemake
 
-from medseg.tracking import client_for
+from medseg.tracking import client_for, metric_name
 from medseg.training.run import TrackingTarget, finish_cv_run
 from medseg.tracking_server import (
     PostgresServer,
@@ -128,13 +128,13 @@ def test_workflow_logs_everything_to_the_postgres_server(stack, tmp_path, monkey
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the server, not a client path
     assert run.data.params["train.epochs"] == "3" and run.data.params["dataset"] == "tsrv"
     assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
-    for metric in ("train_loss", "val_loss", "val_dice_mean", "val_dice_lungs", "learning_rate"):
+    for metric in ("train/loss", "val/loss", "val/dice/mean", "val/dice/lungs", "train/learning_rate"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2, 3], metric
     local = pd.read_csv(results / "models" / "fold0" / "metrics.csv")
-    logged = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    logged = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert logged == pytest.approx(local.train_loss.tolist(), rel=1e-6)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "curves.png", "metrics.csv", "overlays"} <= artifacts
+    assert {"config.yaml", "curves.png", "metrics.csv", "images", "validation_overlays.png"} <= artifacts
     downloaded = Path(client.download_artifacts(run.info.run_id, "curves.png", str(tmp_path)))
     assert downloaded.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert downloaded.read_bytes() == (results / "models" / "fold0" / "curves.png").read_bytes()
@@ -145,19 +145,20 @@ def test_workflow_logs_everything_to_the_postgres_server(stack, tmp_path, monkey
     version = client.get_model_version_by_alias("medseg-tsrv", "candidate")
     assert str(version.version) == fold["model_version"] and version.run_id == fold["run_id"]
     assert client.get_model_version_by_alias("medseg-tsrv", "fold0").version == version.version
-    assert "cv_mean_val_dice_mean" in client.get_run(summary["parent_run_id"]).data.metrics
+    assert "best/val_dice/mean" in client.get_run(summary["parent_run_id"]).data.metrics
     # Prediction loaded the model from the server's registry; evaluation logged its own run there.
     predictions = pd.read_csv(results / "predictions" / "fold0" / "results.csv")
     assert len(predictions) == 5 and predictions.model_uri.str.startswith("models:/medseg-tsrv/").all()
     evaluations = client.search_runs([run.info.experiment_id], "tags.`medseg.role` = 'evaluation'")
     assert len(evaluations) == 1 and evaluations[0].data.tags["training_run_id"] == fold["run_id"]
-    assert 0.0 <= evaluations[0].data.metrics["lungs_dice_mean"] <= 1.0
+    assert 0.0 <= evaluations[0].data.metrics["test/dice/lungs"] <= 1.0
+    assert evaluations[0].data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
     assert "summary.csv" in {a.path for a in client.list_artifacts(evaluations[0].info.run_id)}
 
     # The rows are in PostgreSQL itself.
     ids = (summary["parent_run_id"], fold["run_id"], evaluations[0].info.run_id)
     assert stack.sql("SELECT count(*) FROM runs WHERE run_uuid IN %s AND status = 'FINISHED'", (ids,)) == [(3,)]
-    assert stack.sql("SELECT step FROM metrics WHERE run_uuid = %s AND key = 'train_loss' ORDER BY step",
+    assert stack.sql("SELECT step FROM metrics WHERE run_uuid = %s AND key = 'train/loss' ORDER BY step",
                      (fold["run_id"],)) == [(1,), (2,), (3,)]
     assert stack.sql("SELECT alias, version FROM registered_model_aliases WHERE name = 'medseg-tsrv' "
                      "ORDER BY alias") == [("candidate", int(version.version)), ("fold0", int(version.version))]
@@ -199,12 +200,12 @@ def test_two_trainings_logging_at_once_both_land_intact(stack, phantoms, tmp_pat
         assert run.info.status == "FINISHED" and run.data.params["train.seed"] in ("1", "2")
         local = pd.read_csv(out / "metrics.csv")
         for metric in ("train_loss", "val_loss", "val_dice_mean", "epoch_seconds"):
-            history = client.get_metric_history(summary["run_id"], metric)
+            history = client.get_metric_history(summary["run_id"], metric_name(metric))
             assert [m.step for m in history] == [1, 2, 3, 4], metric  # complete, no gaps, no doubles
             # Each run holds its own job's values, not the other's.
             assert [m.value for m in history] == pytest.approx(local[metric].tolist(), rel=1e-6), metric
-        overlays = {a.path for a in client.list_artifacts(summary["run_id"], "overlays")}
-        assert overlays == {f"overlays/epoch{e:04d}.png" for e in range(1, 5)}
+        images = [a.path for a in client.list_artifacts(summary["run_id"], "images") if a.path.endswith(".png")]
+        assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [1, 2, 3, 4]
         version = client.get_model_version("medseg-unit", summary["model_version"])
         assert version.run_id == summary["run_id"] and version.status == "READY"
         assert version.source.startswith("models:/m-")  # the logged model behind the version (MLflow 3)
@@ -239,7 +240,7 @@ def test_mlflow_server_lost_mid_training_keeps_everything(stack, phantoms, tmp_p
     # What the lost server had stored is in the database (read through the other server).
     summary = json.loads((tmp_path / "out" / "model.json").read_text())
     client = client_for(stack.url)
-    steps = [m.step for m in client.get_metric_history(summary["run_id"], "train_loss")]
+    steps = [m.step for m in client.get_metric_history(summary["run_id"], "train/loss")]
     assert 3 <= len(steps) < 20 and steps == list(range(1, len(steps) + 1)), steps
     assert client.get_run(summary["run_id"]).info.status == "RUNNING"  # never ended (see docs/tracking-server.md)
 
@@ -257,7 +258,7 @@ def test_mlflow_server_lost_mid_training_keeps_everything(stack, phantoms, tmp_p
     assert cv["unregistered_folds"] == [0] and cv["tracking_offline"] is False
     assert cv["cv_mean_val_dice_mean"] == pytest.approx(summary["best_metrics"]["val_dice_mean"])
     logged = client.get_run(parent.info.run_id).data
-    assert logged.metrics["cv_mean_val_dice_mean"] == pytest.approx(summary["best_metrics"]["val_dice_mean"])
+    assert logged.metrics["best/val_dice/mean"] == pytest.approx(summary["best_metrics"]["val_dice_mean"])
     assert logged.tags["best_fold"] == "0"
 
 

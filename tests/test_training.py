@@ -90,24 +90,58 @@ def test_mlflow_run_holds_params_metrics_artifacts_model(trained):
     tags = run.data.tags
     for tag in ("git.commit", "medseg.version", "dataset.fingerprint", "device", "fold"):
         assert tags.get(tag), tag
-    assert tags["device"].startswith("cpu")
-    for metric in ("train_loss", "val_loss", "val_dice_heart", "val_dice_lungs", "val_dice_clavicles",
-                   "val_dice_mean", "learning_rate", "epoch_seconds", "images_per_second"):
+    assert tags["device"].startswith("cpu") and tags["medseg.role"] == "training"
+    assert "Fold 0" in tags["mlflow.note.content"] and "heart, lungs, clavicles" in tags["mlflow.note.content"]
+    assert "None" not in params.values()  # unset settings are left out, not logged as "None"
+    assert params["data.n_train_cases"] == str(len(json.loads((trained["tmp"] / "splits.json").read_text())
+                                                   ["folds"][0]["train"]))
+    # Grouped names (MLflow's chart view groups by the part before "/").
+    for metric in ("train/loss", "val/loss", "val/dice/heart", "val/dice/lungs", "val/dice/clavicles",
+                   "val/dice/mean", "val/jaccard/lungs", "train/learning_rate", "perf/epoch_seconds",
+                   "perf/images_per_second"):
         history = client.get_metric_history(run.info.run_id, metric)
         assert [m.step for m in history] == list(range(1, 13)), metric
+    assert not any("_" in k.split("/")[0] for k in run.data.metrics if not k.startswith("system/")), run.data.metrics
     assert any(k.startswith("system/") for k in run.data.metrics)  # system metrics on
+    summary = trained["summary"]
+    best_epoch = summary["best_epoch"]
+    assert run.data.metrics["best/epoch"] == best_epoch
+    assert run.data.metrics["best/val_dice/lungs"] == pytest.approx(summary["best_metrics"]["val_dice_lungs"])
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/dice/mean")}
+    assert history[best_epoch] == max(history.values())
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "curves.png", "metrics.csv", "overlays"} <= artifacts
-    overlays = {a.path for a in client.list_artifacts(run.info.run_id, "overlays")}
-    assert {"overlays/epoch0004.png", "overlays/epoch0012.png"} <= overlays
+    assert {"config.yaml", "curves.png", "metrics.csv", "splits.json", "validation_overlays.png"} <= artifacts
+    # Overlays as an image series with steps (the UI's slider over epochs).
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("+step+4+" in p for p in images) and any("+step+12+" in p for p in images), images
+    # The manifest is the run's dataset input, its digest the dataset fingerprint.
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == tags["dataset.fingerprint"][:32]
+    assert [t.value for t in dataset.tags if t.key == "mlflow.data.context"] == ["training"]
+    # The logged model: named after its fold, linked to the run at its best
+    # epoch, carrying the validation figures and no system metrics.
+    (output,) = run.outputs.model_outputs
+    assert output.step == best_epoch and output.model_id == summary["model_id"]
+    logged = client.get_logged_model(summary["model_id"])
+    assert logged.name == "fold0" and logged.source_run_id == run.info.run_id
+    model_metrics = {m.key: m.value for m in logged.metrics}
+    assert model_metrics["best/val_dice/heart"] == pytest.approx(summary["best_metrics"]["val_dice_heart"])
+    assert {"best/val_jaccard/clavicles", "best/epoch"} <= set(model_metrics)
+    assert not [k for k in model_metrics if k.startswith("system/")], model_metrics
     # No patient-identifying field anywhere in params, tags or artifact names.
-    text = json.dumps([params, tags, sorted(artifacts | overlays)])
+    text = json.dumps([params, tags, sorted(artifacts), images])
     assert "Secret" not in text and "SECRETID" not in text
 
     mlflow.set_tracking_uri(trained["uri"])
     mlflow.set_registry_uri(trained["uri"])
     version = client.get_model_version_by_alias("medseg-unit", "fold0")
     assert version.run_id == run.info.run_id
+    assert version.tags["fold"] == "0" and version.tags["dataset.fingerprint"] == tags["dataset.fingerprint"]
+    assert float(version.tags["val_dice.lungs"]) == pytest.approx(summary["best_metrics"]["val_dice_lungs"], abs=1e-4)
+    assert "Fold 0" in version.description and client.get_registered_model("medseg-unit").description
+    info = mlflow.models.get_model_info("models:/medseg-unit@fold0")
+    assert info.metadata["output"]["channels"] == ["heart", "lungs", "clavicles"]
+    assert info.metadata["input"]["shape"] == [-1, 1, 128, 128]
     model = mlflow.pyfunc.load_model("models:/medseg-unit@fold0")
     # The registered model is the best checkpoint: on real preprocessed
     # images (and on noise) it gives best.pt's probabilities, sigmoid of the
@@ -145,8 +179,8 @@ def test_rerun_of_a_finished_training_does_nothing(trained):
     assert sorted(v.version for v in after) == sorted(v.version for v in before)
 
 
-TRACKED = ("train_loss", "val_loss", "val_dice_heart", "val_dice_lungs", "val_dice_clavicles", "val_dice_mean",
-           "learning_rate")
+TRACKED = ("train/loss", "val/loss", "val/dice/heart", "val/dice/lungs", "val/dice/clavicles", "val/dice/mean",
+           "train/learning_rate")
 
 
 def _train_until_killed(command: list[str], log_path: Path, kill_when) -> int:
@@ -295,8 +329,10 @@ def test_cv_finish_without_registered_models_still_summarises(tmp_path, repo_roo
     assert summary["best_fold"] == 1 and summary["model_uri"] is None and summary["model_version"] is None
     assert summary["unregistered_folds"] == [0, 1, 2] and summary["tracking_offline"] is False
     assert summary["cv_mean_val_dice_mean"] == pytest.approx(0.75)
-    assert client.get_run(parent).data.metrics["cv_mean_val_dice_mean"] == pytest.approx(0.75)
-    assert client.get_run(parent).data.tags["best_fold"] == "1"
+    parent_run = client.get_run(parent)
+    assert parent_run.data.metrics["best/val_dice/mean"] == pytest.approx(0.75)  # the folds' own metric name
+    assert parent_run.data.tags["best_fold"] == "1"
+    assert parent_run.info.status == "FINISHED"  # ended by cv-finish
 
 
 def test_tracking_server_lost_mid_training_keeps_everything(tmp_path, repo_root):
@@ -372,3 +408,38 @@ def test_cpu_threads_follow_the_cpus_the_job_was_given():
     assert pinned.stdout.strip() == "1"
     free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert free.stdout.strip() == str(len(os.sched_getaffinity(0)))
+
+
+def test_training_curves_use_label_colours_and_whole_epoch_ticks(tmp_path):
+    """curves.png: Dice lines in the project's label colours (heart red, lungs
+    green, clavicles blue), the mean black; epoch ticks whole numbers even for
+    a short run; loss lines and panels named."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    from medseg.training.trainer import save_training_curves, training_curves_figure
+    from medseg.visualise import label_colour
+
+    labels = ["heart", "lungs", "clavicles"]
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "val_dice_mean": 0.2 * e,
+                **{f"val_dice_{name}": 0.2 * e + 0.05 * i for i, name in enumerate(labels)}} for e in (1, 2, 3)]
+    fig = training_curves_figure(history, labels)
+    try:
+        fig.canvas.draw()
+        ax_loss, ax_dice = fig.axes
+        dice_lines = {line.get_label(): line for line in ax_dice.get_lines()}
+        assert list(dice_lines) == [*labels, "mean of labels"]
+        for index, name in enumerate(labels):
+            assert to_rgb(dice_lines[name].get_color()) == label_colour(name, index)
+        assert to_rgb(dice_lines["mean of labels"].get_color()) == (0.0, 0.0, 0.0)
+        assert [line.get_label() for line in ax_loss.get_lines()] == ["training loss", "validation loss"]
+        for ax in (ax_loss, ax_dice):
+            assert ax.get_legend() is not None and ax.get_title() and ax.get_xlabel() == "epoch"
+            low, high = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if low <= t <= high]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        assert fig.get_suptitle() == "Training curves, 3 epochs"
+    finally:
+        plt.close(fig)
+    save_training_curves(tmp_path / "curves.png", history, labels)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

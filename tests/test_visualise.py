@@ -11,7 +11,7 @@ from PIL import Image
 
 from medseg.inference.predict import _save_png
 from medseg.phantoms.anatomy import render_phantom
-from medseg.visualise import LABEL_COLOURS, label_colour, overlay_rgb
+from medseg.visualise import LABEL_COLOURS, LegendEntry, annotate_below, label_colour, overlay_rgb
 
 ALPHA = 0.35
 GREY = 0.5  # (1 - ALPHA) * GREY = 0.325
@@ -127,3 +127,45 @@ def test_overlay_of_a_phantom_colours_each_structure(seed):
     np.testing.assert_allclose(rgb[overlap], (1 - ALPHA) * green + ALPHA * np.array((0.0, 0.3, 1.0)), atol=1e-6)
     outside = ~np.logical_or.reduce(list(masks.values()))
     np.testing.assert_allclose(rgb[outside], np.repeat(grey[outside], 3, axis=1), atol=0)
+
+
+# --------------------------------------------------------------------------- annotate_below
+
+
+def _band_colours(picture: np.ndarray, rows: int) -> set[tuple[int, int, int]]:
+    band = (np.clip(picture[rows:], 0, 1) * 255).round().astype(int)
+    return {tuple(c) for c in band.reshape(-1, 3)}
+
+
+def test_annotate_below_keeps_the_image_and_adds_a_band():
+    image, _ = _known_case()
+    rgb = overlay_rgb(np.kron(image, np.ones((20, 20))), masks={})  # 80 x 120 grey
+    out = annotate_below(rgb, ["CASE0001", "CTR 0.512"], [LegendEntry("heart", LABEL_COLOURS["heart"])])
+    assert out.dtype == np.float32 and out.shape[1:] == (120, 3) and out.shape[0] > 80
+    # The image's own rows are untouched: coordinates on the scan still hold.
+    np.testing.assert_array_equal(out[:80], np.clip(rgb, 0, 1))
+    band = out[80:]
+    assert band.max() > 0.9  # white text (anti-aliased)
+    assert (band == 0).all(axis=-1).mean() > 0.5  # on black
+    # The fill swatch looks like the fill on mid grey: 0.65 * 0.5 + 0.35 * red.
+    assert (round(255 * (0.325 + 0.35)), round(255 * 0.325), round(255 * 0.325)) in _band_colours(out, 80)
+
+
+def test_annotate_below_line_swatches_only_for_line_entries():
+    rgb = np.full((60, 200, 3), 0.5, dtype=np.float32)
+    magenta = (1.0, 0.0, 1.0)
+    with_line = annotate_below(rgb, ["x"], [LegendEntry("thorax width", magenta, line=True)])
+    as_fill = annotate_below(rgb, ["x"], [LegendEntry("thorax width", magenta)])
+    assert (255, 0, 255) in _band_colours(with_line, 60)  # a line's swatch: its solid colour
+    assert (255, 0, 255) not in _band_colours(as_fill, 60)  # a fill's: blended
+
+
+def test_annotate_below_wraps_long_text_and_legends():
+    rgb = np.zeros((50, 100, 3), dtype=np.float32)
+    short = annotate_below(rgb, ["A1"])
+    long = annotate_below(rgb, ["QC: " + ", ".join(["low_confidence_heart"] * 4), "X" * 60])
+    assert long.shape[0] > short.shape[0] + 2 * (short.shape[0] - 50)  # several wrapped lines more
+    legend = [LegendEntry(name, LABEL_COLOURS[name]) for name in LABEL_COLOURS]
+    assert annotate_below(rgb, [], legend).shape[0] > annotate_below(rgb, [], legend[:1]).shape[0]  # 2 rows
+    with pytest.raises(ValueError):
+        annotate_below(np.zeros((5, 5)), ["x"])

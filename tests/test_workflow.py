@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+from html import unescape
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from test_patient_data import assert_workflow_run_holds_no_patient_data
-from workflow_runs import SNAKEMAKE, TEST_CONFIG, copy_workflow, run_snakemake
+from workflow_runs import SNAKEMAKE, TEST_CONFIG, copy_workflow, read_report, run_snakemake
 
 @pytest.fixture
 def workdir(tmp_path) -> Path:
@@ -56,7 +58,7 @@ def test_labels_must_use_known_structures(workdir):
     assert "labels.lungs" in out and "spleen" in out
 
 
-def test_end_to_end_on_phantoms(local_workflow_run):
+def test_end_to_end_on_phantoms(local_workflow_run, workflow_report):
     workdir = local_workflow_run
     results = workdir / "results" / "e2e"
     manifest = pd.read_csv(results / "preprocessed" / "manifest.csv")
@@ -89,7 +91,7 @@ def test_end_to_end_on_phantoms(local_workflow_run):
         assert client.get_run(folds[k]["run_id"]).data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
     fold = folds[0]
     child = client.get_run(fold["run_id"])
-    assert "cv_mean_val_dice_mean" in client.get_run(summary["parent_run_id"]).data.metrics
+    assert "best/val_dice/mean" in client.get_run(summary["parent_run_id"]).data.metrics
     # Prediction on the fold's held-out scans, at their original geometry, with DICOM SEG.
     test_cases = splits["folds"][0]["test"]
     predictions = pd.read_csv(results / "predictions" / "fold0" / "results.csv")
@@ -106,14 +108,13 @@ def test_end_to_end_on_phantoms(local_workflow_run):
     evaluation = pd.read_csv(results / "evaluation" / "fold0" / "cases.csv")
     assert sorted(set(evaluation.case_id)) == sorted(test_cases)
     assert set(evaluation.label) == {"heart", "lungs", "clavicles"}
-    assert "Frid-Adar" in (results / "evaluation" / "fold0" / "summary.txt").read_text()
+    # Phantom cases are not JSRT/SCR data: no published figures beside them, one line says why.
+    summary_txt = (results / "evaluation" / "fold0" / "summary.txt").read_text()
+    assert "Frid-Adar" not in summary_txt and "No comparison with published results:" in summary_txt
     runs = client.search_runs([child.info.experiment_id], "tags.`medseg.role` = 'evaluation'")
     assert sorted(r.data.tags["training_run_id"] for r in runs) == sorted(f["run_id"] for f in folds)
-    # The self-contained HTML report.
-    report = subprocess.run([*SNAKEMAKE, "--profile", "workflow/profiles/default", "--cores", "1", "--config",
-                             *TEST_CONFIG, "--report", "report.html"], cwd=workdir, capture_output=True, text=True)
-    assert report.returncode == 0, report.stderr[-2000:]
-    assert (workdir / "report.html").stat().st_size > 50_000
+    # The self-contained HTML report (its contents: test_report_items_and_main_page).
+    assert workflow_report == workdir / "report.html" and workflow_report.stat().st_size > 50_000
     assert "preprocess 12/12" in (results / "logs" / "preprocess.log").read_text()
     # Phantom DICOMs carry fake patient fields; none may reach any output,
     # log, MLflow record or the report (DICOM SEGs carry their own patient's).
@@ -126,6 +127,73 @@ def test_end_to_end_on_phantoms(local_workflow_run):
     jobs = changed.stdout + changed.stderr
     assert "rule predict_chunk:" in jobs and "rule evaluate:" in jobs
     assert "rule train:" not in jobs and "rule cv_start:" not in jobs
+
+
+def _text(html: str) -> str:
+    """Visible text of an HTML fragment (tags dropped, entities decoded, spaces collapsed)."""
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", html)).split())
+
+
+def test_report_items_and_main_page(local_workflow_run, workflow_report):
+    """What a researcher reviewing report.html sees: every item labelled with
+    the same keys and captioned, the pictures and summaries of each step, and
+    the MLflow run IDs with the command to open the UI on the main page."""
+    workdir = local_workflow_run
+    results = workdir / "results" / "e2e"
+    report = read_report(workflow_report)
+    items = report["results"]
+    # One set of label keys for all (else the lists show empty cells or raw
+    # paths), and a caption on every item.
+    keys = {path: set(entry["labels"] or {}) for path, entry in items.items()}
+    assert set(map(frozenset, keys.values())) == {frozenset({"item", "scope"})}, keys
+    for path, entry in items.items():
+        assert len(_text(entry["caption"])) > 40, (path, entry["caption"])
+        assert "System Message" not in entry["caption"], (path, _text(entry["caption"]))  # no docutils error
+    labelled = {(e["labels"]["item"], e["labels"]["scope"]): path for path, e in items.items()}
+    expected = {("resolved config", "dataset e2e"), ("preprocessed cases", "dataset e2e"),
+                ("ingest failures", "dataset e2e"), ("run IDs", "dataset e2e")}
+    for k in (0, 1):
+        expected |= {(item, f"fold {k}") for item in ("training curves", "validation overlays", "summary",
+                                                      "summary table", "per-case metrics", "box plots",
+                                                      "worst cases")}
+        expected |= {(item, f"batch fold{k}") for item in ("results table", "CTR distribution", "overlays",
+                                                           "failures")}
+    assert set(labelled) == expected
+    # Every item is in a category's list; pictures are shown, not just offered as downloads.
+    listed = {p for subcategories in report["categories"].values() for paths in subcategories.values()
+              for p in paths}
+    assert listed == set(items)
+    assert set(report["categories"]["Training"]) == {"fold 0", "fold 1"}
+    for (item, scope), path in labelled.items():
+        if path.endswith(".png"):
+            assert items[path]["mime_type"] == "image/png", path
+            assert re.match(r"data:image/png;.*base64,", items[path]["data_uri"]), path  # embedded
+    # Captions carry the colour legend and say what is shown.
+    for item in ("preprocessed cases", "training curves", "validation overlays", "box plots", "worst cases"):
+        scope = "dataset e2e" if item == "preprocessed cases" else "fold 0"
+        assert "heart red, lungs green, clavicles blue" in _text(items[labelled[(item, scope)]]["caption"]), item
+    overlays = _text(items[labelled[("overlays", "batch fold0")]]["caption"])
+    n = len(pd.read_csv(results / "predictions" / "fold0" / "results.csv"))
+    assert f"overlays.png shows {min(n, 12)} of {n} scans" in overlays
+    assert "thorax width magenta" in overlays
+    assert "CTR above 0.5 in" in _text(items[labelled[("CTR distribution", "batch fold0")]]["caption"])
+    # The evaluation summary is readable in the report, not only as a download.
+    summary_txt = (results / "evaluation" / "fold0" / "summary.txt").read_text()
+    first_line = next(line for line in summary_txt.splitlines() if line.strip())
+    assert first_line.strip() in _text(items[labelled[("summary", "fold 0")]]["caption"])
+    # The main page: the MLflow run IDs and how to open the UI.
+    main = _text(report["workflow_desc"])
+    assert "mlflow ui --backend-store-uri sqlite:///results/mlflow.db" in main and "http://127.0.0.1:5000" in main
+    assert json.loads((results / "models" / "cv_run.json").read_text())["parent_run_id"] in main
+    for k in (0, 1):
+        model = json.loads((results / "models" / f"fold{k}" / "model.json").read_text())
+        assert model["run_id"] in main and model["model_uri"] in main, k
+    from medseg.tracking import client_for
+
+    client = client_for(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(model["experiment"])
+    evaluations = client.search_runs([experiment.experiment_id], "tags.`medseg.role` = 'evaluation'")
+    assert len(evaluations) == 2 and all(run.info.run_id in main for run in evaluations)
 
 
 def test_jsrt_config_on_real_fold(workdir, jsrt_root):

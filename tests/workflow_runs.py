@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -43,3 +44,30 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, profile: str = 
     if check:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+def read_report(path: Path) -> dict:
+    """What a self-contained Snakemake 9 ``report.html`` embeds, as Python objects.
+
+    The report is a single page; its data sit in scripts of their own, each
+    assigning JSON to a variable (``<script id="results">var results =
+    {...};</script>``): ``results`` ({path: {"name", "labels", "caption"
+    (HTML), "mime_type", "data_uri", ...}}), ``categories`` ({category:
+    {subcategory: [path, ...]}}) and ``workflow_desc`` (the main page's HTML,
+    a JSON string). Each value is decoded from where its assignment starts
+    inside its script (the embedded JavaScript libraries have variables of
+    the same names), so what follows it does not matter.
+
+    Returns:
+        {"results": ..., "categories": ..., "workflow_desc": ...}.
+    """
+    import json
+
+    html = Path(path).read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    found = {}
+    for script, name in (("results", "results"), ("categories", "categories"), ("workflow-desc", "workflow_desc")):
+        match = re.search(rf'<script id="{script}">\s*var {name} = ', html)
+        assert match, f"{path}: no script {script!r} assigning {name} (has the report's layout changed?)"
+        found[name], _ = decoder.raw_decode(html, match.end())
+    return found

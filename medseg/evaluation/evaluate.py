@@ -16,9 +16,10 @@ the truth is what the published results were scored on, and resampling it
 would change it.
 
 Outputs: a long table (one row per case and label), a per-label summary, a
-plain-text comparison with published Jaccard scores, box plots, a gallery of
-the worst cases, and an MLflow run named "evaluation" linked to the model's
-training run.
+plain-text comparison with published Jaccard scores (JSRT/SCR data only),
+box plots, a gallery of the worst cases, and an MLflow run named
+"evaluation-fold<k>" nested under the cross-validation run, its metrics
+linked to the fold's logged model (:func:`log_evaluation_to_mlflow`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,8 @@ from medseg.visualise import overlay_rgb, save_contact_sheet, save_figure, subpl
 log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.nii.gz"
+# Written beside the evaluation's files: {"run_id", "experiment_id", "tracking_uri"}.
+EVALUATION_RUN_RECORD = "mlflow_run.json"
 PREDICTION_FILE = "prediction.json"
 # truth_empty: the label's ground truth is empty in that case (both-empty
 # scores 1, see metrics); a label empty in every case is reported.
@@ -446,32 +450,89 @@ def absent_labels_note(summary: pd.DataFrame) -> str:
             "Their scores are meaningless: check the truth folder and --label-values.")
 
 
-def comparison_table(summary: pd.DataFrame) -> str:
+# JSRT's case IDs: 154 nodule cases JPCLN001..154, 93 without nodule JPCNN001..093.
+_JSRT_CASE_ID = re.compile(r"JPC([LN])N(\d{3})")
+_JSRT_CASES = {"L": 154, "N": 93}
+
+
+def is_jsrt_case_id(case_id: str) -> bool:
+    """True for a JSRT case ID: JPCLN001..JPCLN154 or JPCNN001..JPCNN093."""
+    match = _JSRT_CASE_ID.fullmatch(str(case_id))
+    return bool(match) and 1 <= int(match.group(2)) <= _JSRT_CASES[match.group(1)]
+
+
+def literature_comparison_reason(case_ids: Sequence[str] | None, truth_format: str = "scr") -> str:
+    """Why the published figures (:data:`PUBLISHED_JACCARD`, all JSRT images
+    scored against SCR masks) do not apply to an evaluation; "" when they do.
+
+    They apply when every scored case ID is a JSRT ID
+    (:func:`is_jsrt_case_id`) and the truth format is "scr". Decided from the
+    data, not from a setting, so ``medseg evaluate`` and the workflow agree:
+    phantom or hospital scores never stand beside the human observer's.
+
+    Args:
+        case_ids: the scored cases (repeats allowed); None when unknown.
+        truth_format: "scr" or "label_image".
+
+    Returns:
+        A reason in words (no final full stop), or "".
+    """
+    if case_ids is None:
+        return "the scored case IDs were not given"
+    ids = list(dict.fromkeys(str(c) for c in case_ids))
+    if not ids:
+        return "no case was scored"
+    other = [c for c in ids if not is_jsrt_case_id(c)]
+    if other:
+        # No example ID: this line is printed, and IDs may come from patient data.
+        return (f"{len(other)} of {len(ids)} scored cases are not JSRT images (JSRT IDs are JPCLN001-JPCLN154 "
+                "and JPCNN001-JPCNN093)")
+    if truth_format != "scr":
+        kind = "label images" if truth_format == "label_image" else truth_format
+        return f"the ground truth is {kind}, not SCR masks"
+    return ""
+
+
+def comparison_table(summary: pd.DataFrame, case_ids: Sequence[str] | None = None, truth_format: str = "scr") -> str:
     """Plain-text table: our mean Jaccard per label beside the published ones.
 
-    Rows are sources (this evaluation first), columns labels; "-" where a
+    Shown only for JSRT/SCR data (:func:`literature_comparison_reason`);
+    otherwise one line says why there is no comparison. Rows are sources
+    (this evaluation first, then :data:`PUBLISHED_JACCARD`), columns the
+    summary's labels in its order (as everywhere in summary.txt); "-" where a
     source reports no figure for a label. Ends with
     :func:`absent_labels_note` when some label's truth is empty in every
     case (the table is printed by ``medseg evaluate`` and is part of
     summary.txt).
+
+    Args:
+        summary: :func:`summarise` output (index: labels; uses n_cases,
+            jaccard_mean and, if present, n_truth_empty).
+        case_ids: the scored case IDs (e.g. the table's case_id column);
+            None: unknown, so no comparison.
+        truth_format: "scr" or "label_image".
     """
-    published_labels = list(dict.fromkeys(k for scores in PUBLISHED_JACCARD.values() for k in scores))
-    labels = published_labels + [label for label in summary.index if label not in published_labels]
-    n = int(summary["n_cases"].max()) if len(summary) else 0
-    ours = {label: float(summary.loc[label, "jaccard_mean"]) for label in summary.index}
-    rows = [(f"this evaluation (n={n})", ours), *PUBLISHED_JACCARD.items()]
-    first = max(len("Mean Jaccard"), *(len(name) for name, _ in rows))
-    widths = [max(len(label), 6) for label in labels]
+    labels = [str(label) for label in summary.index]
+    reason = literature_comparison_reason(case_ids, truth_format)
+    if reason:
+        out = [f"No comparison with published results: {reason}; the published Jaccard figures are for JSRT "
+               "images scored against SCR masks."]
+    else:
+        n = int(summary["n_cases"].max()) if len(summary) else 0
+        ours = {str(label): float(summary.loc[label, "jaccard_mean"]) for label in summary.index}
+        rows = [(f"this evaluation (n={n})", ours), *PUBLISHED_JACCARD.items()]
+        first = max(len("Mean Jaccard"), *(len(name) for name, _ in rows))
+        widths = [max(len(label), 6) for label in labels]
 
-    def line(cells: Sequence[str], name: str) -> str:
-        return "  ".join([name.ljust(first), *(c.rjust(w) for c, w in zip(cells, widths))]).rstrip()
+        def line(cells: Sequence[str], name: str) -> str:
+            return "  ".join([name.ljust(first), *(c.rjust(w) for c, w in zip(cells, widths))]).rstrip()
 
-    out = [line(labels, "Mean Jaccard")]
-    out.append("-" * len(out[0]))
-    for name, scores in rows:
-        out.append(line([f"{scores[label]:.3f}" if label in scores else "-" for label in labels], name))
-    out.append("")
-    out.append("Published results used their own splits and image sizes on JSRT/SCR: indicative only.")
+        out = [line(labels, "Mean Jaccard")]
+        out.append("-" * len(out[0]))
+        for name, scores in rows:
+            out.append(line([f"{scores[label]:.3f}" if label in scores else "-" for label in labels], name))
+        out.append("")
+        out.append("Published results used their own splits and image sizes on JSRT/SCR: indicative only.")
     note = absent_labels_note(summary)
     if note:
         out += ["", note]
@@ -481,36 +542,74 @@ def comparison_table(summary: pd.DataFrame) -> str:
 # --------------------------------------------------------------------------- pictures
 
 
+def boxplot_figure(table: pd.DataFrame):
+    """The figure of :func:`save_boxplots`, not saved (tests inspect it).
+
+    Args:
+        table: :func:`evaluate_predictions` table (case_id, label, dice,
+            jaccard, hd95_mm; one row per case and label).
+
+    Returns:
+        A matplotlib Figure, one column per label (in the table's order):
+        Dice and Jaccard side by side on one [0, 1] axis (top), HD95 in mm
+        (bottom); boxes filled with the label's colour
+        (:func:`medseg.visualise.label_colour`), each case a dot; the title
+        gives the number of cases.
+    """
+    from medseg.visualise import label_colour
+
+    labels = list(dict.fromkeys(table["label"])) or ["(no cases)"]
+    n_cases = int(table["case_id"].nunique()) if "case_id" in table.columns else 0
+    fig, axes = subplots(2, len(labels), figsize=(3.2 * len(labels), 6.4), squeeze=False)
+    panels = ((("dice", "Dice"), ("jaccard", "Jaccard")), (("hd95_mm", "HD95"),))
+    for col, label in enumerate(labels):
+        rows = table[table["label"] == label]
+        colour = label_colour(str(label), col)
+        for row, metrics in enumerate(panels):
+            ax = axes[row, col]
+            notes, names = [], []
+            for position, (metric, name) in enumerate(metrics, start=1):
+                values = rows[metric].to_numpy(dtype=float) if metric in rows.columns else np.array([])
+                finite = values[np.isfinite(values)]
+                names.append(name)
+                if finite.size < values.size:
+                    notes.append(f"{values.size - finite.size} missed, not shown")
+                if not finite.size:
+                    continue
+                # Jaccard lighter than Dice: the same label, another metric.
+                fill = (*colour, 0.55 if position == 1 else 0.25)
+                # No fliers: the dots below already show every case.
+                ax.boxplot(finite, positions=[position], widths=0.5, patch_artist=True, showfliers=False,
+                           boxprops={"facecolor": fill, "edgecolor": "0.2"},
+                           medianprops={"color": "black", "linewidth": 1.5})
+                # Individual cases: with few cases a box alone hides them.
+                jitter = np.random.default_rng(0).uniform(-0.08, 0.08, finite.size)
+                ax.scatter(position + jitter, finite, s=8, alpha=0.5, color="k", zorder=3)
+            if not ax.has_data():
+                ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks(range(1, len(names) + 1), names)
+            ax.set_xlim(0.4, len(names) + 0.6)
+            title = f"{label}: {' and '.join(names)}{' (mm)' if row else ''}"
+            title += "".join(f"\n({note})" for note in notes)
+            ax.set_title(title, fontsize=9)
+            if row == 0:
+                ax.set_ylim(0.0, 1.02)  # Dice and Jaccard are in [0, 1]
+                ax.set_ylabel("Dice, Jaccard")
+            else:
+                ax.set_ylabel("HD95 (mm)")
+    fig.suptitle(f"Evaluation of {n_cases} case{'s' if n_cases != 1 else ''}: one dot per case")
+    return fig
+
+
 def save_boxplots(table: pd.DataFrame, path: str | Path) -> None:
-    """Box plots per label: Dice (top row) and HD95 in mm (bottom row), PNG.
+    """Box plots per label as one PNG, written atomically: Dice beside
+    Jaccard (top row) and HD95 in mm (bottom row); figure:
+    :func:`boxplot_figure`.
 
     Infinite HD95 values (missed structures) cannot be drawn; their count is
     given in the panel title instead.
     """
-    labels = list(dict.fromkeys(table["label"])) or ["(no cases)"]
-    fig, axes = subplots(2, len(labels), figsize=(3.2 * len(labels), 6.0), squeeze=False)
-    for col, label in enumerate(labels):
-        rows = table[table["label"] == label]
-        for row, (metric, unit) in enumerate((("dice", "Dice"), ("hd95_mm", "HD95 (mm)"))):
-            ax = axes[row, col]
-            values = rows[metric].to_numpy(dtype=float)
-            finite = values[np.isfinite(values)]
-            title = f"{label}: {unit}"
-            if finite.size < values.size:
-                title += f"\n({values.size - finite.size} missed, not shown)"
-            if finite.size:
-                ax.boxplot(finite, widths=0.5)
-                # Individual cases: with few cases a box alone hides them.
-                jitter = np.random.default_rng(0).uniform(-0.08, 0.08, finite.size)
-                ax.scatter(1 + jitter, finite, s=8, alpha=0.5, color="k")
-            else:
-                ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
-            if metric == "dice":
-                ax.set_ylim(min(0.0, float(finite.min()) if finite.size else 0.0), 1.02)
-            ax.set_title(title, fontsize=9)
-            ax.set_xticks([])
-            ax.set_ylabel(unit)
-    save_figure(fig, path)
+    save_figure(boxplot_figure(table), path)
 
 
 def _thumbnail(rgb: np.ndarray, max_side: int = 512) -> np.ndarray:
@@ -672,6 +771,29 @@ def _with_spacing_counts(summary: pd.DataFrame, table: pd.DataFrame, provenance:
 # --------------------------------------------------------------------------- outputs
 
 
+def _csv_decimals(column: str) -> int:
+    """Decimals kept for a float column of cases.csv / summary.csv: further
+    digits are noise (distances are float32, a pixel is ~0.1-0.2 mm)."""
+    name = column.lower()
+    if "mm2" in name or "mm²" in name:
+        return 1  # areas, mm²
+    if name.endswith("_mm") or "_mm_" in name:
+        return 2  # distances, mm
+    return 4  # Dice, Jaccard and other ratios
+
+
+def rounded_for_csv(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` with float columns rounded for the CSV files:
+    ratios (Dice, Jaccard) to 4 decimals, mm distances to 0.01 mm, mm²
+    (columns named ``*mm2*``) to 0.1 mm². inf and NaN stay as they are;
+    integer, bool and text columns are untouched."""
+    out = frame.copy()
+    for column in out.columns:
+        if pd.api.types.is_float_dtype(out[column]):
+            out[column] = out[column].round(_csv_decimals(str(column)))
+    return out
+
+
 def _write_csv(frame: pd.DataFrame, path: Path, index: bool) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=index)
@@ -692,10 +814,13 @@ def write_evaluation(
 ) -> dict[str, Path]:
     """Write the evaluation's files, each atomically.
 
-    Files: ``cases.csv`` (the long table), ``summary.csv``, ``summary.txt``
-    (summary, comparison with published results, problems),
-    ``problems.csv`` (case_id, problem; header only when none),
-    ``boxplots.png``, and ``worst_cases.png`` when ``pred_dir`` and
+    Files: ``cases.csv`` (the long table), ``summary.csv`` (both rounded:
+    :func:`rounded_for_csv`), ``summary.txt`` (summary, comparison with
+    published results for JSRT/SCR data only or a line saying why not:
+    :func:`comparison_table` with the table's case IDs and
+    ``truth_format``; problems), ``problems.csv`` (case_id, problem; header
+    only when none), ``boxplots.png`` (:func:`boxplot_figure`), and
+    ``worst_cases.png`` when ``pred_dir`` and
     ``truth_root`` are given and some case was scored. With ``pred_dir``,
     the spacing provenance of the scored cases (:func:`spacing_provenance`)
     is added: spacing_source / spacing_plane columns in cases.csv,
@@ -721,8 +846,9 @@ def write_evaluation(
         note = spacing_note(provenance)
         cases = table.merge(provenance[["case_id", "spacing_source", "spacing_plane"]], on="case_id", how="left")
         summary_out = _with_spacing_counts(summary, table, provenance)
-    _write_csv(cases, target("cases.csv"), index=False)
-    _write_csv(summary_out, target("summary.csv"), index=True)
+    # Rounded copies for the CSVs only: summary.txt and MLflow get full precision.
+    _write_csv(rounded_for_csv(cases), target("cases.csv"), index=False)
+    _write_csv(rounded_for_csv(summary_out), target("summary.csv"), index=True)
     _write_csv(pd.DataFrame(list(problems), columns=["case_id", "problem"]), target("problems.csv"), index=False)
 
     shown = ["mean", "std", "median", "worst"]
@@ -735,7 +861,7 @@ def write_evaluation(
             unit = " (mm)" if metric in DISTANCE_METRICS else ""
             text += [f"{metric}{unit}", part.to_string(float_format=lambda v: f"{v:.3f}"), ""]
         text += [summary[["n_cases", "n_missed", "worst_case"]].to_string(), ""]
-    text += [comparison_table(summary)]
+    text += [comparison_table(summary, table["case_id"].astype(str).tolist(), truth_format)]
     if problems:
         text += [f"Not scored ({len(problems)}):", *(f"  {case}: {problem}" for case, problem in problems), ""]
     write_text_atomic(target("summary.txt"), "\n".join(text))
@@ -748,23 +874,71 @@ def write_evaluation(
     return written
 
 
+@dataclass(frozen=True)
+class EvaluationLink:
+    """What an evaluation was of: the model, its training run and data.
+
+    Attributes:
+        training_run_id: the fold's training run.
+        model_uri: the registered model version (``models:/<name>/<v>``).
+        model_id: MLflow logged-model ID: the test metrics are linked to it
+            and show on its model page.
+        parent_run_id: the cross-validation run to nest under.
+        fold: the fold whose held-out cases were scored (names the run
+            ``evaluation-fold<k>``).
+        dataset_fingerprint: the training data's fingerprint (tag).
+        manifest: the preprocessing manifest, logged as the run's dataset
+            input (context "test").
+        dataset_name: the dataset's name in MLflow.
+    """
+
+    training_run_id: str | None = None
+    model_uri: str | None = None
+    model_id: str | None = None
+    parent_run_id: str | None = None
+    fold: int | None = None
+    dataset_fingerprint: str | None = None
+    manifest: str | None = None
+    dataset_name: str | None = None
+
+
+def evaluation_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """MLflow metrics of a :func:`summarise` summary: ``test/<metric>/<label>``
+    (mean) and ``test_median/<metric>/<label>`` for dice, jaccard, hd95_mm,
+    assd_mm, the names the cross-validation run uses for the folds' means.
+    Non-finite values (a mean made infinite by a missed structure) are left
+    out: the SQL store would turn +inf into 1.8e308; the ``n_missed``
+    parameter says why the metric is absent."""
+    values: dict[str, float] = {}
+    for label in summary.index:
+        for metric in METRIC_NAMES:
+            for stat, group in (("mean", "test"), ("median", "test_median")):
+                value = float(summary.loc[label, f"{metric}_{stat}"])
+                if math.isfinite(value):
+                    values[f"{group}/{metric}/{label}"] = value
+    return values
+
+
 def log_evaluation_to_mlflow(
     tracking_uri: str,
     experiment: str,
     out_dir: str | Path,
     summary: pd.DataFrame,
-    training_run_id: str | None = None,
-    model_uri: str | None = None,
+    link: EvaluationLink = EvaluationLink(),
+    params: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> str:
-    """Record the evaluation as an MLflow run named "evaluation".
+    """Record the evaluation as an MLflow run.
 
-    Tags: ``medseg.role=evaluation``, and ``training_run_id`` / ``model_uri``
-    when given (the link back to the model's training run). Metrics:
-    ``<label>_<metric>_mean`` and ``_median`` for dice, jaccard, hd95_mm,
-    assd_mm, plus ``<label>_n_cases`` and ``<label>_n_missed``. Non-finite
-    values (a mean made infinite by a missed structure) are not logged: the
-    SQL store would turn +inf into 1.8e308; ``n_missed`` says why the metric
-    is absent. Artifacts: every file in ``out_dir``.
+    The run is named ``evaluation-fold<k>`` (``evaluation`` without a
+    fold), nested under ``link.parent_run_id`` when given, tagged
+    ``medseg.role=evaluation`` plus ``tags`` (the training run's version,
+    commit, dataset and fold tags) and ``training_run_id`` / ``model_uri``;
+    its metrics (:func:`evaluation_metrics`) are linked to the logged model
+    ``link.model_id`` (MLflow then lists the model as the run's input and
+    the metrics on the model's page). Parameters: ``params`` plus
+    ``n_cases`` and ``n_missed.<label>``. Dataset input: the manifest
+    (context "test"). Artifacts: every file in ``out_dir``.
 
     Returns:
         The run ID.
@@ -772,37 +946,38 @@ def log_evaluation_to_mlflow(
     Raises:
         medseg.tracking.TrackingUnavailable: the store cannot be reached.
     """
-    import time
+    import mlflow
 
-    from mlflow.entities import Metric, RunStatus
-
-    from medseg.tracking import client_for, connect
+    from medseg.tracking import DESCRIPTION_TAG, connect, dataset_input
 
     experiment_id = connect(tracking_uri, experiment)
-    client = client_for(tracking_uri)
-    tags = {"medseg.role": "evaluation"}
-    if training_run_id:
-        tags["training_run_id"] = training_run_id
-    if model_uri:
-        tags["model_uri"] = model_uri
-    run = client.create_run(experiment_id, tags=tags, run_name="evaluation")
-    run_id = run.info.run_id
-    try:
-        now = int(time.time() * 1000)
-        metrics: list[Metric] = []
-        for label in summary.index:
-            values = {f"{label}_n_cases": summary.loc[label, "n_cases"], f"{label}_n_missed": summary.loc[label, "n_missed"]}
-            for metric in METRIC_NAMES:
-                for stat in ("mean", "median"):
-                    values[f"{label}_{metric}_{stat}"] = summary.loc[label, f"{metric}_{stat}"]
-            metrics += [Metric(k, float(v), now, 0) for k, v in values.items() if math.isfinite(float(v))]
-        client.log_batch(run_id, metrics=metrics)
-        out_dir = Path(out_dir)
+    name = "evaluation" if link.fold is None else f"evaluation-fold{link.fold}"
+    all_tags = {**(tags or {}), "medseg.role": "evaluation"}
+    if link.fold is not None:
+        all_tags["fold"] = str(link.fold)
+    if link.training_run_id:
+        all_tags["training_run_id"] = link.training_run_id
+    if link.model_uri:
+        all_tags["model_uri"] = link.model_uri
+    if link.dataset_fingerprint:
+        all_tags["dataset.fingerprint"] = link.dataset_fingerprint
+    n_cases = int(summary["n_cases"].max()) if len(summary) else 0
+    all_tags[DESCRIPTION_TAG] = (
+        f"Held-out test cases{f' of fold {link.fold}' if link.fold is not None else ''} ({n_cases}) scored "
+        f"against the ground truth at its own resolution: Dice, Jaccard, HD95 and ASSD (mm) per label "
+        f"(test/* means, test_median/* medians). Model: {link.model_uri or 'not recorded'}."
+    )
+    run_params = {**(params or {}), "n_cases": str(n_cases),
+                  **{f"n_missed.{label}": str(int(summary.loc[label, "n_missed"])) for label in summary.index}}
+    out_dir = Path(out_dir)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=link.parent_run_id,
+                          tags=all_tags) as run:
+        mlflow.log_params(run_params)
+        if link.manifest and link.dataset_fingerprint and Path(link.manifest).is_file():
+            mlflow.log_input(dataset_input(link.manifest, link.dataset_name or experiment, link.dataset_fingerprint),
+                             context="test")
+        mlflow.log_metrics(evaluation_metrics(summary), step=0, model_id=link.model_id)
         for item in sorted(out_dir.iterdir()):
-            if item.is_file() and not item.name.startswith("."):
-                client.log_artifact(run_id, str(item))
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-    except BaseException:
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-        raise
-    return run_id
+            if item.is_file() and not item.name.startswith(".") and item.name != EVALUATION_RUN_RECORD:
+                mlflow.log_artifact(str(item))
+    return run.info.run_id

@@ -39,8 +39,11 @@ CARDIOMEGALY_THRESHOLD = 0.5
 # Outside this range the masks, not the heart, are almost surely wrong.
 PLAUSIBLE_CTR = (0.3, 0.8)
 
+# Line colours stand apart from every mask fill: not cyan for the thorax,
+# which is what the blue clavicle fill blended over the green lungs looks
+# like (and the thorax line runs across the lungs).
 HEART_LINE_COLOUR = (1.0, 1.0, 0.0)  # yellow
-THORAX_LINE_COLOUR = (0.0, 1.0, 1.0)  # cyan
+THORAX_LINE_COLOUR = (1.0, 0.0, 1.0)  # magenta
 
 Line = tuple[int, int, int]  # (row, col_left, col_right), inclusive columns
 
@@ -246,7 +249,7 @@ def line_thickness(shape: tuple[int, ...]) -> int:
 
 
 def draw_ctr_lines(rgb: np.ndarray, result: CtrResult) -> np.ndarray:
-    """Draw the heart (yellow) and thorax (cyan) width lines onto an RGB image.
+    """Draw the heart (yellow) and thorax (magenta) width lines onto an RGB image.
 
     Args:
         rgb: float (H, W, 3) in [0, 1], e.g. from ``visualise.overlay_rgb``.

@@ -3,18 +3,22 @@
 Per scan, in ``<out_dir>/<case_id>/``:
 - ``masks/<label>.png``: 0/255 at the original size;
 - ``labels.nii.gz``: uint8 (H, W, C) label stack with the pixel spacing;
-- ``overlay.png``: heart red, lungs green, clavicles blue, CTR lines;
+- ``overlay.png``: heart red, lungs green, clavicles blue, CTR lines (heart
+  width yellow, thorax width magenta), with a band below giving the case ID,
+  the CTR, the QC flags and the colour legend;
 - ``seg.dcm``: DICOM SEG referencing the source (DICOM input only);
 - ``prediction.json``: the scan's results row, written last: a scan whose
   ``prediction.json`` exists is finished and skipped when the run is repeated.
-Then ``results.csv`` and ``results.parquet`` gather every finished scan and
-``failures.csv`` lists the inputs that could not be predicted.
+Then ``results.csv`` and ``results.parquet`` gather every finished scan
+(rounded: :data:`RESULTS_DECIMALS`), ``failures.csv`` lists the inputs that
+could not be predicted, ``ctr_distribution.png`` and ``overlays.png`` (a
+contact sheet of up to 12 scans' overlays) picture the batch, and
+``summary.txt`` says in three sentences what the batch holds.
 
 On a cluster, one batch is split into chunks (``Chunk``): each chunk job
 writes its scans' folders plus ``results.chunk-<i>-of-<n>.csv`` and
 ``failures.chunk-<i>-of-<n>.csv``, and ``gather_chunks`` then writes the
-batch's ``results.csv``, ``results.parquet``, ``ctr_distribution.png`` and
-``failures.csv``, as an unsplit run would have.
+batch's tables and pictures, as an unsplit run would have.
 
 Memory stays flat whatever the number of scans: files are streamed in
 batches and only the small results rows are kept.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,7 +51,9 @@ from medseg.inference.model import LoadedModel
 from medseg.nifti import save_nifti_2d
 from medseg.preprocessing.geometry import ResizePadGeometry, to_original
 from medseg.preprocessing.preprocess import canonical_image
-from medseg.visualise import overlay_rgb, save_figure, subplots
+from medseg.visualise import (
+    LegendEntry, annotate_below, label_colour, overlay_rgb, save_contact_sheet, save_figure, subplots,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +221,32 @@ def _save_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
 
 
+def overlay_caption(case_id: str, ctr, flags: Sequence[str]) -> list[str]:
+    """Text lines under a scan's overlay: case ID, CTR, QC flags.
+
+    Args:
+        ctr: the scan's ``CtrResult`` (``ctr`` nan when not measurable) or None.
+        flags: the scan's QC flags, as in the results table.
+    """
+    value = None if ctr is None else ctr.ctr
+    measured = value is not None and math.isfinite(value)
+    return [case_id, f"CTR {value:.3f}" if measured else "CTR: none",
+            f"QC: {', '.join(flags)}" if flags else "QC: no flags"]
+
+
+def overlay_legend(labels: Sequence[str], ctr) -> list[LegendEntry]:
+    """Legend of a scan's overlay: its labels' fills (colours as
+    ``overlay_rgb`` draws them), then the CTR lines drawn on it."""
+    from medseg.inference.ctr import HEART_LINE_COLOUR, THORAX_LINE_COLOUR
+
+    legend = [LegendEntry(name, label_colour(name, index)) for index, name in enumerate(labels)]
+    if ctr is not None and ctr.heart_line is not None:
+        legend.append(LegendEntry("heart width", HEART_LINE_COLOUR, line=True))
+    if ctr is not None and ctr.thorax_line is not None:
+        legend.append(LegendEntry("thorax width", THORAX_LINE_COLOUR, line=True))
+    return legend
+
+
 def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel, settings: PredictSettings,
                  out_dir: Path, forward_seconds: float, started: float, run_settings: dict) -> dict:
     """Map one scan's probabilities back, clean, measure and write outputs."""
@@ -245,6 +278,7 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
     rgb = overlay_rgb(prep.normalised, masks)
     if ctr is not None:
         rgb = draw_ctr_lines(rgb, ctr)
+    rgb = annotate_below(rgb, overlay_caption(prep.case_id, ctr, flags), overlay_legend(list(masks), ctr))
     _save_png(case_dir / "overlay.png", (np.clip(rgb, 0, 1) * 255).astype(np.uint8))
 
     seg_written = False
@@ -287,17 +321,144 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
     return row
 
 
-def save_ctr_distribution(path: Path, table: pd.DataFrame) -> None:
-    """Histogram of the cardiothoracic ratios, with the 0.5 cardiomegaly line."""
-    values = table["ctr"].dropna() if "ctr" in table else pd.Series(dtype=float)
+# CTR histogram bins: 1/40 = 0.025 wide on multiples of 1/40, so that 0.5 (the
+# cardiomegaly threshold) is a bin edge exactly and no bar straddles it.
+CTR_BINS_PER_UNIT = 40
+CTR_HISTOGRAM_RANGE = (0.2, 0.9)
+
+
+def ctr_histogram(values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Counts and bin edges of CTR values for :func:`save_ctr_distribution`.
+
+    Args:
+        values: finite CTRs (ratios, no unit).
+
+    Returns:
+        (counts int (B,), edges float (B + 1,)). Edges are k / 40 for whole k
+        (0.5 among them, exactly), spanning :data:`CTR_HISTOGRAM_RANGE`,
+        widened to cover every value. Bins are closed on the right,
+        (a, b], like the cardiomegaly flag (CTR > 0.5): a CTR of exactly 0.5
+        counts left of the 0.5 line, with the scans not above it.
+    """
+    values = np.asarray(values, dtype=float)
+    lo = round(CTR_HISTOGRAM_RANGE[0] * CTR_BINS_PER_UNIT)
+    hi = round(CTR_HISTOGRAM_RANGE[1] * CTR_BINS_PER_UNIT)
+    if values.size:
+        lo = min(lo, math.floor(values.min() * CTR_BINS_PER_UNIT))
+        hi = max(hi, math.ceil(values.max() * CTR_BINS_PER_UNIT))
+    # Whole numbers divided once: k / 40 is the float nearest k / 40 (0.5 exact).
+    edges = np.arange(lo, hi + 1) / CTR_BINS_PER_UNIT
+    index = np.clip(np.searchsorted(edges, values, side="left") - 1, 0, len(edges) - 2)
+    return np.bincount(index, minlength=len(edges) - 1), edges
+
+
+def ctr_distribution_figure(table: pd.DataFrame):
+    """The figure of :func:`save_ctr_distribution`, not saved (tests inspect it).
+
+    Args:
+        table: results rows; its ``ctr`` column (nan: no CTR) at full precision.
+
+    Returns:
+        A matplotlib Figure: histogram of the CTRs (:func:`ctr_histogram`),
+        a dashed line at 0.5, whole-number scan counts on the y axis, and
+        "k of n above 0.5" in the title (n: scans with a CTR).
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    from medseg.inference.ctr import CARDIOMEGALY_THRESHOLD
+
+    ctrs = pd.to_numeric(table["ctr"], errors="coerce") if "ctr" in table else pd.Series(dtype=float)
+    values = ctrs[np.isfinite(ctrs)].to_numpy(dtype=float)
+    counts, edges = ctr_histogram(values)
+    above = int((values > CARDIOMEGALY_THRESHOLD).sum())
     fig, ax = subplots(figsize=(6, 3.5))
-    ax.hist(values, bins=20, range=(0.2, 0.9), color="tab:red", alpha=0.7)
-    ax.axvline(0.5, color="black", linestyle="--", label="0.5: cardiomegaly on a PA film")
+    ax.stairs(counts, edges, fill=True, color="tab:red", alpha=0.7, label="scans per 0.025 of CTR")
+    ax.axvline(CARDIOMEGALY_THRESHOLD, color="black", linestyle="--", label="0.5: cardiomegaly on a PA film")
     ax.set_xlabel("cardiothoracic ratio")
     ax.set_ylabel("scans")
-    ax.set_title(f"CTR of {len(values)} scans (median {values.median():.2f})" if len(values) else "no CTR")
-    ax.legend()
-    save_figure(fig, path)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts are whole scans
+    ax.set_ylim(0, max(1, int(counts.max(initial=0))) * 1.15)
+    title = f"CTR: {above} of {len(values)} scans above 0.5"
+    if len(values):
+        title += f" (median {np.median(values):.2f})"
+    missing = len(table) - len(values)
+    if missing:
+        title += f"\n{missing} scan{'s' if missing != 1 else ''} without a CTR (see the QC flags)"
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def save_ctr_distribution(path: Path, table: pd.DataFrame) -> None:
+    """Histogram of the cardiothoracic ratios, with the 0.5 cardiomegaly
+    line, as a PNG (figure: :func:`ctr_distribution_figure`)."""
+    save_figure(ctr_distribution_figure(table), path)
+
+
+OVERLAY_SHEET_CASES = 12
+# Tiles are shown about 300 px wide; a full-size radiograph (3000 px) per tile
+# would only cost memory.
+_TILE_MAX_PX = 600
+
+
+def overlay_sample(case_ids: Sequence[str], count: int = OVERLAY_SHEET_CASES) -> list[str]:
+    """Up to ``count`` of ``case_ids`` (sorted), evenly spread from the first
+    to the last, so a sample of a large batch is not just its start."""
+    ids = sorted(case_ids)
+    if len(ids) <= count:
+        return ids
+    picks = np.linspace(0, len(ids) - 1, count).round().astype(int)
+    return [ids[i] for i in picks]
+
+
+def save_overlay_sheet(path: Path, out_dir: Path, case_ids: Sequence[str], batch: str = "") -> int:
+    """Contact sheet of the ``overlay.png`` of a sample of the batch's scans
+    (:func:`overlay_sample`), case ID as each tile's title.
+
+    Returns:
+        The number of scans shown (a scan without its overlay is left out).
+    """
+    tiles, titles = [], []
+    for case_id in overlay_sample(case_ids):
+        overlay = out_dir / case_id / "overlay.png"
+        if not overlay.is_file():
+            continue
+        with Image.open(overlay) as png:
+            tile = png.convert("RGB")
+            tile.thumbnail((_TILE_MAX_PX, _TILE_MAX_PX))
+            tiles.append(np.asarray(tile, dtype=np.float32) / 255.0)
+        titles.append(case_id)
+    shown = len(tiles)
+    what = f"{shown} of {len(case_ids)} scans" + (f" of batch {batch}" if batch else "")
+    caption = (f"Prediction overlays, {what}: heart red, lungs green, clavicles blue; "
+               "CTR lines: heart width yellow, thorax width magenta")
+    if not tiles:  # the picture is an output all the same: say why it is empty
+        tiles, titles = [np.full((8, 8), 0.5, dtype=np.float32)], ["no scan finished"]
+    save_contact_sheet(path, tiles, titles, caption=caption)
+    return shown
+
+
+def batch_summary(table: pd.DataFrame, failures: Sequence[Failure], shown: int) -> str:
+    """``summary.txt`` of a batch: scans and failures, CTRs above 0.5, the
+    overlays shown. Numbers and plain words only: the report's captions
+    include it as reStructuredText."""
+    from medseg.inference.ctr import CARDIOMEGALY_THRESHOLD
+
+    n = len(table)
+    ctrs = pd.to_numeric(table["ctr"], errors="coerce") if "ctr" in table else pd.Series(dtype=float)
+    values = ctrs[np.isfinite(ctrs)]
+    above = int((values > CARDIOMEGALY_THRESHOLD).sum())
+    ctr_line = f"CTR above 0.5 in {above} of {len(values)} scans with a CTR."
+    if n > len(values):
+        ctr_line += (f" {n - len(values)} without one (not an upright frontal chest film, or a structure missing: "
+                     "see the QC flags).")
+    lines = [
+        f"{n} scan{'s' if n != 1 else ''} predicted, {len(failures)} input{'s' if len(failures) != 1 else ''} "
+        "failed (failures.csv).",
+        ctr_line,
+        f"overlays.png shows {shown} of {n} scans.",
+    ]
+    return "\n\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -445,21 +606,49 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
     return table, failures
 
 
+# Decimals of the results tables (results*.csv, results.parquet): 0.1 mm and
+# 0.1 mm² are far below what a radiograph's pixels resolve, a CTR to 4 digits,
+# seconds to the millisecond. Pixel spacings stay exact (millimetres are
+# computed from them); prediction.json keeps every value at full precision.
+RESULTS_DECIMALS = {"area_mm2_<label>": 1, "<name>_width_mm": 1, "ctr": 4, "seconds": 3}
+
+
+def results_decimals(column: str) -> int | None:
+    """Decimals a results-table column is rounded to (:data:`RESULTS_DECIMALS`);
+    None: kept as it is."""
+    if column.startswith("area_mm2_") or column.endswith("_width_mm"):
+        return 1
+    return {"ctr": 4, "seconds": 3}.get(column)
+
+
+def round_results(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with its float measurement columns rounded
+    (:func:`results_decimals`); other columns unchanged."""
+    decimals = {column: places for column in table.columns
+                if (places := results_decimals(column)) is not None and pd.api.types.is_float_dtype(table[column])}
+    return table.round(decimals)
+
+
 def _write_results_csv(path: Path, table: pd.DataFrame) -> None:
-    """The table as CSV, or just the header ``case_id`` when no scan finished."""
-    write_text_atomic(path, table.to_csv(index=False) if not table.empty else "case_id\n")
+    """The table as CSV (rounded: :func:`round_results`), or just the header
+    ``case_id`` when no scan finished."""
+    write_text_atomic(path, round_results(table).to_csv(index=False) if not table.empty else "case_id\n")
 
 
 def write_batch_tables(out_dir: Path, failures: Sequence[Failure], case_ids: Iterable[str]) -> pd.DataFrame:
     """``results.csv``/``.parquet`` of the batch's finished scans (``case_ids``;
     other scans an earlier run left in ``out_dir`` are not this batch's), the
-    CTR histogram and ``failures.csv``; returns the results table."""
+    CTR histogram, the overlays' contact sheet, ``summary.txt`` and
+    ``failures.csv``; returns the results table (full precision)."""
     table = gather_results(out_dir, case_ids)
     _write_results_csv(out_dir / "results.csv", table)
     if not table.empty:
         with atomic_path(out_dir / "results.parquet") as tmp:
-            table.to_parquet(tmp, index=False)
+            round_results(table).to_parquet(tmp, index=False)  # the same table as results.csv
     save_ctr_distribution(out_dir / "ctr_distribution.png", table)
+    finished = table["case_id"].astype(str).tolist() if not table.empty else []
+    shown = save_overlay_sheet(out_dir / "overlays.png", out_dir, finished, batch=out_dir.name)
+    write_text_atomic(out_dir / "summary.txt", batch_summary(table, failures, shown))
     write_failures(out_dir / "failures.csv", failures)
     return table
 
@@ -483,5 +672,7 @@ def gather_chunks(out_dir: str | Path, count: int) -> tuple[pd.DataFrame, list[F
     return write_batch_tables(out_dir, failures, case_ids), failures
 
 
-__all__ = ["Chunk", "PredictSettings", "chunk_table_paths", "finished_by", "gather_chunks", "gather_results",
-           "predict_files", "predict_probabilities", "write_batch_tables"]
+__all__ = ["Chunk", "PredictSettings", "RESULTS_DECIMALS", "batch_summary", "chunk_table_paths",
+           "ctr_distribution_figure", "ctr_histogram", "finished_by", "gather_chunks", "gather_results",
+           "overlay_caption", "overlay_legend", "overlay_sample", "predict_files", "predict_probabilities",
+           "results_decimals", "round_results", "save_overlay_sheet", "write_batch_tables"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,10 @@ from medseg import __version__
 from medseg.atomic import write_text_atomic
 from medseg.preprocessing.manifest import manifest_fingerprint
 from medseg.preprocessing.splits import read_splits
-from medseg.tracking import RunLogger, client_for, connect, git_commit
+from medseg.tracking import (
+    DESCRIPTION_TAG, RunLogger, best_metric_name, client_for, connect, dataset_input, describe_experiment,
+    git_commit, metric_name, run_context_tags, save_runs_view, without_active_run,
+)
 from medseg.training.data import load_cases
 from medseg.training.network import SigmoidHead
 from medseg.training.settings import TrainSettings
@@ -58,6 +62,8 @@ def _pip_requirements() -> list[str]:
 
 
 RUN_RECORD = "mlflow_run.json"
+# The best epoch's predictions on the validation cases (report item).
+VALIDATION_OVERLAYS = "validation_overlays.png"
 
 
 @dataclass(frozen=True)
@@ -95,32 +101,86 @@ class RunRecord:
         write_text_atomic(self.path, json.dumps({"run_id": run_id, **self._key()}, indent=1) + "\n")
 
 
-def log_model(model: torch.nn.Module, size: int, target: TrackingTarget, fold: int | str,
-              metadata: Mapping[str, Any] | None = None) -> dict:
-    """Log ``model`` (logits) as a probability model, register it, alias it.
+def describe_fold(settings: TrainSettings, labels: Sequence[str], fold: int | str, n_train: int, n_val: int,
+                  dataset: str, size: int, intensity: Mapping[str, float]) -> str:
+    """A fold's run / model description for the MLflow UI (Markdown)."""
+    return (
+        f"Fold {fold} of the **{dataset}** cross-validation: trained on {n_train} cases, validated on {n_val} "
+        f"(its held-out test cases are scored by the run evaluation-fold{fold}).\n\n"
+        f"- network: {settings.network} ({settings.preset}, {settings.upsample} upsampling), one sigmoid channel "
+        f"per label in the order {', '.join(labels)}\n"
+        f"- recipe: {settings.epochs} epochs x {settings.samples_per_epoch or n_train} samples, batch "
+        f"{settings.batch_size}, {settings.optimizer} lr {settings.learning_rate:g} ({settings.scheduler}), "
+        f"Dice x {settings.lambda_dice:g} + BCE x {settings.lambda_ce:g}, augmentation "
+        f"{'on' if settings.augment.enabled else 'off'}\n"
+        f"- preprocessing: {size} x {size} px square canvas, intensities scaled between the "
+        f"{intensity.get('lower_percentile', 0.5):g}th and {intensity.get('upper_percentile', 99.5):g}th "
+        "percentiles to [0, 1]\n"
+        "- best epoch: highest mean validation Dice (metrics best/*)"
+    )
+
+
+def log_model(model: torch.nn.Module, size: int, target: TrackingTarget, fold: int | str, *, run_id: str,
+              best_epoch: int, best_metrics: Mapping[str, float], metadata: Mapping[str, Any] | None = None,
+              description: str = "", tags: Mapping[str, str] | None = None) -> dict:
+    """Log ``model`` (logits) as a probability model named ``fold<k>``,
+    register it, alias it ``fold<k>``, and link it to its training run.
 
     The logged model maps float32 (N, 1, size, size) in [0, 1] to float32
-    (N, C, size, size) probabilities. ``metadata`` (labels, size, intensity
-    percentiles) travels with it so prediction can preprocess new scans the
-    same way. Returns {"version", "model_uri"}.
+    (N, C, size, size) probabilities. ``metadata`` (labels = channel order,
+    size, intensity percentiles, tensor names) travels with it so
+    prediction can preprocess new scans the same way. Its metrics are the
+    best epoch's validation figures (``best/...``, at step ``best_epoch``),
+    never the run's system metrics. ``tags`` go on the logged model and the
+    model version; ``description`` on the model version.
+
+    (The signature's tensors stay unnamed: MLflow's PyTorch flavour refuses
+    a named tensor at ``pyfunc.predict`` time; the names are in the
+    metadata's ``input``/``output``.)
+
+    Returns:
+        {"version", "model_uri", "model_id"}.
     """
     import mlflow
+    from mlflow.entities import LoggedModelOutput, Metric
     from mlflow.models import infer_signature
+
     wrapped = SigmoidHead(model).cpu().eval()
     # Batch of 2: MLflow exports with torch.export, which would fix a batch
     # dimension of 1 (a "specialised" size) into the saved program.
     example = np.zeros((2, 1, size, size), dtype=np.float32)
     with torch.no_grad():
         output = wrapped(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        wrapped, name="model", signature=infer_signature(example, output), input_example=example,
-        registered_model_name=target.registered_model, pip_requirements=_pip_requirements(),
-        metadata=dict(metadata or {}),
-    )
-    version = str(info.registered_model_version)
     client = client_for(target.tracking_uri)
+    run = client.get_run(run_id)
+    tags = dict(tags or {})
+    logged = mlflow.initialize_logged_model(name=f"fold{fold}", source_run_id=run_id, tags=tags,
+                                            params=run.data.params, model_type="segmentation",
+                                            experiment_id=run.info.experiment_id)
+    info = without_active_run(
+        mlflow.pytorch.log_model, wrapped, name=f"fold{fold}", signature=infer_signature(example, output),
+        input_example=example, registered_model_name=target.registered_model, pip_requirements=_pip_requirements(),
+        metadata=dict(metadata or {}), model_id=logged.model_id, tags=tags,
+    )
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=best_epoch)])
+    now = int(time.time() * 1000)
+    values = {"best/epoch": float(best_epoch),
+              **{best_metric_name(k): float(v) for k, v in best_metrics.items() if v is not None and v == v}}
+    client.log_batch(run_id, metrics=[Metric(k, v, now, best_epoch, model_id=logged.model_id, run_id=run_id)
+                                      for k, v in values.items()])
+    version = str(info.registered_model_version)
     client.set_registered_model_alias(target.registered_model, f"fold{fold}", version)
-    return {"version": version, "model_uri": f"models:/{target.registered_model}/{version}"}
+    if description:
+        client.update_model_version(target.registered_model, version, description=description)
+    client.update_registered_model(
+        target.registered_model,
+        description=(f"medseg models of the {target.experiment} experiment: one version per trained fold "
+                     f"(alias fold<k>); the cross-validation's choice has the alias @{target.alias}. Input "
+                     "float32 (N, 1, S, S) in [0, 1]; output float32 (N, C, S, S) sigmoid probabilities, channel "
+                     "order in the version's metadata (labels)."),
+    )
+    return {"version": version, "model_uri": f"models:/{target.registered_model}/{version}",
+            "model_id": logged.model_id}
 
 
 def train_fold(
@@ -187,27 +247,39 @@ def train_fold(
             return summary
     tags = {
         "medseg.version": __version__,
+        "medseg.role": "training",
         "git.commit": git_commit(),
         "dataset.fingerprint": dataset_fingerprint,
         "device": trainer.device.name,
         "fold": str(fold),
     }
+    intensity = dict(intensity or {"lower_percentile": 0.5, "upper_percentile": 99.5})
+    description = describe_fold(settings, label_names, fold, len(train_cases.case_ids), len(val_cases.case_ids),
+                                target.experiment, trainer.size, intensity)
+    params = {**params, "data.n_train_cases": str(len(train_cases.case_ids)),
+              "data.n_val_cases": str(len(val_cases.case_ids))}
     run_record = RunRecord(out_dir / RUN_RECORD, target.tracking_uri, settings.fingerprint(), data_fingerprint)
     # A job killed before its first checkpoint left its run ID only in the record.
     continued = trainer.run_id or run_record.read()
     if continued:
         run = mlflow.start_run(run_id=continued, log_system_metrics=target.system_metrics)
         log.info("continuing MLflow run %s", continued)
-        if not trainer.history:  # the first job may have died before logging them
-            mlflow.set_tags(tags)
+        fresh = not trainer.history  # the first job may have died before logging its parameters
+        if fresh:
+            mlflow.set_tags({**tags, DESCRIPTION_TAG: description})
             logged = client_for(target.tracking_uri).get_run(continued).data.params
             # Only the missing ones: MLflow refuses to change a logged value.
             mlflow.log_params({k: v for k, v in params.items() if k not in logged})
     else:
+        fresh = True
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"fold{fold}", parent_run_id=parent_run_id,
-                               tags=tags, log_system_metrics=target.system_metrics)
+                               tags=tags, description=description, log_system_metrics=target.system_metrics)
         run_record.write(run.info.run_id)
         mlflow.log_params(dict(params))
+    if fresh:
+        describe_experiment(target.tracking_uri, experiment_id, label_names)
+        mlflow.log_input(dataset_input(manifest, target.experiment, dataset_fingerprint), context="training")
+        mlflow.log_artifact(str(splits))
     if config is not None:
         mlflow.log_dict(dict(config), "config.yaml")
     run_id = run.info.run_id
@@ -217,7 +289,7 @@ def train_fold(
     if trainer.history:
         # Epochs checkpointed by the killed job but not yet sent to MLflow.
         logged = tracker.call("get_metric_history", client_for(target.tracking_uri).get_metric_history, run_id,
-                              "train_loss")
+                              metric_name("train_loss"))
         if logged is not None:
             steps = {m.step for m in logged}
             trainer.log_epochs([h for h in trainer.history if h["epoch"] not in steps])
@@ -228,21 +300,45 @@ def train_fold(
         tracker.log_artifact(out_dir / "metrics.csv")
         best = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
         trainer.model.load_state_dict(best["model"])
-        model_metadata = {"labels": label_names, "size": trainer.size,
-                          "intensity": dict(intensity or {"lower_percentile": 0.5, "upper_percentile": 99.5})}
-        registered = tracker.call("log_model", log_model, trainer.model, trainer.size, target, fold,
-                                  model_metadata) or {}
+        # The chosen model on the validation cases, for the report and the run.
+        overlays = trainer.save_overlays(result.best_epoch, path=out_dir / VALIDATION_OVERLAYS,
+                                         logits=trainer.predict_logits(trainer.val_cases.images))
+        tracker.log_artifact(overlays)
         best_metrics = next((h for h in result.history if h["epoch"] == result.best_epoch), result.history[-1])
+        best_val = {k: v for k, v in best_metrics.items() if k.startswith("val_")}
+        model_metadata = {"labels": label_names, "size": trainer.size, "intensity": intensity}
+        contract = {
+            **model_metadata,
+            "input": {"name": "image", "dtype": "float32", "shape": [-1, 1, trainer.size, trainer.size],
+                      "meaning": "radiograph on the square canvas, intensities scaled to [0, 1]"},
+            "output": {"name": "probabilities", "dtype": "float32",
+                       "shape": [-1, len(label_names), trainer.size, trainer.size],
+                       "channels": label_names, "meaning": "sigmoid probability per label (multi-label)"},
+            "network": {"network": settings.network, "preset": settings.preset, "upsample": settings.upsample},
+            "dataset_fingerprint": dataset_fingerprint,
+            "fold": int(fold),
+        }
+        version_tags = {"fold": str(fold), "dataset.fingerprint": dataset_fingerprint,
+                        "best_epoch": str(result.best_epoch),
+                        **{f"val_dice.{k[len('val_dice_'):]}": f"{v:.4f}" for k, v in best_val.items()
+                           if k.startswith("val_dice_")}}
+        registered = tracker.call(
+            "log_model", log_model, trainer.model, trainer.size, target, fold, run_id=run_id,
+            best_epoch=result.best_epoch, best_metrics=best_val, metadata=contract, description=description,
+            tags=version_tags,
+        ) or {}
         summary: dict[str, Any] = {
             "fold": fold,
             "run_id": run_id,
+            "parent_run_id": parent_run_id,
             "experiment": target.experiment,
             "tracking_uri": target.tracking_uri,
             "registered_model": target.registered_model,
             "model_version": registered.get("version"),
             "model_uri": registered.get("model_uri"),
+            "model_id": registered.get("model_id"),
             "best_epoch": result.best_epoch,
-            "best_metrics": {k: v for k, v in best_metrics.items() if k.startswith("val_")},
+            "best_metrics": best_val,
             **model_metadata,
             "tracking_offline": tracker.offline,
         }
@@ -255,24 +351,65 @@ def train_fold(
         tracker.call("end_run", mlflow.end_run, status=status)
 
 
-def start_cv_run(target: TrackingTarget, name: str, params: Mapping[str, str], tags: Mapping[str, str]) -> str:
-    """Create the parent run of a cross-validation; returns its ID."""
-    import mlflow
+def start_cv_run(target: TrackingTarget, name: str, params: Mapping[str, str], tags: Mapping[str, str],
+                 description: str = "") -> str:
+    """Create the parent run of a cross-validation; returns its ID.
+
+    The run stays RUNNING while its folds train and are evaluated:
+    :func:`finish_cv_run` ends it, so its duration covers theirs.
+    """
+    from mlflow.entities import Param
 
     experiment_id = connect(target.tracking_uri, target.experiment)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=dict(tags)) as run:
-        mlflow.log_params(dict(params))
-        mlflow.set_tag("medseg.role", "cross-validation")
-    # Left FINISHED now; finish_cv_run logs the summary into it later.
+    client = client_for(target.tracking_uri)
+    all_tags = {**run_context_tags(), **tags, "medseg.role": "cross-validation"}
+    if description:
+        all_tags[DESCRIPTION_TAG] = description
+    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters per batch
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id
 
 
-def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Sequence[dict]) -> dict:
-    """Summarise the folds into the parent run and alias the best fold's model.
+def evaluation_means(evaluations: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
+    """Mean over folds of their held-out test figures.
+
+    Args:
+        evaluations: per fold, {label: {"dice_mean": .., "jaccard_mean": ..,
+            "hd95_mm_mean": .., "assd_mm_mean": ..}} (rows of the
+            evaluation's summary.csv).
+
+    Returns:
+        {"test/<metric>/<label>": mean over the folds}; a non-finite fold
+        value (a missed structure makes a distance mean infinite) leaves
+        the metric out.
+    """
+    from medseg.evaluation.metrics import METRIC_NAMES
+
+    values: dict[str, list[float]] = {}
+    for evaluation in evaluations:
+        for label, row in evaluation.items():
+            for metric in METRIC_NAMES:
+                if f"{metric}_mean" in row:
+                    values.setdefault(f"test/{metric}/{label}", []).append(float(row[f"{metric}_mean"]))
+    return {k: float(np.mean(v)) for k, v in values.items()
+            if len(v) == len(evaluations) and all(np.isfinite(v))}
+
+
+def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Sequence[dict],
+                  test_metrics: Mapping[str, float] | None = None) -> dict:
+    """Summarise the folds into the parent run, alias the best fold's model
+    and end the parent run.
 
     Choice: the fold with the best mean validation Dice becomes
     ``models:/<name>@<alias>`` (a single network keeps inference fast; the
-    other folds stay registered as ``@fold<k>``).
+    other folds stay registered as ``@fold<k>``); its logged model gets the
+    tag ``registry.alias=<alias>`` so the choice shows on the model page.
+
+    The parent run gets the folds' mean best-epoch figures under the fold
+    runs' names (``best/val_dice/<label>``, ...), ``test_metrics`` (e.g.
+    :func:`evaluation_means`), and ends FINISHED now, after its folds.
 
     Folds trained while MLflow was unreachable have no registered model: the
     best fold is then chosen among all folds from their model.json's
@@ -282,6 +419,8 @@ def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Se
     (``tracking_offline`` True). With registered folds, an unreachable store
     is an error (the alias is what the run produces).
     """
+    from mlflow.entities import Metric, RunStatus
+
     if not fold_summaries:
         raise ValueError("no fold summaries")
     registered = [s for s in fold_summaries if s.get("model_version")]
@@ -300,6 +439,7 @@ def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Se
         "model_uri": f"models:/{target.registered_model}@{target.alias}" if registered else None,
         "model_version": best.get("model_version"),
         **means,
+        **({"test_means": dict(test_metrics)} if test_metrics else {}),
     }
     if not registered:
         log.warning("no fold has a registered model (MLflow was unreachable while training?): best fold %s chosen "
@@ -310,11 +450,27 @@ def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Se
     try:
         connect(target.tracking_uri, target.experiment)
         client = client_for(target.tracking_uri)
-        for key, value in means.items():
-            client.log_metric(parent_run_id, key, value)
+        now = int(time.time() * 1000)
+        logged = {best_metric_name(k[len("cv_mean_"):]): v for k, v in means.items()}
+        logged.update(test_metrics or {})
+        client.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in logged.items()])
         client.set_tag(parent_run_id, "best_fold", str(best["fold"]))
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        summary["experiment_id"] = experiment_id
+        columns = [k for k in logged if k.startswith(("best/val_dice/", "test/dice/", "test/jaccard/", "test/hd95_mm/"))]
+        summary["runs_view"] = save_runs_view(target.tracking_uri, experiment_id, columns)
+        client.set_tag(parent_run_id, "n_folds", str(len(fold_summaries)))
         if registered:
             client.set_registered_model_alias(target.registered_model, target.alias, best["model_version"])
+            alias_tag = "registry.alias"
+            for fold in fold_summaries:
+                if not fold.get("model_id"):
+                    continue
+                if fold is best:
+                    client.set_logged_model_tags(fold["model_id"], {alias_tag: target.alias})
+                elif alias_tag in client.get_logged_model(fold["model_id"]).tags:
+                    client.delete_logged_model_tag(fold["model_id"], alias_tag)
+        client.set_terminated(parent_run_id, RunStatus.to_string(RunStatus.FINISHED))
         summary["tracking_offline"] = False
     except Exception as err:  # noqa: BLE001 - MLflow raises many types; the summary on disk matters more
         if registered:

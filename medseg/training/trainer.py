@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import DataLoader
-from monai.metrics import DiceMetric
+from monai.metrics import DiceMetric, MeanIoU
 from monai.utils import set_determinism
 
 from medseg.atomic import atomic_path, write_text_atomic
@@ -38,7 +38,7 @@ from medseg.training.data import AugmentedCases, CaseTensors, augmentation, epoc
 from medseg.training.loss import MultiLabelDiceCELoss, label_weight_tensor
 from medseg.training.network import NetworkSpec, build_network
 from medseg.training.settings import TrainSettings
-from medseg.visualise import overlay_rgb, save_contact_sheet, save_figure, subplots
+from medseg.visualise import legend_text, overlay_rgb, save_contact_sheet, save_figure, subplots
 
 log = logging.getLogger(__name__)
 
@@ -137,26 +137,63 @@ def _write_history_csv(path: Path, history: Sequence[dict]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
-def save_training_curves(path: Path, history: Sequence[dict], labels: Sequence[str]) -> None:
-    """Loss and validation Dice per epoch as one PNG."""
+def training_curves_figure(history: Sequence[dict], labels: Sequence[str]):
+    """The figure of :func:`save_training_curves`, not saved (tests inspect it).
+
+    Args:
+        history: one dict per epoch with "epoch" (int), "train_loss" and,
+            when validated, "val_loss" and "val_dice_<label>" /
+            "val_dice_mean" (floats; Dice in [0, 1]).
+        labels: label names, in channel order.
+
+    Returns:
+        A matplotlib Figure with two Axes: loss (left), validation Dice
+        (right). Lines carry the project's label colours
+        (:func:`medseg.visualise.label_colour`), the mean is black; epochs
+        are whole-number ticks.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    from medseg.visualise import label_colour
+
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_dice) = subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    fig, (ax_loss, ax_dice) = subplots(1, 2, figsize=(10, 4.4))
+    # Loss lines in neutral tones and told apart by style, so no loss line
+    # wears a label's colour.
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], color="0.45", marker="o", markersize=3,
+                 label="training loss")
     val = [(h["epoch"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
     if val:
-        ax_loss.plot(*zip(*val), label="validation")
-    ax_loss.set_xlabel("epoch")
+        ax_loss.plot(*zip(*val), color="black", linestyle="--", marker="s", markersize=3, label="validation loss")
+    ax_loss.set_title("Loss (Dice + BCE; lower is better)", fontsize=10)
     ax_loss.set_ylabel("Dice + BCE loss")
-    ax_loss.legend()
-    for name in [*labels, "mean"]:
+    for index, name in enumerate([*labels, "mean"]):
         points = [(h["epoch"], h[f"val_dice_{name}"]) for h in history if h.get(f"val_dice_{name}") is not None]
-        if points:
-            ax_dice.plot(*zip(*points), label=name, linewidth=2 if name == "mean" else 1)
-    ax_dice.set_xlabel("epoch")
+        if not points:
+            continue
+        if name == "mean":
+            style = {"color": "black", "linewidth": 2, "linestyle": "--", "label": "mean of labels"}
+        else:
+            style = {"color": label_colour(name, index), "linewidth": 1.5, "label": name}
+        ax_dice.plot(*zip(*points), marker="o", markersize=3, **style)
+    ax_dice.set_title("Validation Dice per label (higher is better)", fontsize=10)
     ax_dice.set_ylabel("validation Dice")
     ax_dice.set_ylim(0, 1)
-    ax_dice.legend()
-    save_figure(fig, path)
+    for ax in (ax_loss, ax_dice):
+        ax.set_xlabel("epoch")
+        # Epochs are whole numbers: no ticks at 2.5, 7.5, ...
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    last = max(epochs) if epochs else 0
+    fig.suptitle(f"Training curves, {last} epoch{'s' if last != 1 else ''}")
+    return fig
+
+
+def save_training_curves(path: Path, history: Sequence[dict], labels: Sequence[str]) -> None:
+    """Loss and validation Dice per epoch as one PNG, written atomically
+    (figure: :func:`training_curves_figure`)."""
+    save_figure(training_curves_figure(history, labels), path)
 
 
 class Trainer:
@@ -315,35 +352,60 @@ class Trainer:
         return torch.cat(outputs) if outputs else torch.empty(0)
 
     def validate(self) -> dict:
-        """Validation loss and Dice per label (MONAI DiceMetric) at 0.5."""
+        """Validation loss, Dice and Jaccard per label (MONAI DiceMetric,
+        MeanIoU) of the masks at probability 0.5, and their means over labels."""
         logits = self.predict_logits(self.val_cases.images)
         targets = self.val_cases.labels
         loss = float(self.loss_fn.cpu()(logits, targets))
         self.loss_fn.to(self.device.torch_device)
-        metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
-        metric(y_pred=(torch.sigmoid(logits) > 0.5).float(), y=targets)
-        per_label = metric.aggregate().tolist()
+        masks = (torch.sigmoid(logits) > 0.5).float()
         result = {"val_loss": loss}
-        for name, value in zip(self.labels, per_label):
-            result[f"val_dice_{name}"] = float(value)
-        result["val_dice_mean"] = float(np.mean(per_label))
+        for key, metric in (("dice", DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)),
+                            ("jaccard", MeanIoU(include_background=True, reduction="mean_batch", ignore_empty=False))):
+            metric(y_pred=masks, y=targets)
+            per_label = metric.aggregate().tolist()
+            for name, value in zip(self.labels, per_label):
+                result[f"val_{key}_{name}"] = float(value)
+            result[f"val_{key}_mean"] = float(np.mean(per_label))
         self._last_val_logits = logits
         return result
 
-    def save_overlays(self, epoch: int, max_cases: int = 6) -> Path:
-        """Validation cases: ground truth (left) and prediction (right)."""
-        logits = getattr(self, "_last_val_logits", None)
+    def save_overlays(self, epoch: int, max_cases: int = 6, path: Path | None = None,
+                      logits: torch.Tensor | None = None) -> Path:
+        """Validation cases over their radiograph: ground truth (left) and
+        prediction at 0.5 (right), titled with the case's mean Dice over labels.
+
+        Args:
+            epoch: named in the titles; also picks the default path.
+            max_cases: at most this many validation cases (the first ones).
+            path: PNG to write; default :meth:`overlay_path` of ``epoch``.
+            logits: (N, C, S, S) of the validation cases; default the last
+                :meth:`validate`'s, else computed now.
+
+        Returns:
+            The PNG written (a note instead of tiles when the fold has no
+            validation cases).
+        """
+        path = path or self.overlay_path(epoch)
+        n = min(max_cases, len(self.val_cases.case_ids))
         if logits is None:
-            logits = self.predict_logits(self.val_cases.images[:max_cases])
+            logits = getattr(self, "_last_val_logits", None)
+        if logits is None and n:
+            logits = self.predict_logits(self.val_cases.images[:n])
         tiles, titles = [], []
-        for i in range(min(max_cases, len(self.val_cases.case_ids))):
+        for i in range(n):
             image = self.val_cases.images[i, 0].numpy()
-            truth = {n: self.val_cases.labels[i, c].numpy() > 0.5 for c, n in enumerate(self.labels)}
-            pred = {n: torch.sigmoid(logits[i, c]).numpy() > 0.5 for c, n in enumerate(self.labels)}
+            truth = {name: self.val_cases.labels[i, c].numpy() > 0.5 for c, name in enumerate(self.labels)}
+            pred = {name: torch.sigmoid(logits[i, c]).numpy() > 0.5 for c, name in enumerate(self.labels)}
+            dice = float(np.mean([_dice(pred[name], truth[name]) for name in self.labels]))
             tiles += [overlay_rgb(image, truth), overlay_rgb(image, pred)]
-            titles += [f"{self.val_cases.case_ids[i]} truth", f"epoch {epoch} prediction"]
-        path = self.overlay_path(epoch)
-        save_contact_sheet(path, tiles, titles, columns=4)
+            titles += [f"{self.val_cases.case_ids[i]}: ground truth",
+                       f"epoch {epoch} prediction (Dice {dice:.3f})"]
+        if not tiles:  # a fold without validation cases still gets its picture
+            tiles, titles = [np.full((8, 8), 0.5, dtype=np.float32)], ["no validation cases in this fold"]
+        save_contact_sheet(path, tiles, titles, columns=4,
+                           caption=f"{n} of {len(self.val_cases.case_ids)} validation cases; "
+                                   + legend_text(self.labels))
         return path
 
     def overlay_path(self, epoch: int) -> Path:
@@ -358,7 +420,8 @@ class Trainer:
             epoch = metrics["epoch"]
             self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if self.overlay_path(epoch).exists():
-                self.tracker.log_artifact(self.overlay_path(epoch), "overlays")
+                # An image series with a step: the UI shows a slider over epochs.
+                self.tracker.log_image(self.overlay_path(epoch), key="val/overlays", step=epoch)
 
     # -- the loop ----------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -395,6 +458,12 @@ class Trainer:
         save_training_curves(self.out_dir / "curves.png", self.history, self.labels)
         return TrainResult(self.out_dir, self.best_path, self.last_path, self.best_epoch, self.best_mean_dice,
                            self.history, resumed_from)
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two bool masks; 1 when both are empty (as MONAI with ignore_empty=False)."""
+    total = int(pred.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, truth).sum()) / total
 
 
 def format_progress(metrics: dict, labels: Sequence[str]) -> str:

@@ -131,3 +131,14 @@ TRAINING_SECTIONS = ("dataset", "source", "structures", "labels", "read", "phant
 
 def training_config_json():
     return json.dumps({k: config[k] for k in TRAINING_SECTIONS if k in config})
+
+
+def report_labels(item, scope):
+    """Labels of a report item: what it is, and what it covers ("fold {fold}",
+    "batch {batch}", "dataset {dataset}"; wildcards are filled per job).
+
+    Every item has these two keys: the report lists a category's items as a
+    table with a column per label key, so items with other keys would leave
+    cells empty, and one item without labels turns the list into file paths.
+    """
+    return {"item": item, "scope": scope}

@@ -123,7 +123,8 @@ rule predict_chunk:
 
 
 rule gather_predictions:
-    """The batch's results table, CTR histogram and failures, from its chunks."""
+    """The batch's results table, CTR histogram, overlays contact sheet,
+    summary and failures, from its chunks."""
     input:
         expand(
             "results/{{dataset}}/predictions/{{batch}}/{table}.chunk-{chunk}-of-{n}.csv",
@@ -136,21 +137,36 @@ rule gather_predictions:
             "results/{dataset}/predictions/{batch}/results.csv",
             caption="../report/prediction_results.rst",
             category="Prediction",
-            subcategory="{batch}",
-            labels={"table": "results"},
+            subcategory="batch {batch}",
+            labels=report_labels("results table", "batch {batch}"),
         ),
         ctr=report(
             "results/{dataset}/predictions/{batch}/ctr_distribution.png",
+            caption="../report/ctr_distribution.rst",
             category="Prediction",
-            subcategory="{batch}",
-            labels={"figure": "CTR distribution"},
+            subcategory="batch {batch}",
+            labels=report_labels("CTR distribution", "batch {batch}"),
+        ),
+        # A sample of the scans' own overlay.png files, which are not outputs
+        # of any rule (their number depends on the data).
+        overlays=report(
+            "results/{dataset}/predictions/{batch}/overlays.png",
+            caption="../report/prediction_overlays.rst",
+            category="Prediction",
+            subcategory="batch {batch}",
+            labels=report_labels("overlays", "batch {batch}"),
         ),
         failures=report(
             "results/{dataset}/predictions/{batch}/failures.csv",
+            caption="../report/prediction_failures.rst",
             category="Prediction",
-            subcategory="{batch}",
-            labels={"table": "failures"},
+            subcategory="batch {batch}",
+            labels=report_labels("failures", "batch {batch}"),
         ),
+        # Counts in three sentences; the captions above include it, which is
+        # how they say "k of n scans" (a caption is a fixed file, templated
+        # only with the job's paths, wildcards and config).
+        summary="results/{dataset}/predictions/{batch}/summary.txt",
     params:
         out=subpath(output.table, parent=True),
         chunks=PREDICT_CHUNKS,
@@ -169,6 +185,7 @@ rule evaluate:
     input:
         config="results/{dataset}/config.json",
         model="results/{dataset}/models/fold{fold}/model.json",
+        manifest="results/{dataset}/preprocessed/manifest.csv",
         table="results/{dataset}/predictions/fold{fold}/results.csv",
         truth=masks_input,
     output:
@@ -177,25 +194,37 @@ rule evaluate:
             caption="../report/evaluation_summary.rst",
             category="Evaluation",
             subcategory="fold {fold}",
-            labels={"table": "summary"},
+            labels=report_labels("summary table", "fold {fold}"),
+        ),
+        # The report shows a text file only as a download: its caption
+        # includes it, so the summary is readable in the report itself.
+        text=report(
+            "results/{dataset}/evaluation/fold{fold}/summary.txt",
+            caption="../report/evaluation_text.rst",
+            category="Evaluation",
+            subcategory="fold {fold}",
+            labels=report_labels("summary", "fold {fold}"),
         ),
         cases=report(
             "results/{dataset}/evaluation/fold{fold}/cases.csv",
+            caption="../report/evaluation_cases.rst",
             category="Evaluation",
             subcategory="fold {fold}",
-            labels={"table": "per case"},
+            labels=report_labels("per-case metrics", "fold {fold}"),
         ),
         boxplots=report(
             "results/{dataset}/evaluation/fold{fold}/boxplots.png",
+            caption="../report/evaluation_boxplots.rst",
             category="Evaluation",
             subcategory="fold {fold}",
-            labels={"figure": "box plots"},
+            labels=report_labels("box plots", "fold {fold}"),
         ),
         worst=report(
             "results/{dataset}/evaluation/fold{fold}/worst_cases.png",
+            caption="../report/evaluation_worst.rst",
             category="Evaluation",
             subcategory="fold {fold}",
-            labels={"figure": "worst cases"},
+            labels=report_labels("worst cases", "fold {fold}"),
         ),
     params:
         predictions=subpath(input.table, parent=True),
@@ -212,4 +241,4 @@ rule evaluate:
         runtime=60,
     shell:
         "{MEDSEG} evaluate --predictions {params.predictions} --truth {params.truth} --config {input.config}"
-        " --model-json {input.model} {params.read} --out {params.out} > {log} 2>&1"
+        " --model-json {input.model} --manifest {input.manifest} {params.read} --out {params.out} > {log} 2>&1"

@@ -7,8 +7,9 @@ rule preprocess:
         manifest="results/{dataset}/preprocessed/manifest.csv",
         failures=report(
             "results/{dataset}/preprocessed/failures.csv",
+            caption="../report/ingest_failures.rst",
             category="Data",
-            labels={"table": "ingest failures"},
+            labels=report_labels("ingest failures", "dataset {dataset}"),
         ),
     params:
         out=subpath(output.manifest, parent=True),
@@ -67,8 +68,9 @@ rule preview:
     output:
         report(
             "results/{dataset}/preprocessed/preview.png",
+            caption="../report/preview.rst",
             category="Data",
-            labels={"figure": "preprocessed cases"},
+            labels=report_labels("preprocessed cases", "dataset {dataset}"),
         ),
     params:
         labels=json.dumps(config["labels"]),

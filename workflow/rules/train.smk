@@ -1,7 +1,12 @@
 rule resolved_config:
     """The whole resolved config, for the evaluation and the report."""
     output:
-        report("results/{dataset}/config.json", category="Configuration", labels={"file": "resolved config"}),
+        report(
+            "results/{dataset}/config.json",
+            caption="../report/config.rst",
+            category="Configuration",
+            labels=report_labels("resolved config", "dataset {dataset}"),
+        ),
     params:
         config=json.dumps(config),  # key order kept: it is the label channel order
     log:
@@ -46,8 +51,19 @@ rule train:
         summary="results/{dataset}/models/fold{fold}/model.json",
         curves=report(
             "results/{dataset}/models/fold{fold}/curves.png",
+            caption="../report/training_curves.rst",
             category="Training",
             subcategory="fold {fold}",
+            labels=report_labels("training curves", "fold {fold}"),
+        ),
+        # The best epoch's predictions on up to 6 validation cases, written
+        # when training ends.
+        validation_overlays=report(
+            "results/{dataset}/models/fold{fold}/validation_overlays.png",
+            caption="../report/validation_overlays.rst",
+            category="Training",
+            subcategory="fold {fold}",
+            labels=report_labels("validation overlays", "fold {fold}"),
         ),
     params:
         out=subpath(output.summary, parent=True),
@@ -66,10 +82,14 @@ rule train:
 
 
 rule cv_finish:
-    """Summarise the folds; alias the best fold's model (models:/<name>@candidate)."""
+    """Summarise the folds and their evaluations into the cross-validation run
+    and end it; alias the best fold's model (models:/<name>@candidate)."""
     input:
         cv_run="results/{dataset}/models/cv_run.json",
         folds=expand("results/{{dataset}}/models/fold{fold}/model.json", fold=config["train_folds"]),
+        # After the evaluations: their means go into the cross-validation run,
+        # which ends here and so spans all of its nested runs.
+        evaluations=expand("results/{{dataset}}/evaluation/fold{fold}/summary.csv", fold=config["train_folds"]),
     output:
         "results/{dataset}/models/summary.json",
     params:
@@ -84,4 +104,4 @@ rule cv_finish:
         runtime=5,
     shell:
         "{MEDSEG} cv-finish --config-json {params.config:q} --parent-run-file {input.cv_run} --out {output}"
-        " {input.folds} > {log} 2>&1"
+        " {input.folds} --evaluations {input.evaluations} > {log} 2>&1"
