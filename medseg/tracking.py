@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,12 @@ def dataset_input(manifest: str | Path, name: str, fingerprint: str, rows=None):
         frame = frame[frame["case_id"].astype(str).isin({str(r) for r in rows})]
     # Only the columns describing the data, not machine paths of the sources.
     frame = frame.drop(columns=[c for c in ("source", "mask_source") if c in frame.columns])
-    return mlflow.data.from_pandas(frame, source=Path(manifest).resolve().as_uri(), name=name,
-                                   digest=fingerprint[:DATASET_DIGEST_LENGTH])
+    with warnings.catch_warnings():
+        # MLflow warns that its local source class is registered twice, and
+        # hints at integer columns for model serving: neither applies here.
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(frame, source=Path(manifest).resolve().as_uri(), name=name,
+                                       digest=fingerprint[:DATASET_DIGEST_LENGTH])
 
 
 def run_context_tags() -> dict[str, str]:
