@@ -39,6 +39,7 @@ localrules:
 
 rule all:
     input:
+        dataset_path("config.json"),  # the resolved config, a report item
         dataset_path("splits.json"),
         dataset_path("preprocessed/preview.png"),
         dataset_path("models/summary.json"),

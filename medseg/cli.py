@@ -459,7 +459,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if path and not Path(path).is_file():
             raise UsageError(f"{option} {path}: file not found")
     labels = args.labels
-    config = _load_config(args.config) if args.config else {}
+    config = _config_from_args(args) if args.config or args.config_json else {}
     labels = labels or config.get("labels")
     if not labels:
         from medseg.structures import DEFAULT_LABELS
@@ -726,7 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-values", type=_label_values, help="for label images: VALUE=STRUCTURE,...")
     p.add_argument("--labels", type=_label_groups,
                    help='label groups as JSON (default: the config\'s, else heart/lungs/clavicles)')
-    p.add_argument("--config", help="workflow config (labels, MLflow experiment)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--config", help="workflow config (labels, MLflow experiment)")
+    group.add_argument("--config-json", help="the same, as JSON text")
     p.add_argument("--model-json", help="the fold's model.json: links the evaluation run to its training run")
     p.add_argument("--tracking-uri")
     p.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow evaluation run")

@@ -133,6 +133,16 @@ def training_config_json():
     return json.dumps({k: config[k] for k in TRAINING_SECTIONS if k in config})
 
 
+# Sections that decide an evaluation (labels, where it is logged, what was
+# predicted); e.g. a new inference batch does not rerun it, nor cv_finish,
+# which summarises the evaluations.
+EVALUATION_SECTIONS = ("dataset", "structures", "labels", "mlflow", "predict")
+
+
+def evaluation_config_json():
+    return json.dumps({k: config[k] for k in EVALUATION_SECTIONS if k in config})
+
+
 def report_labels(item, scope):
     """Labels of a report item: what it is, and what it covers ("fold {fold}",
     "batch {batch}", "dataset {dataset}"; wildcards are filled per job).

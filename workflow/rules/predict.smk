@@ -183,7 +183,6 @@ rule gather_predictions:
 rule evaluate:
     """Dice, Jaccard, HD95, ASSD (mm) at the ground truth's resolution; MLflow evaluation run."""
     input:
-        config="results/{dataset}/config.json",
         model="results/{dataset}/models/fold{fold}/model.json",
         manifest="results/{dataset}/preprocessed/manifest.csv",
         table="results/{dataset}/predictions/fold{fold}/results.csv",
@@ -227,6 +226,7 @@ rule evaluate:
             labels=report_labels("worst cases", "fold {fold}"),
         ),
     params:
+        config=evaluation_config_json(),
         predictions=subpath(input.table, parent=True),
         truth=truth_argument,
         out=subpath(output.summary, parent=True),
@@ -240,5 +240,5 @@ rule evaluate:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{MEDSEG} evaluate --predictions {params.predictions} --truth {params.truth} --config {input.config}"
+        "{MEDSEG} evaluate --predictions {params.predictions} --truth {params.truth} --config-json {params.config:q}"
         " --model-json {input.model} --manifest {input.manifest} {params.read} --out {params.out} > {log} 2>&1"
