@@ -317,18 +317,46 @@ def cmd_cv_start(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_evaluation_summary(path: str) -> dict[str, dict[str, float]]:
+    """An evaluation's summary.csv as {label: {column: value}}.
+
+    Raises:
+        UsageError: missing, unreadable, or not a summary.csv (one row per
+            label, numeric ``<metric>_mean`` columns).
+    """
+    import pandas as pd
+
+    from medseg.evaluation.metrics import METRIC_NAMES
+
+    what = f"--evaluations {path}"
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise UsageError(f"{what}: file not found") from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{what}: unreadable ({err})") from err
+    columns = ["label", *(f"{m}_mean" for m in METRIC_NAMES)]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing or frame.empty or frame["label"].duplicated().any():
+        raise UsageError(f"{what}: not an evaluation summary.csv (one row per label with columns "
+                         f"{', '.join(columns)}; {'lacks ' + ', '.join(missing) if missing else 'rows repeat a label'})")
+    values = frame[columns[1:]].apply(pd.to_numeric, errors="coerce")
+    if values.isna().any().any():
+        raise UsageError(f"{what}: non-numeric metric values")
+    return {str(label): dict(zip(columns[1:], map(float, row))) for label, row in zip(frame["label"], values.values)}
+
+
 def _describe_cv(config: dict) -> str:
     """The cross-validation run's description in the MLflow UI (Markdown)."""
-    folds = config.get("train_folds") or []
     splits = config.get("splits") or {}
     labels = ", ".join(config.get("labels") or {})
     return (
-        f"Cross-validation on **{config.get('dataset', 'dataset')}**: folds {', '.join(map(str, folds))} of "
-        f"{splits.get('k', '?')} ({splits.get('scheme', '?')} splits), labels {labels}.\n\n"
-        "Nested runs: fold<k> (training, with its logged model) and evaluation-fold<k> (the fold's held-out test "
-        "cases). Metrics here are means over the folds under the folds' own names: best/* at each fold's best "
-        "epoch on its validation cases, test/* on the held-out test cases. The run ends when every fold is "
-        "evaluated; tag best_fold names the fold whose model got the registry alias."
+        f"Cross-validation on **{config.get('dataset', 'dataset')}**: {splits.get('scheme', '?')} splits into "
+        f"{splits.get('k', '?')} folds, labels {labels}.\n\n"
+        "Nested runs: `fold<k>` (training, with its logged model) and `evaluation-fold<k>` (the fold's held-out "
+        "test cases). Metrics here are means over the folds under the folds' own names: `best/*` at each fold's "
+        "best epoch on its validation cases, `test/*` on the held-out test cases. The run ends when every fold "
+        "is evaluated; tag `best_fold` names the fold whose model got the registry alias."
     )
 
 
@@ -341,9 +369,7 @@ def cmd_cv_finish(args: argparse.Namespace) -> int:
     target = _tracking_target(config, args.tracking_uri)
     parent = json.loads(Path(args.parent_run_file).read_text())["parent_run_id"]
     summaries = [json.loads(Path(p).read_text()) for p in args.fold_summaries]
-    import pandas as pd
-
-    evaluations = [pd.read_csv(path, index_col="label").to_dict(orient="index") for path in args.evaluations]
+    evaluations = [_read_evaluation_summary(path) for path in args.evaluations]
     try:
         summary = finish_cv_run(target, parent, summaries, evaluation_means(evaluations) if evaluations else None)
     except TrackingUnavailable as err:
@@ -437,14 +463,22 @@ def cmd_gather_predictions(args: argparse.Namespace) -> int:
 def cmd_mlflow_runs(args: argparse.Namespace) -> int:
     from medseg.runs_page import write_runs_page
 
-    for path in (args.cv_run, *args.models):
+    for path in (args.cv_run, *args.models, *([args.cv_summary] if args.cv_summary else [])):
         if not Path(path).is_file():
             raise UsageError(f"{path}: file not found")
     if args.evaluations and len(args.evaluations) != len(args.models):
         raise UsageError(f"--evaluations: {len(args.evaluations)} folders for {len(args.models)} --models")
-    write_runs_page(Path(args.out), Path(args.cv_run), [Path(m) for m in args.models],
-                    Path(args.cv_summary) if args.cv_summary else None, [Path(d) for d in args.evaluations])
-    log.info("MLflow runs of %d folds: %s", len(args.models), args.out)
+    # An evaluation's folder, or any file in it (e.g. its summary.csv).
+    evaluations = [Path(d) if Path(d).is_dir() else Path(d).parent for d in args.evaluations]
+    for folder in evaluations:
+        if not folder.is_dir():
+            raise UsageError(f"--evaluations {folder}: folder not found")
+    try:
+        write_runs_page(Path(args.out), Path(args.cv_run), [Path(m) for m in args.models],
+                        Path(args.cv_summary) if args.cv_summary else None, evaluations)
+    except (ValueError, AttributeError, TypeError) as err:  # malformed JSON records
+        raise UsageError(f"a run record is not what cv-start, train, cv-finish or evaluate write: {err}") from err
+    log.info("MLflow runs of %d fold%s: %s", len(args.models), "" if len(args.models) == 1 else "s", args.out)
     return EXIT_OK
 
 
@@ -476,6 +510,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if absent:
             raise UsageError(f"labels use structures with no folder in {args.truth} (SCR layout "
                              f"<structure>/<ID>.gif): {', '.join(absent)}")
+    if not pred_dir.is_dir():
+        raise UsageError(f"--predictions {pred_dir}: folder not found")
+    plan = None if args.no_mlflow else _plan_evaluation_run(args, config, labels)
     try:
         table, problems = evaluate_predictions(pred_dir, Path(args.truth), labels, truth_format=args.truth_format,
                                                label_values=args.label_values)
@@ -498,36 +535,86 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     write_evaluation(args.out, table, summary, problems, pred_dir=pred_dir, truth_root=Path(args.truth),
                      images=image_of, labels=labels, truth_format=args.truth_format, label_values=args.label_values)
     print(comparison_table(summary, table["case_id"].astype(str).tolist(), args.truth_format))
-    if not args.no_mlflow:
-        _log_evaluation(args, config, summary)
+    if plan is not None:
+        _log_evaluation(args, plan, summary)
     for case_id, problem in problems:
         log.warning("not evaluated: %s: %s", case_id, problem)
     return EXIT_FAILURES if problems else EXIT_OK
 
 
-def _log_evaluation(args: argparse.Namespace, config: dict, summary) -> None:
-    """The evaluation's MLflow run, linked to the model of --model-json."""
-    from medseg import __version__
-    from medseg.atomic import write_text_atomic
-    from medseg.evaluation.evaluate import EVALUATION_RUN_RECORD, EvaluationLink, log_evaluation_to_mlflow
-    from medseg.tracking import flatten, git_commit
-
-    model_json = json.loads(Path(args.model_json).read_text()) if args.model_json else {}
-    target = _tracking_target(config, args.tracking_uri or model_json.get("tracking_uri"))
-    # Links to runs and models hold only within the store that has them.
-    same_store = model_json.get("tracking_uri") == target.tracking_uri
-    training = {}
-    if same_store and model_json.get("run_id"):
-        from medseg.tracking import client_for
-
+def _prediction_settings(pred_dir: Path) -> list[dict]:
+    """The distinct run settings (model URI, threshold, TTA, ...) recorded in
+    the prediction folders' prediction.json files."""
+    seen: list[dict] = []
+    for meta_file in sorted(pred_dir.glob("*/prediction.json")):
         try:
-            training = client_for(target.tracking_uri).get_run(model_json["run_id"]).data.tags
-        except Exception as err:  # noqa: BLE001 - a deleted run: evaluate without its tags
-            log.warning("training run %s not found in %s (%s): evaluation not linked to it", model_json["run_id"],
-                        target.tracking_uri, type(err).__name__)
+            settings = json.loads(meta_file.read_text()).get("settings") or {}
+        except (OSError, ValueError):
+            continue  # reported as a problem by the evaluation itself
+        if settings and settings not in seen:
+            seen.append(settings)
+    return seen
+
+
+def _plan_evaluation_run(args: argparse.Namespace, config: dict, labels: dict):
+    """Everything the evaluation's MLflow run needs, checked before any work
+    (so bad usage is refused before results are written).
+
+    Returns:
+        (target, link, params, tags).
+
+    Raises:
+        UsageError: unreadable --model-json, missing --manifest, predictions
+            made by another model than --model-json's, or an unreachable store.
+    """
+    from medseg import __version__
+    from medseg.evaluation.evaluate import EvaluationLink
+    from medseg.tracking import TrackingUnavailable, client_for, connect, flatten, git_commit
+
+    model_json: dict = {}
+    if args.model_json:
+        try:
+            model_json = json.loads(Path(args.model_json).read_text())
+            if not isinstance(model_json, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--model-json {args.model_json}: not a model.json ({err})") from err
+    if args.manifest and not Path(args.manifest).is_file():
+        raise UsageError(f"--manifest {args.manifest}: file not found")
+    settings = _prediction_settings(Path(args.predictions))
+    predicted_by = sorted({str(s.get("model_uri")) for s in settings if s.get("model_uri")})
+    expected = model_json.get("model_uri")
+    if expected and any(u.startswith("models:/") and u != expected for u in predicted_by):
+        raise UsageError(f"--model-json {args.model_json} is the model {expected}, but the predictions in "
+                         f"{args.predictions} were made by {', '.join(predicted_by)}: give the model.json of the "
+                         "model that made them")
+    if not config.get("mlflow") and not config.get("dataset") and model_json.get("experiment"):
+        # No workflow config: log where the model's training run is.
+        config = {**config, "mlflow": {"experiment": model_json["experiment"]}, "dataset": model_json["experiment"]}
+    target = _tracking_target(config, args.tracking_uri or model_json.get("tracking_uri"))
+    try:
+        connect(target.tracking_uri, target.experiment)
+    except TrackingUnavailable as err:
+        raise UsageError(str(err)) from err
+    # Links to runs and models hold only within the store that has them.
+    training: dict = {}
+    if model_json.get("run_id"):
+        if model_json.get("tracking_uri") != target.tracking_uri:
+            log.warning("the model's training run is in %s, not in %s: the evaluation run is not linked to it",
+                        model_json.get("tracking_uri"), target.tracking_uri)
+        else:
+            try:
+                training = client_for(target.tracking_uri).get_run(model_json["run_id"]).data.tags
+            except Exception as err:  # noqa: BLE001 - a deleted run: evaluate without its tags
+                log.warning("training run %s not found in %s (%s): evaluation not linked to it",
+                            model_json["run_id"], target.tracking_uri, type(err).__name__)
+    if args.manifest and not training:
+        log.warning("--manifest %s: logged as the evaluation's dataset only when the run is linked to the model's "
+                    "training run (its dataset fingerprint)", args.manifest)
     link = EvaluationLink(
-        training_run_id=model_json.get("run_id"),
-        model_uri=model_json.get("model_uri"),
+        training_run_id=model_json.get("run_id") if training else None,
+        model_uri=(expected if training or not model_json else None) or (predicted_by[0] if len(predicted_by) == 1
+                                                                         else None),
         model_id=model_json.get("model_id") if training else None,
         parent_run_id=model_json.get("parent_run_id") if training else None,
         fold=model_json.get("fold"),
@@ -535,10 +622,22 @@ def _log_evaluation(args: argparse.Namespace, config: dict, summary) -> None:
         manifest=args.manifest,
         dataset_name=target.experiment,
     )
-    params = {"truth_format": args.truth_format, "predictions": str(args.predictions),
-              **flatten({"labels": args.labels or config.get("labels") or {}}),
-              **({"predict.threshold": str(config["predict"]["threshold"])} if "predict" in config else {})}
+    # What the scores depend on: the truth, the labels and how the masks were predicted.
+    params = {"truth_format": args.truth_format, "predictions": str(args.predictions), **flatten({"labels": labels})}
+    if len(settings) == 1:
+        params.update({f"predict.{k}": str(v) for k, v in settings[0].items()
+                       if k in ("threshold", "tta", "postprocess", "model_sha256")})
     tags = {"medseg.version": __version__, "git.commit": git_commit()}
+    return target, link, params, tags
+
+
+def _log_evaluation(args: argparse.Namespace, plan, summary) -> None:
+    """The evaluation's MLflow run (see :func:`_plan_evaluation_run`), and its
+    ID in ``<out>/mlflow_run.json``."""
+    from medseg.atomic import write_text_atomic
+    from medseg.evaluation.evaluate import EVALUATION_RUN_RECORD, log_evaluation_to_mlflow
+
+    target, link, params, tags = plan
     run_id = log_evaluation_to_mlflow(target.tracking_uri, target.experiment, args.out, summary, link, params, tags)
     experiment_id = _experiment_id(target)
     write_text_atomic(Path(args.out) / EVALUATION_RUN_RECORD, json.dumps(

@@ -80,7 +80,9 @@ def runs_page(cv_run: dict, cv_summary: dict | None, folds: Sequence[tuple[dict,
     view = []
     if cv_summary and cv_summary.get("runs_view"):
         base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else MLFLOW_UI_ADDRESS
-        view = [f"The folds side by side (a saved view of the runs table): {base}/{cv_summary['runs_view']}", ""]
+        # An explicit link: docutils would end a bare URL at its "?".
+        view = [f"The folds side by side: `a saved view of the runs table <{base}/{cv_summary['runs_view']}>`__.",
+                ""]
     return "\n".join([
         ".. rubric:: MLflow runs",
         "",

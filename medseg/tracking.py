@@ -160,13 +160,13 @@ def describe_experiment(tracking_uri: str, experiment_id: str, labels: Sequence[
     client.set_experiment_tag(experiment_id, DESCRIPTION_TAG, (
         f"medseg: segmentation of {', '.join(labels)} on chest radiographs (one sigmoid channel per label, "
         "in this order).\n\n"
-        "- a **cross-validation** run (tag medseg.role=cross-validation) per workflow run, ended when its folds "
-        "are evaluated; its metrics are the folds' means\n"
-        "- nested under it, one **training** run per fold (fold<k>, medseg.role=training) with its logged model "
-        "and registered version, and one **evaluation** run per fold (evaluation-fold<k>, "
-        "medseg.role=evaluation) scoring the fold's held-out test cases\n"
-        "- metric groups: train/*, val/* (per epoch), best/* (the chosen epoch), test/* (held-out cases, mm for "
-        "distances), perf/* and system/* (speed and machine load)"
+        "- a **cross-validation** run (tag `medseg.role=cross-validation`) per workflow run, ended when its "
+        "folds are evaluated; its metrics are the folds' means\n"
+        "- nested under it, one **training** run per fold (`fold<k>`, `medseg.role=training`) with its logged "
+        "model and registered version, and one **evaluation** run per fold (`evaluation-fold<k>`, "
+        "`medseg.role=evaluation`) scoring the fold's held-out test cases\n"
+        "- metric groups: `train/*`, `val/*` (per epoch), `best/*` (the chosen epoch), `test/*` (held-out cases, mm for "
+        "distances), `perf/*` and `system/*` (speed and machine load)"
     ))
 
 

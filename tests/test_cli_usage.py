@@ -187,3 +187,70 @@ def test_predict_with_a_registry_uri_and_no_store_here_is_exit_2(tmp_path, monke
     assert len(_error_lines(text)) == 1, text
     assert f"no MLflow store at {tmp_path / 'results' / 'mlflow.db'}" in _error_lines(text)[0], text
     assert not (tmp_path / "results").exists()
+
+
+def _evaluate_tracked(f, *extra):
+    """evaluate with MLflow logging on (no --no-mlflow): the checks of the run's links."""
+    return ["evaluate", "--predictions", f["tmp"] / "pred", "--truth", f["tmp"] / "truth", "--out", f["out"],
+            "--tracking-uri", f"sqlite:///{f['tmp'] / 'mlflow.db'}", *extra]
+
+
+def test_evaluate_refuses_links_it_cannot_make_before_any_work(folders, capsys, caplog):
+    """--manifest missing, a model.json that is not one, predictions made by
+    another model than --model-json's, an unreachable tracking server: exit
+    2 and one line, before any output is written."""
+    import json
+
+    tmp = folders["tmp"]
+    (tmp / "pred" / "CASE1").mkdir()
+    (tmp / "pred" / "CASE1" / "prediction.json").write_text(json.dumps(
+        {"case_id": "CASE1", "settings": {"model_uri": "models:/medseg-x/2", "threshold": 0.5}}))
+    (tmp / "model.json").write_text(json.dumps({"model_uri": "models:/medseg-x/1", "fold": 0}))
+    (tmp / "broken.json").write_text("{not json")
+    cases = [
+        (("--manifest", "/nonexistent/manifest.csv"), "--manifest /nonexistent/manifest.csv: file not found"),
+        (("--model-json", tmp / "broken.json"), f"--model-json {tmp / 'broken.json'}: not a model.json"),
+        (("--model-json", tmp / "model.json"),
+         "is the model models:/medseg-x/1, but the predictions in"),
+    ]
+    for extra, message in cases:
+        caplog.clear()
+        rc, text = _run_in_process(_evaluate_tracked(folders, *extra), capsys, caplog)
+        _assert_one_usage_error(rc, text, message)
+        if "but the predictions" in message:  # names the model that made them
+            assert "were made by models:/medseg-x/2" in _error_lines(text)[0]
+        assert not folders["out"].exists()
+    from services import free_port
+
+    argv = _evaluate_tracked(folders)
+    argv[argv.index("--tracking-uri") + 1] = f"http://127.0.0.1:{free_port()}"
+    caplog.clear()
+    rc, text = _run_in_process(argv, capsys, caplog)
+    _assert_one_usage_error(rc, text, "cannot be used")
+    assert not folders["out"].exists()
+
+
+def test_cv_finish_names_a_bad_evaluation_summary(tmp_path, capsys, caplog):
+    import json
+
+    (tmp_path / "cv_run.json").write_text(json.dumps({"parent_run_id": "0" * 32}))
+    (tmp_path / "fold0.json").write_text(json.dumps({"fold": 0, "best_metrics": {"val_dice_mean": 0.5}}))
+    (tmp_path / "two.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "text.csv").write_text("label,dice_mean,jaccard_mean,hd95_mm_mean,assd_mm_mean\nheart,abc,1,1,1\n")
+    (tmp_path / "twice.csv").write_text("label,dice_mean,jaccard_mean,hd95_mm_mean,assd_mm_mean\n"
+                                        "heart,1,1,1,1\nheart,1,1,1,1\n")
+    cases = {"two.csv": "not an evaluation summary.csv", "empty.csv": "unreadable",
+             "text.csv": "non-numeric metric values", "twice.csv": "not an evaluation summary.csv",
+             "missing.csv": "file not found"}
+    for name, message in cases.items():
+        path = tmp_path / name
+        caplog.clear()
+        rc, text = _run_in_process(["cv-finish", "--config-json", "{}", "--parent-run-file", tmp_path / "cv_run.json",
+                                    "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--out",
+                                    tmp_path / "summary.json", tmp_path / "fold0.json", "--evaluations", path],
+                                   capsys, caplog)
+        _assert_one_usage_error(rc, text, f"--evaluations {path}: {message}")
+        if name == "twice.csv":
+            assert _error_lines(text)[0].endswith("rows repeat a label)")
+        assert not (tmp_path / "summary.json").exists()

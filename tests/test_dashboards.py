@@ -53,6 +53,7 @@ def test_cross_validation_run_spans_its_folds_and_evaluations(store):
     tests = [store["runs"][e["run_id"]].data.metrics["test/dice/heart"] for e in store["evaluations"]]
     assert metrics["test/dice/heart"] == pytest.approx(sum(tests) / 2, abs=1e-4)  # summary.csv has 4 digits
     assert parent.data.tags["best_fold"] == str(store["summary"]["best_fold"])
+    assert f"Folds trained: 0, 1; best fold {store['summary']['best_fold']}" in parent.data.tags[DESCRIPTION_TAG]
 
 
 def test_training_runs_have_grouped_metrics_dataset_and_splits(store):

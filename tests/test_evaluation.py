@@ -518,3 +518,12 @@ def test_log_evaluation_to_mlflow(scored):
     assert "test/hd95_mm/heart" not in metrics  # infinite: not logged, n_missed explains
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"cases.csv", "summary.csv", "summary.txt", "boxplots.png"} <= artifacts
+    # A later evaluation of the same fold (e.g. after a prediction setting
+    # changed) marks this one superseded; another fold's run is left alone.
+    other = log_evaluation_to_mlflow(uri, "evaluation-test", out, scored["summary"],
+                                     EvaluationLink(parent_run_id=parent, fold=3))
+    again = log_evaluation_to_mlflow(uri, "evaluation-test", out, scored["summary"], link)
+    assert client.get_run(run_id).data.tags["medseg.superseded_by"] == again
+    assert client.get_run(run_id).data.tags["mlflow.note.content"].startswith("**Superseded**")
+    assert "medseg.superseded_by" not in client.get_run(again).data.tags
+    assert "medseg.superseded_by" not in client.get_run(other).data.tags

@@ -965,7 +965,7 @@ def log_evaluation_to_mlflow(
     all_tags[DESCRIPTION_TAG] = (
         f"Held-out test cases{f' of fold {link.fold}' if link.fold is not None else ''} ({n_cases}) scored "
         f"against the ground truth at its own resolution: Dice, Jaccard, HD95 and ASSD (mm) per label "
-        f"(test/* means, test_median/* medians). Model: {link.model_uri or 'not recorded'}."
+        f"(`test/*` means, `test_median/*` medians). Model: {link.model_uri or 'not recorded'}."
     )
     run_params = {**(params or {}), "n_cases": str(n_cases),
                   **{f"n_missed.{label}": str(int(summary.loc[label, "n_missed"])) for label in summary.index}}
@@ -980,4 +980,25 @@ def log_evaluation_to_mlflow(
         for item in sorted(out_dir.iterdir()):
             if item.is_file() and not item.name.startswith(".") and item.name != EVALUATION_RUN_RECORD:
                 mlflow.log_artifact(str(item))
+    if link.parent_run_id is not None and link.fold is not None:
+        _mark_superseded(tracking_uri, experiment_id, link, run.info.run_id)
     return run.info.run_id
+
+
+def _mark_superseded(tracking_uri: str, experiment_id: str, link: EvaluationLink, run_id: str) -> None:
+    """Tag the earlier evaluation runs of the same fold and cross-validation
+    (e.g. before a prediction setting changed) ``medseg.superseded_by`` and
+    say so in their description: MLflow keeps every run, and the
+    cross-validation run and the model page keep their metrics, so the tag
+    is what tells the current one apart."""
+    from medseg.tracking import DESCRIPTION_TAG, client_for
+
+    client = client_for(tracking_uri)
+    query = (f"tags.`mlflow.parentRunId` = '{link.parent_run_id}' AND tags.`medseg.role` = 'evaluation' "
+             f"AND tags.fold = '{link.fold}'")
+    for old in client.search_runs([experiment_id], query):
+        if old.info.run_id == run_id or "medseg.superseded_by" in old.data.tags:
+            continue
+        client.set_tag(old.info.run_id, "medseg.superseded_by", run_id)
+        client.set_tag(old.info.run_id, DESCRIPTION_TAG, f"**Superseded** by the evaluation run {run_id} (a later "
+                       f"evaluation of the same fold).\n\n{old.data.tags.get(DESCRIPTION_TAG, '')}")

@@ -434,7 +434,8 @@ def save_overlay_sheet(path: Path, out_dir: Path, case_ids: Sequence[str], batch
                "CTR lines: heart width yellow, thorax width magenta")
     if not tiles:  # the picture is an output all the same: say why it is empty
         tiles, titles = [np.full((8, 8), 0.5, dtype=np.float32)], ["no scan finished"]
-    save_contact_sheet(path, tiles, titles, caption=caption)
+    # Large tiles: each carries its case ID, CTR, QC flags and legend in a band under the scan.
+    save_contact_sheet(path, tiles, titles, columns=3, tile_inches=5.0, caption=caption)
     return shown
 
 

@@ -106,7 +106,7 @@ def describe_fold(settings: TrainSettings, labels: Sequence[str], fold: int | st
     """A fold's run / model description for the MLflow UI (Markdown)."""
     return (
         f"Fold {fold} of the **{dataset}** cross-validation: trained on {n_train} cases, validated on {n_val} "
-        f"(its held-out test cases are scored by the run evaluation-fold{fold}).\n\n"
+        f"(its held-out test cases are scored by the run `evaluation-fold{fold}`).\n\n"
         f"- network: {settings.network} ({settings.preset}, {settings.upsample} upsampling), one sigmoid channel "
         f"per label in the order {', '.join(labels)}\n"
         f"- recipe: {settings.epochs} epochs x {settings.samples_per_epoch or n_train} samples, batch "
@@ -116,7 +116,7 @@ def describe_fold(settings: TrainSettings, labels: Sequence[str], fold: int | st
         f"- preprocessing: {size} x {size} px square canvas, intensities scaled between the "
         f"{intensity.get('lower_percentile', 0.5):g}th and {intensity.get('upper_percentile', 99.5):g}th "
         "percentiles to [0, 1]\n"
-        "- best epoch: highest mean validation Dice (metrics best/*)"
+        "- best epoch: highest mean validation Dice (metrics `best/*`)"
     )
 
 
@@ -175,7 +175,7 @@ def log_model(model: torch.nn.Module, size: int, target: TrackingTarget, fold: i
     client.update_registered_model(
         target.registered_model,
         description=(f"medseg models of the {target.experiment} experiment: one version per trained fold "
-                     f"(alias fold<k>); the cross-validation's choice has the alias @{target.alias}. Input "
+                     f"(alias `fold<k>`); the cross-validation's choice has the alias `@{target.alias}`. Input "
                      "float32 (N, 1, S, S) in [0, 1]; output float32 (N, C, S, S) sigmoid probabilities, channel "
                      "order in the version's metadata (labels)."),
     )
@@ -457,8 +457,17 @@ def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Se
         client.set_tag(parent_run_id, "best_fold", str(best["fold"]))
         experiment_id = client.get_run(parent_run_id).info.experiment_id
         summary["experiment_id"] = experiment_id
-        columns = [k for k in logged if k.startswith(("best/val_dice/", "test/dice/", "test/jaccard/", "test/hd95_mm/"))]
+        # Columns per label, whether or not the fold means exist (a structure
+        # missed in one fold leaves its mean distance out, not the others' values).
+        labels = list(dict.fromkeys(label for s in fold_summaries for label in s.get("labels", [])))
+        columns = [f"best/val_dice/{label}" for label in [*labels, "mean"]]
+        columns += [f"test/{metric}/{label}" for metric in ("dice", "jaccard", "hd95_mm") for label in labels]
         summary["runs_view"] = save_runs_view(target.tracking_uri, experiment_id, columns)
+        folds = ", ".join(str(s["fold"]) for s in sorted(fold_summaries, key=lambda s: str(s["fold"])))
+        description = client.get_run(parent_run_id).data.tags.get(DESCRIPTION_TAG, "").split("\n\nFolds trained:")[0]
+        client.set_tag(parent_run_id, DESCRIPTION_TAG,
+                       f"{description}\n\nFolds trained: {folds}; best fold {best['fold']} (registry alias "
+                       f"`{target.alias}`).")
         client.set_tag(parent_run_id, "n_folds", str(len(fold_summaries)))
         if registered:
             client.set_registered_model_alias(target.registered_model, target.alias, best["model_version"])
