@@ -140,6 +140,23 @@ def dataset_input(manifest: str | Path, name: str, fingerprint: str, rows=None):
                                        digest=fingerprint[:DATASET_DIGEST_LENGTH])
 
 
+def tolerant(what: str, fn, *args, attempts: int = 2, **kwargs) -> Any:
+    """Call ``fn``; on failure try once more, then log a warning and return
+    None. For records that parallel jobs may write at the same moment (the
+    experiment's description, a dataset both folds use): MLflow's SQL store
+    inserts them without a lock, so the second writer can hit a unique-key
+    error, and on the retry finds the row there. None of them is worth
+    failing a training job for."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - MLflow raises many types, store-specific
+            if attempt + 1 == attempts:
+                log.warning("MLflow: %s failed (%s: %s); going on without it", what, type(err).__name__,
+                            str(err).splitlines()[0][:200] if str(err) else "")
+    return None
+
+
 def run_context_tags() -> dict[str, str]:
     """The tags ``mlflow.start_run`` adds by itself (user, source name and
     type, git commit), for runs created through ``MlflowClient``."""

@@ -149,3 +149,26 @@ def test_metric_names_are_grouped(key, name, best):
 
     assert metric_name(key) == name
     assert best_metric_name(key) == best
+
+
+def test_tolerant_retries_once_then_goes_on(caplog):
+    """Shared records written by parallel jobs: a unique-key clash on the
+    first try is followed by a second; a lasting failure is one warning."""
+    from medseg.tracking import tolerant
+
+    calls = []
+
+    def clash_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("duplicate key value violates unique constraint")
+        return "written"
+
+    assert tolerant("describing", clash_once) == "written" and len(calls) == 2
+
+    def always():
+        raise RuntimeError("store gone")
+
+    with caplog.at_level("WARNING", logger="medseg.tracking"):
+        assert tolerant("describing", always) is None
+    assert "describing failed (RuntimeError: store gone)" in caplog.text

@@ -948,7 +948,7 @@ def log_evaluation_to_mlflow(
     """
     import mlflow
 
-    from medseg.tracking import DESCRIPTION_TAG, connect, dataset_input
+    from medseg.tracking import DESCRIPTION_TAG, connect, dataset_input, tolerant
 
     experiment_id = connect(tracking_uri, experiment)
     name = "evaluation" if link.fold is None else f"evaluation-fold{link.fold}"
@@ -974,8 +974,10 @@ def log_evaluation_to_mlflow(
                           tags=all_tags) as run:
         mlflow.log_params(run_params)
         if link.manifest and link.dataset_fingerprint and Path(link.manifest).is_file():
-            mlflow.log_input(dataset_input(link.manifest, link.dataset_name or experiment, link.dataset_fingerprint),
-                             context="test")
+            # Parallel evaluation jobs may insert the same dataset at once.
+            tolerant("logging the dataset input", mlflow.log_input,
+                     dataset_input(link.manifest, link.dataset_name or experiment, link.dataset_fingerprint),
+                     context="test")
         mlflow.log_metrics(evaluation_metrics(summary), step=0, model_id=link.model_id)
         for item in sorted(out_dir.iterdir()):
             if item.is_file() and not item.name.startswith(".") and item.name != EVALUATION_RUN_RECORD:

@@ -24,7 +24,7 @@ from medseg.preprocessing.manifest import manifest_fingerprint
 from medseg.preprocessing.splits import read_splits
 from medseg.tracking import (
     DESCRIPTION_TAG, RunLogger, best_metric_name, client_for, connect, dataset_input, describe_experiment,
-    git_commit, metric_name, run_context_tags, save_runs_view, without_active_run,
+    git_commit, metric_name, run_context_tags, save_runs_view, tolerant, without_active_run,
 )
 from medseg.training.data import load_cases
 from medseg.training.network import SigmoidHead
@@ -277,8 +277,10 @@ def train_fold(
         run_record.write(run.info.run_id)
         mlflow.log_params(dict(params))
     if fresh:
-        describe_experiment(target.tracking_uri, experiment_id, label_names)
-        mlflow.log_input(dataset_input(manifest, target.experiment, dataset_fingerprint), context="training")
+        # Parallel fold jobs write these shared records at the same moment.
+        tolerant("describing the experiment", describe_experiment, target.tracking_uri, experiment_id, label_names)
+        tolerant("logging the dataset input", mlflow.log_input,
+                 dataset_input(manifest, target.experiment, dataset_fingerprint), context="training")
         mlflow.log_artifact(str(splits))
     if config is not None:
         mlflow.log_dict(dict(config), "config.yaml")
