@@ -281,12 +281,18 @@ def test_resume_after_outside_kills_matches_uninterrupted_run(tmp_path, repo_roo
         ({"optimiser": "adamw"}, "unknown train setting(s): optimiser"),
     ],
 )
-def test_config_errors_refused_before_any_work(tmp_path, repo_root, override, message):
+def test_config_errors_refused_before_any_work(tmp_path, repo_root, override, message, caplog):
+    # In-process (medseg's main), not a subprocess: each would spend seconds importing torch.
+    from medseg.cli import main
+
     config = _config(repo_root, tmp_path, **override)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = _train(config, tmp_path / "missing.csv", tmp_path / "missing.json", tmp_path / "out", uri, check=False)
-    assert proc.returncode == 2
-    assert message in proc.stderr
+    with caplog.at_level("ERROR", logger="medseg"):
+        rc = main(["train", "--config", str(config), "--manifest", str(tmp_path / "missing.csv"), "--splits",
+                   str(tmp_path / "missing.json"), "--fold", "0", "--out", str(tmp_path / "out"),
+                   "--tracking-uri", uri])
+    assert rc == 2
+    assert message in caplog.text
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
 
 
