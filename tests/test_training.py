@@ -124,6 +124,7 @@ def test_mlflow_run_holds_params_metrics_artifacts_model(trained):
     assert output.step == best_epoch and output.model_id == summary["model_id"]
     logged = client.get_logged_model(summary["model_id"])
     assert logged.name == "fold0" and logged.source_run_id == run.info.run_id
+    assert logged.tags["mlflow.note.content"].startswith("Fold 0 of the")  # the model page's description
     model_metrics = {m.key: m.value for m in logged.metrics}
     assert model_metrics["best/val_dice/heart"] == pytest.approx(summary["best_metrics"]["val_dice_heart"])
     assert {"best/val_jaccard/clavicles", "best/epoch"} <= set(model_metrics)

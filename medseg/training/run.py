@@ -163,6 +163,8 @@ def log_model(model: torch.nn.Module, size: int, target: TrackingTarget, fold: i
         metadata=dict(metadata or {}), model_id=logged.model_id, tags=tags,
     )
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=best_epoch)])
+    if description:  # the model page's description (not a version tag: set after registering)
+        client.set_logged_model_tags(logged.model_id, {DESCRIPTION_TAG: description})
     now = int(time.time() * 1000)
     values = {"best/epoch": float(best_epoch),
               **{best_metric_name(k): float(v) for k, v in best_metrics.items() if v is not None and v == v}}
