@@ -393,11 +393,14 @@ class Trainer:
         if logits is None and n:
             logits = self.predict_logits(self.val_cases.images[:n])
         tiles, titles = [], []
+        if n:  # per case, as validate() scores the fold (MONAI; both empty counts 1)
+            per_case = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(
+                y_pred=(torch.sigmoid(logits[:n]) > 0.5).float(), y=self.val_cases.labels[:n]).mean(dim=1)
         for i in range(n):
             image = self.val_cases.images[i, 0].numpy()
             truth = {name: self.val_cases.labels[i, c].numpy() > 0.5 for c, name in enumerate(self.labels)}
             pred = {name: torch.sigmoid(logits[i, c]).numpy() > 0.5 for c, name in enumerate(self.labels)}
-            dice = float(np.mean([_dice(pred[name], truth[name]) for name in self.labels]))
+            dice = float(per_case[i])
             tiles += [overlay_rgb(image, truth), overlay_rgb(image, pred)]
             titles += [f"{self.val_cases.case_ids[i]}: ground truth",
                        f"epoch {epoch} prediction (Dice {dice:.3f})"]
@@ -458,12 +461,6 @@ class Trainer:
         save_training_curves(self.out_dir / "curves.png", self.history, self.labels)
         return TrainResult(self.out_dir, self.best_path, self.last_path, self.best_epoch, self.best_mean_dice,
                            self.history, resumed_from)
-
-
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two bool masks; 1 when both are empty (as MONAI with ignore_empty=False)."""
-    total = int(pred.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, truth).sum()) / total
 
 
 def format_progress(metrics: dict, labels: Sequence[str]) -> str:
