@@ -24,9 +24,15 @@ demo: setup
 	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES)
 	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES) --report results/phantoms/report.html
 
+# The GPU recipe (config/jsrt.yaml) where CUDA works, else the CPU recipe
+# (config/jsrt-cpu.yaml); JSRT_CONFIG=... picks one explicitly.
+JSRT_DATA ?= $(abspath ../shared/data/jsrt-scr-fold1)
+
 jsrt: setup
+	$(eval JSRT_CONFIG ?= $(shell $(BIN)/python -c "import torch; print('config/jsrt.yaml' if torch.cuda.is_available() else 'config/jsrt-cpu.yaml')"))
+	@echo "JSRT recipe: $(JSRT_CONFIG)"
 	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES) \
-	    --configfile config/jsrt.yaml --config data_root=$(abspath ../shared/data/jsrt-scr-fold1)
+	    --configfile $(JSRT_CONFIG) --config data_root=$(JSRT_DATA)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,10 +1,25 @@
-"""JSRT/SCR accuracy: train on part of a JSRT/SCR folder, score the held-out
-part at the masks' native resolution (1024x1024, 0.35 mm).
+"""JSRT/SCR accuracy of a training recipe, by cross-validation inside one SCR fold.
 
-    .venv/bin/python benchmarks/jsrt.py --data-root ../shared/data/jsrt-scr-fold1
+    .venv/bin/python benchmarks/jsrt.py --config config/jsrt-cpu.yaml --folds 1 2 3
+    .venv/bin/python benchmarks/jsrt.py --config config/jsrt-cpu.yaml --folds 0 \\
+        --set train.learning_rate=0.003 --name lr3e-3        # one lever, on the tuning fold
 
-Prints Jaccard and Dice per structure (heart, lungs = left + right, clavicles
-= left + right) on the held-out cases, next to published figures.
+For each held-out fold: train on the others (the product's ``train_fold``,
+resuming from ``last.pt``), predict the held-out radiographs with the
+product's prediction path (``predict_files``: threshold, TTA and
+post-processing from the config) and score them at the SCR masks' native
+1024x1024 (0.35 mm) with ``evaluate_predictions``: Jaccard, Dice, HD95 and
+ASSD per structure (lungs = left + right, clavicles = left + right), the
+cardiothoracic ratio (CTR) against the one measured on the expert masks,
+cardiomegaly agreement (CTR > 0.5) and the share of scans the QC flags.
+Prints mean and worst case, the wall time of each stage, appends one row to
+``--table`` (JSON lines; docs/accuracy.md is written from it) and logs the
+result as an MLflow run (experiment ``jsrt-benchmark``) with the per-case
+table as an artifact.
+
+Protocol (docs/accuracy.md): splits are the workflow's (5-fold, seed 0);
+fold 0 is the tuning fold on which levers are compared; the recipe is
+reported on folds it was not tuned on.
 """
 
 from __future__ import annotations
@@ -12,108 +27,381 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
+import math
+import shutil
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
+import pandas as pd
+import yaml
 
-from medseg.ingest import ReadOptions
-from medseg.ingest.masks import read_scr_masks
-from medseg.preprocessing.geometry import ResizePadGeometry, to_original
-from medseg.preprocessing.manifest import read_manifest
-from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
-from medseg.preprocessing.splits import make_splits, write_splits
-from medseg.structures import DEFAULT_LABELS, SCR_STRUCTURES, label_masks
-from medseg.training.data import load_cases
-from medseg.training.network import NetworkSpec, build_network
-from medseg.training.run import TrackingTarget, train_fold
-from medseg.training.settings import TrainSettings
+ROOT = Path(__file__).resolve().parents[1]
 
-# Jaccard (lungs, heart, clavicles) as published on JSRT/SCR.
+# Jaccard (lungs, heart, clavicles) as published on JSRT/SCR (SCR's two folds).
 PUBLISHED = {
-    "human observer (van Ginneken 2006)": (0.946, 0.878, 0.896),
-    "Novikov et al. 2018": (0.950, 0.882, 0.868),
+    "human observer (van Ginneken et al. 2006)": (0.946, 0.878, 0.896),
     "Frid-Adar et al. 2018": (0.961, 0.906, 0.855),
+    "Kholiavchenko et al. 2020": (0.971, 0.933, 0.903),
 }
+REPORTED = ("lungs", "heart", "clavicles")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/jsrt-scr-fold1")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--preset", default="cpu_small")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--samples-per-epoch", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=0.01)
-    parser.add_argument("--holdout-fold", type=int, default=0, help="which of 5 folds is held out")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, help="keep outputs here (default: a temporary folder)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+def deep_merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``, nested mappings merged key by key."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
-    out = args.out or Path(tempfile.mkdtemp(prefix="medseg-jsrt-"))
-    start = time.perf_counter()
-    spec = DatasetSpec(images=args.data_root / "images", masks_root=args.data_root / "masks",
-                       read_options=ReadOptions(invert=True, pixel_spacing_mm=0.35))
-    pre = preprocess_dataset(spec, PreprocessSettings(size=args.size), out / "pre", workers=2)
-    if pre.failures:
-        raise SystemExit(f"preprocessing failed for {len(pre.failures)} files: {pre.failures[:3]}")
+
+def apply_override(config: dict, text: str) -> None:
+    """``a.b.c=value`` (value parsed as YAML) into ``config``."""
+    key, _, value = text.partition("=")
+    if not _:
+        raise SystemExit(f"--set needs key=value, got {text!r}")
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(value)
+
+
+def load_config(path: Path, overrides: list[str]) -> dict:
+    """config/config.yaml, then ``path``, then the overrides (as Snakemake
+    layers --configfile over the default)."""
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config = deep_merge(config, yaml.safe_load(path.read_text()) or {})
+    for text in overrides:
+        apply_override(config, text)
+    return config
+
+
+def truth_ctr(masks_root: Path, case_id: str) -> float:
+    """CTR of the expert (SCR) masks at their 1024x1024, 0.35 mm grid."""
+    from medseg.inference.ctr import cardiothoracic_ratio
+    from medseg.ingest.masks import read_scr_masks
+    from medseg.structures import SCR_STRUCTURES
+
+    masks, _ = read_scr_masks(masks_root, case_id, SCR_STRUCTURES, case_id)
+    lungs = masks["left_lung"] | masks["right_lung"]
+    return float(cardiothoracic_ratio(masks["heart"], lungs, (0.35, 0.35)).ctr)
+
+
+def run_fold(config: dict, fold: int, pre, splits_path: Path, out: Path, target, data_root: Path) -> dict:
+    """Train, predict and score one held-out fold; returns its tables and times."""
+    import torch
+
+    from medseg.inference.model import load_model
+    from medseg.inference.predict import PredictSettings, predict_files
+    from medseg.ingest import ReadOptions
+    from medseg.ingest.inputs import InputFile
+    from medseg.evaluation.evaluate import evaluate_predictions
+    from medseg.preprocessing.splits import read_splits
+    from medseg.training.run import train_fold
+    from medseg.training.settings import TrainSettings
+
+    settings = TrainSettings.from_dict(config["train"])
+    labels = {k: tuple(v) for k, v in config["labels"].items()}
+    fold_dir = out / f"fold{fold}"
+    started = time.perf_counter()
+    summary = train_fold(settings=settings, labels=labels, manifest=pre.manifest_path, splits=splits_path,
+                         fold=fold, out_dir=fold_dir / "model", target=target,
+                         params={"benchmark": "jsrt", "fold": str(fold)},
+                         intensity={"lower_percentile": config["preprocess"]["lower_percentile"],
+                                    "upper_percentile": config["preprocess"]["upper_percentile"]})
+    train_seconds = time.perf_counter() - started
+    history = pd.read_csv(fold_dir / "model" / "metrics.csv")
+    epoch_seconds = float(history["epoch_seconds"].sum())
+
+    started = time.perf_counter()
+    model = load_model(str(fold_dir / "model" / "best.pt"))
+    read = config["read"]
+    predict = config["predict"]
+    p_settings = PredictSettings(threshold=predict["threshold"], postprocess=predict["postprocess"],
+                                 tta=predict["tta"], batch_size=predict["batch_size"], write_seg=False,
+                                 read_options=ReadOptions(invert=read["invert"],
+                                                          pixel_spacing_mm=read["pixel_spacing_mm"]))
+    test_ids = read_splits(splits_path)["folds"][fold]["test"]
+    manifest = pd.read_csv(pre.manifest_path).set_index("case_id")
+    files = [InputFile(Path(manifest.loc[c, "source"]), Path(manifest.loc[c, "source"]).name, c) for c in test_ids]
+    shutil.rmtree(fold_dir / "predictions", ignore_errors=True)  # always scored afresh (settings may differ)
+    results, failures = predict_files(files, model, p_settings, fold_dir / "predictions", device=torch.device("cpu"))
+    if failures:
+        raise SystemExit(f"fold {fold}: prediction failed for {failures}")
+    predict_seconds = time.perf_counter() - started
+    table, problems = evaluate_predictions(fold_dir / "predictions", data_root / "masks", labels, "scr")
+    if problems:
+        raise SystemExit(f"fold {fold}: not scored: {problems}")
+    table["fold"] = fold
+    ctr = results[["case_id", "ctr", "qc_flags", "boundary_confidence"]].copy()
+    ctr["ctr_truth"] = [truth_ctr(data_root / "masks", c) for c in ctr["case_id"]]
+    ctr["fold"] = fold
+    return {"table": table, "ctr": ctr, "train_seconds": train_seconds, "epoch_seconds": epoch_seconds,
+            "predict_seconds": predict_seconds, "best_epoch": summary.get("best_epoch"),
+            "n_test": len(test_ids)}
+
+
+def summarise(table: pd.DataFrame, ctr: pd.DataFrame) -> dict[str, float]:
+    """Flat figures: ``<metric>/<label>`` mean and ``worst_<metric>/<label>``,
+    CTR error, cardiomegaly agreement, QC flag rates."""
+    figures: dict[str, float] = {}
+    for label, rows in table.groupby("label"):
+        for metric in ("jaccard", "dice", "hd95_mm", "assd_mm"):
+            values = rows[metric].astype(float)
+            figures[f"{metric}/{label}"] = float(values.mean())
+            worst = values.min() if metric in ("jaccard", "dice") else values.max()
+            figures[f"worst_{metric}/{label}"] = float(worst)
+    measured = ctr.dropna(subset=["ctr", "ctr_truth"])
+    error = (measured["ctr"] - measured["ctr_truth"]).abs()
+    figures["ctr_abs_error_mean"] = float(error.mean()) if len(error) else math.nan
+    figures["ctr_abs_error_max"] = float(error.max()) if len(error) else math.nan
+    figures["ctr_unmeasured"] = float(len(ctr) - len(measured))
+    figures["cardiomegaly_agreement"] = float(((measured["ctr"] > 0.5) == (measured["ctr_truth"] > 0.5)).mean())
+    figures["cardiomegaly_truth"] = float((ctr["ctr_truth"] > 0.5).sum())
+    figures["cardiomegaly_predicted"] = float((measured["ctr"] > 0.5).sum())
+    flags = ctr["qc_flags"].fillna("").astype(str)
+    figures["qc_flagged_rate"] = float((flags != "").mean())
+    figures["qc_low_confidence_rate"] = float(flags.str.contains("low_confidence").mean())
+    confidence = ctr["boundary_confidence"].astype(float)
+    figures["boundary_confidence_min"] = float(confidence.min())
+    figures["boundary_confidence_p05"] = float(confidence.quantile(0.05))
+    figures["boundary_confidence_median"] = float(confidence.median())
+    return figures
+
+
+def print_report(name: str, figures: dict, n_cases: int, folds: list[int], times: dict) -> None:
+    print(f"\n== {name}: {n_cases} held-out JSRT cases (folds {', '.join(map(str, folds))}), scored at 1024x1024")
+    print(f"{'structure':<10} {'Jaccard':>8} {'worst':>6} {'Dice':>7} {'worst':>6} "
+          f"{'HD95 mm':>8} {'worst':>6} {'ASSD mm':>8} {'worst':>6}")
+    for label in REPORTED:
+        if f"jaccard/{label}" not in figures:
+            continue
+        f = {k.split("/")[0]: v for k, v in figures.items() if k.endswith(f"/{label}")}
+        print(f"{label:<10} {f['jaccard']:>8.3f} {f['worst_jaccard']:>6.3f} {f['dice']:>7.3f} {f['worst_dice']:>6.3f} "
+              f"{f['hd95_mm']:>8.2f} {f['worst_hd95_mm']:>6.1f} {f['assd_mm']:>8.2f} {f['worst_assd_mm']:>6.1f}")
+    print(f"CTR |error| mean {figures['ctr_abs_error_mean']:.4f}, max {figures['ctr_abs_error_max']:.3f} "
+          f"({figures['ctr_unmeasured']:.0f} scans without a CTR); cardiomegaly (CTR > 0.5) agreement "
+          f"{100 * figures['cardiomegaly_agreement']:.1f} % ({figures['cardiomegaly_predicted']:.0f} called, "
+          f"{figures['cardiomegaly_truth']:.0f} by the expert masks)")
+    print(f"QC: {100 * figures['qc_flagged_rate']:.1f} % of scans flagged, "
+          f"{100 * figures['qc_low_confidence_rate']:.1f} % low_confidence; boundary confidence min "
+          f"{figures['boundary_confidence_min']:.3f}, 5th percentile {figures['boundary_confidence_p05']:.3f}, "
+          f"median {figures['boundary_confidence_median']:.3f}")
+    print("wall time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in times.items()))
+    print("published Jaccard (lungs / heart / clavicles):")
+    for who, (lungs, heart, clavicles) in PUBLISHED.items():
+        print(f"  {who:<42} {lungs:.3f} / {heart:.3f} / {clavicles:.3f}")
+    ours = [figures.get(f"jaccard/{k}", math.nan) for k in REPORTED]
+    print(f"  {'medseg: ' + name:<42} {ours[0]:.3f} / {ours[1]:.3f} / {ours[2]:.3f}")
+
+
+TERMS = ("Trained on the JSRT database (Japanese Society of Radiological Technology) with the SCR masks "
+         "(van Ginneken et al., Medical Image Analysis 2006): for research and education only, not for clinical "
+         "use; publications using it cite Shiraishi et al., AJR 2000 and van Ginneken et al. 2006.")
+
+
+def ship(config: dict, args, pre, out: Path, target) -> None:
+    """Train the recipe on every case (no held-out, no validation: the last
+    epoch is kept) and write ``medseg/models/<name>.pt`` (weights in float16
+    plus the contract) and its card with the cross-validation figures of the
+    ``--cv-from`` row of ``--table``."""
+    import hashlib
+
+    import torch
+
+    from medseg.models import _folder
+    from medseg.preprocessing.splits import write_splits
+    from medseg.training.run import train_fold
+    from medseg.training.settings import TrainSettings
+
+    rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
+    cv_rows = [r for r in rows if r["name"] == args.cv_from]
+    if not cv_rows:
+        raise SystemExit(f"--cv-from {args.cv_from}: no such row in {args.table}")
+    cv = cv_rows[-1]
+    if cv["train"] != config["train"] or cv["preprocess"] != config["preprocess"]:
+        raise SystemExit(f"--cv-from {args.cv_from} was measured with other train/preprocess settings")
     ids = [r["case_id"] for r in pre.rows]
-    splits = make_splits(ids, "kfold", k=5, seed=0, val_fraction=0.1)
+    write_splits(out / "all-cases.json", {"scheme": "all", "seed": 0, "val_fraction": 0.0,
+                                          "folds": [{"train": ids, "val": [], "test": []}]})
+    settings = TrainSettings.from_dict(config["train"])
+    started = time.perf_counter()
+    train_fold(settings=settings, labels={k: tuple(v) for k, v in config["labels"].items()},
+               manifest=pre.manifest_path, splits=out / "all-cases.json", fold=0, out_dir=out / "all-cases",
+               target=target, params={"benchmark": "jsrt-ship"},
+               intensity={"lower_percentile": config["preprocess"]["lower_percentile"],
+                          "upper_percentile": config["preprocess"]["upper_percentile"]})
+    seconds = time.perf_counter() - started
+    state = torch.load(out / "all-cases" / "best.pt", map_location="cpu", weights_only=False)
+    slim = {key: state[key] for key in ("settings", "labels", "size", "intensity", "dataset_fingerprint")}
+    # float16 halves the file; prediction runs in float32 (the loader casts).
+    slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
+    slim["epoch"] = state["epoch"]
+    if args.min_confidence is not None:
+        slim["qc"] = {"min_confidence": args.min_confidence}
+    folder = _folder()
+    checkpoint = folder / f"{args.ship}.pt"
+    torch.save(slim, checkpoint)
+    figures = cv["figures"]
+    card = {
+        "name": args.ship,
+        "file": checkpoint.name,
+        "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+        "description": "Heart, lungs and clavicles on frontal (PA) chest radiographs; multi-label, one sigmoid "
+                       "channel per structure.",
+        "labels": state["labels"],
+        "size": state["size"],
+        "training": {"data": f"all {len(ids)} radiographs of {args.data_root.name} (JSRT/SCR, SCR fold 1)",
+                     "recipe": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT)
+                     else str(args.config),
+                     "epochs": settings.epochs, "seconds": round(seconds), "device": "2-core CPU",
+                     "dataset_fingerprint": state["dataset_fingerprint"]},
+        "cross_validation": {
+            "protocol": f"the same recipe, {len(cv['folds'])}-fold cross-validation inside SCR fold 1 "
+                        f"(held-out folds {', '.join(map(str, cv['folds']))})",
+            "n_cases": cv["n_cases"],
+            "structures": {label: {m: figures[f"{m}/{label}"] for m in ("jaccard", "dice", "hd95_mm", "assd_mm")}
+                           for label in REPORTED if f"jaccard/{label}" in figures},
+            "ctr_abs_error_mean": figures["ctr_abs_error_mean"],
+            "cardiomegaly_agreement": figures["cardiomegaly_agreement"],
+        },
+        "qc": slim.get("qc", {}),
+        "terms": TERMS,
+    }
+    (folder / f"{args.ship}.json").write_text(json.dumps(card, indent=1) + "\n")
+    print(f"shipped {checkpoint} ({checkpoint.stat().st_size / 1e6:.1f} MB) and its card; "
+          f"trained {seconds / 60:.1f} min on {len(ids)} cases")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The experiments table of docs/accuracy.md: one line per row of
+    ``--table`` (config and overrides, held-out folds, Jaccard per structure,
+    clavicle HD95, CTR error, cardiomegaly agreement, training minutes)."""
+    lines = ["| experiment | changes from the config | held-out folds (cases) | Jaccard lungs | heart | clavicles "
+             "| HD95 mm lungs / heart / clavicles | CTR abs. error | cardiomegaly agreement | train min / fold |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        f = row["figures"]
+        hd95 = " / ".join(f"{f.get(f'hd95_mm/{k}', math.nan):.1f}" for k in REPORTED)
+        lines.append(
+            f"| {row['name']} | {Path(row['config']).name} {' '.join(row['overrides']) or ''} | "
+            f"{' '.join(map(str, row['folds']))} ({row['n_cases']}) | {f['jaccard/lungs']:.3f} | {f['jaccard/heart']:.3f} "
+            f"| {f['jaccard/clavicles']:.3f} | {hd95} | {f['ctr_abs_error_mean']:.4f} | "
+            f"{100 * f['cardiomegaly_agreement']:.0f} % | {row['seconds']['train_per_fold'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "jsrt-cpu.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. train.epochs=10 (repeatable)")
+    parser.add_argument("--folds", type=int, nargs="+", default=[0], help="held-out folds to run")
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "jsrt-scr-fold1")
+    parser.add_argument("--work", type=Path, default=ROOT / "results" / "jsrt-benchmark",
+                        help="preprocessing cache, runs and the MLflow store")
+    parser.add_argument("--name", help="experiment name (default: the config's stem)")
+    parser.add_argument("--table", type=Path, default=ROOT / "results" / "jsrt-benchmark" / "runs.jsonl",
+                        help="JSON lines file the result row is appended to")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite in --work)")
+    parser.add_argument("--ship", metavar="NAME",
+                        help="instead of cross-validating: train on every case and write medseg/models/NAME.pt "
+                             "and its card")
+    parser.add_argument("--cv-from", metavar="ROW", help="with --ship: the --table row whose figures the card gives")
+    parser.add_argument("--min-confidence", type=float,
+                        help="with --ship: the QC threshold calibrated on cross-validation (docs/accuracy.md)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the experiments table of --table as Markdown (docs/accuracy.md) and exit")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    import mlflow
+
+    from medseg.ingest import ReadOptions
+    from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
+    from medseg.preprocessing.splits import make_splits, write_splits
+    from medseg.training.run import TrackingTarget
+
+    if not (args.data_root / "images").is_dir():
+        raise SystemExit(f"{args.data_root}: no images/ folder (JSRT/SCR data root expected)")
+    config = load_config(args.config, args.set)
+    name = args.name or args.config.stem
+    out = args.work / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    begin = time.perf_counter()
+
+    pre_cfg = config["preprocess"]
+    pre_dir = args.work / f"pre-{pre_cfg['size']}-{pre_cfg['lower_percentile']}-{pre_cfg['upper_percentile']}"
+    read = config["read"]
+    spec = DatasetSpec(images=args.data_root / "images", masks_root=args.data_root / "masks",
+                       read_options=ReadOptions(invert=read["invert"], pixel_spacing_mm=read["pixel_spacing_mm"]))
+    pre = preprocess_dataset(spec, PreprocessSettings(pre_cfg["size"], pre_cfg["lower_percentile"],
+                                                      pre_cfg["upper_percentile"]), pre_dir, workers=2)
+    if pre.failures:
+        raise SystemExit(f"preprocessing failed: {pre.failures[:3]}")
+    preprocess_seconds = time.perf_counter() - begin
+    split_cfg = config["splits"]
+    splits = make_splits([r["case_id"] for r in pre.rows], split_cfg["scheme"], k=split_cfg["k"],
+                         seed=split_cfg["seed"], val_fraction=split_cfg["val_fraction"])
     write_splits(out / "splits.json", splits)
-    fold = splits["folds"][args.holdout_fold]
 
-    settings = TrainSettings(preset=args.preset, epochs=args.epochs, samples_per_epoch=args.samples_per_epoch,
-                             batch_size=args.batch_size, learning_rate=args.learning_rate, device=args.device,
-                             label_weights={"clavicles": 2.0}, overlay_every=10)
-    target = TrackingTarget(f"sqlite:///{(out / 'mlflow.db').resolve()}", "jsrt-benchmark", "medseg-jsrt-benchmark")
-    summary = train_fold(settings=settings, labels=DEFAULT_LABELS, manifest=pre.manifest_path,
-                         splits=out / "splits.json", fold=args.holdout_fold, out_dir=out / "model", target=target,
-                         params={"benchmark": "jsrt", **{k: str(v) for k, v in vars(args).items()}})
-    train_seconds = time.perf_counter() - start
+    tracking = args.tracking_uri or f"sqlite:///{(args.work / 'mlflow.db').resolve()}"
+    target = TrackingTarget(tracking, f"jsrt-benchmark-{name}", f"medseg-jsrt-benchmark-{name}",
+                            system_metrics=False)
+    if args.ship:
+        if not args.cv_from:
+            raise SystemExit("--ship needs --cv-from (the cross-validation row the card reports)")
+        ship(config, args, pre, out, target)
+        return
+    folds = [run_fold(config, k, pre, out / "splits.json", out, target, args.data_root) for k in args.folds]
+    table = pd.concat([f["table"] for f in folds], ignore_index=True)
+    ctr = pd.concat([f["ctr"] for f in folds], ignore_index=True)
+    table.to_csv(out / "cases.csv", index=False)
+    ctr.to_csv(out / "ctr.csv", index=False)
+    figures = summarise(table, ctr)
+    times = {"preprocess": preprocess_seconds,
+             "train_all_folds": sum(f["train_seconds"] for f in folds),
+             "train_per_fold": float(np.mean([f["train_seconds"] for f in folds])),
+             "predict_and_score_per_fold": float(np.mean([f["predict_seconds"] for f in folds])),
+             "total": time.perf_counter() - begin}
+    print_report(name, figures, len(ctr), args.folds, times)
 
-    # Score the held-out cases at the SCR masks' native resolution.
-    state = torch.load(out / "model" / "best.pt", map_location="cpu", weights_only=False)
-    net = build_network(NetworkSpec(settings.network, settings.preset, settings.upsample,
-                                    out_channels=len(DEFAULT_LABELS)))
-    net.load_state_dict(state["model"])
-    net.eval()
-    manifest = read_manifest(pre.manifest_path).set_index("case_id")
-    test = load_cases(pre.manifest_path, fold["test"], DEFAULT_LABELS)
-    scores = {name: {"jaccard": [], "dice": []} for name in DEFAULT_LABELS}
-    with torch.no_grad():
-        probabilities = torch.sigmoid(torch.cat([net(test.images[i:i + 8]) for i in range(0, len(test.images), 8)]))
-    for case_id, prob in zip(test.case_ids, probabilities.numpy()):
-        geometry = ResizePadGeometry.from_record(manifest.loc[case_id].to_dict())
-        native = to_original(prob, geometry) >= 0.5  # (C, 1024, 1024)
-        masks, _ = read_scr_masks(args.data_root / "masks", case_id, SCR_STRUCTURES, case_id)
-        truths = label_masks(masks, DEFAULT_LABELS)
-        for c, label in enumerate(DEFAULT_LABELS):
-            truth = truths[label]
-            inter = np.logical_and(native[c], truth).sum()
-            union = np.logical_or(native[c], truth).sum()
-            scores[label]["jaccard"].append(inter / union if union else 1.0)
-            scores[label]["dice"].append(2 * inter / (native[c].sum() + truth.sum()) if union else 1.0)
+    row: dict[str, Any] = {"name": name, "config": str(args.config), "overrides": args.set, "folds": args.folds,
+                           "n_cases": int(len(ctr)), "train": config["train"], "preprocess": pre_cfg,
+                           "predict": config["predict"], "figures": figures, "seconds": times,
+                           "best_epochs": [f["best_epoch"] for f in folds],
+                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    with args.table.open("a") as handle:
+        handle.write(json.dumps(row, default=float) + "\n")
 
-    print(f"\nJSRT/SCR {args.data_root.name}: {len(fold['train'])} train, {len(fold['val'])} val, "
-          f"{len(fold['test'])} held-out test cases; {args.size}px, {settings.preset}, {args.epochs} epochs, "
-          f"device {'cuda' if torch.cuda.is_available() and args.device != 'cpu' else 'cpu'}, "
-          f"preprocess+train {train_seconds:.0f} s")
-    print(f"{'structure':<10} {'Jaccard':>16} {'Dice':>16}   (held-out, scored at 1024x1024)")
-    for label in DEFAULT_LABELS:
-        j, d = np.array(scores[label]["jaccard"]), np.array(scores[label]["dice"])
-        print(f"{label:<10} {j.mean():.3f} +- {j.std():.3f} {d.mean():.3f} +- {d.std():.3f}")
-    print("\npublished Jaccard (lungs / heart / clavicles):")
-    for who, (lungs, heart, clav) in PUBLISHED.items():
-        print(f"  {who:<36} {lungs:.3f} / {heart:.3f} / {clav:.3f}")
-    ours = [np.mean(scores[k]["jaccard"]) for k in ("lungs", "heart", "clavicles")]
-    print(f"  {'medseg (this run)':<36} {ours[0]:.3f} / {ours[1]:.3f} / {ours[2]:.3f}")
-    (out / "jsrt_scores.json").write_text(json.dumps(scores, default=float, indent=1))
-    print(f"outputs in {out}")
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_experiment("jsrt-benchmark")
+    with mlflow.start_run(run_name=name, tags={"benchmark": "jsrt", "folds": " ".join(map(str, args.folds))}):
+        from medseg.tracking import flatten
+
+        mlflow.log_params({k: v for k, v in flatten(config["train"], "train").items()})
+        mlflow.log_params({"preprocess.size": pre_cfg["size"], "predict.tta": config["predict"]["tta"],
+                           "folds": " ".join(map(str, args.folds)), "n_cases": len(ctr)})
+        mlflow.log_metrics({k: v for k, v in figures.items() if math.isfinite(v)})
+        mlflow.log_metrics({f"seconds/{k}": v for k, v in times.items()})
+        mlflow.log_artifact(str(out / "cases.csv"))
+        mlflow.log_artifact(str(out / "ctr.csv"))
+        mlflow.log_artifact(str(out / "config.yaml"))
+    print(f"outputs in {out}; row appended to {args.table}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

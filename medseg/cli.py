@@ -371,12 +371,16 @@ def cmd_cv_finish(args: argparse.Namespace) -> int:
     summaries = [json.loads(Path(p).read_text()) for p in args.fold_summaries]
     evaluations = [_read_evaluation_summary(path) for path in args.evaluations]
     try:
-        summary = finish_cv_run(target, parent, summaries, evaluation_means(evaluations) if evaluations else None)
+        summary = finish_cv_run(target, parent, summaries, evaluation_means(evaluations) if evaluations else None,
+                                choice=args.choice)
     except TrackingUnavailable as err:
         log.error("%s", err)
         return EXIT_USAGE
     write_text_atomic(args.out, json.dumps(summary, indent=1) + "\n")
     log.info("best fold %s -> %s", summary["best_fold"], summary["model_uri"] or "no registered model")
+    if summary["choice"] == "ensemble":
+        log.info("new scans are predicted by the ensemble of folds %s (`medseg predict --model %s`)",
+                 ", ".join(map(str, summary["folds"])), args.out)
     if summary.get("runs_view"):
         log.info("the folds side by side: `mlflow ui --backend-store-uri %s`, then open http://127.0.0.1:5000/%s",
                  target.tracking_uri, summary["runs_view"])
@@ -397,13 +401,39 @@ def cmd_tracking_server(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """The models shipped with this installation: cards with their
+    cross-validation figures and the terms of their training data."""
+    from medseg.models import default_model, describe_shipped_model, shipped_models
+
+    models = shipped_models()
+    if not models:
+        print("This installation ships no model; train one (README) and give it to `medseg predict --model`.")
+        return EXIT_OK
+    for model in models:
+        print(describe_shipped_model(model, default=model.name == default_model()))
+    return EXIT_OK
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     # Bad usage is refused before torch is imported or any input is read.
+    from medseg.models import default_model, shipped_models
+
     out = Path(args.out)
-    if not args.model.startswith(("models:/", "runs:/")) and not Path(args.model).exists():
-        log.error("model %s: file not found (give a best.pt, a model.json, models/summary.json or an MLflow "
-                  "models:/ or runs:/ URI)", args.model)
-        return EXIT_USAGE
+    if not args.model:
+        if default_model() is None:
+            log.error("no --model given and this installation ships no model: give a best.pt, a model.json, "
+                      "models/summary.json or an MLflow models:/ or runs:/ URI")
+            return EXIT_USAGE
+        args.model = [default_model()]
+        log.info("--model not given: using %s, shipped with medseg (`medseg models` shows its figures and the "
+                 "terms of its training data)", args.model[0])
+    names = {m.name for m in shipped_models()}
+    for reference in args.model:
+        if not reference.startswith(("models:/", "runs:/")) and not Path(reference).exists() and reference not in names:
+            log.error("model %s: file not found (give a best.pt, a model.json, models/summary.json, an MLflow "
+                      "models:/ or runs:/ URI, or a shipped model: %s)", reference, ", ".join(sorted(names)) or "none")
+            return EXIT_USAGE
     if out.exists() and not out.is_dir():
         log.error("--out %s is a file; give a folder for the results", out)
         return EXIT_USAGE
@@ -427,9 +457,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         files = args.chunk.select(files)
     device = pick_device(args.device, "auto").torch_device
     try:
-        model = load_model(args.model, args.tracking_uri, device)
+        model = load_model(args.model[0] if len(args.model) == 1 else args.model, args.tracking_uri, device)
     except Exception as err:  # noqa: BLE001 - MLflow/torch raise many types for a bad model reference
-        log.error("cannot load model %s: %s", args.model, err)
+        log.error("cannot load model %s: %s", " + ".join(args.model), err)
         return EXIT_USAGE
     settings = PredictSettings(threshold=args.threshold, postprocess=not args.no_postprocess, tta=args.tta,
                                batch_size=args.batch_size, write_seg=not args.no_seg,
@@ -781,14 +811,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment new scans: masks, NIfTI, overlay, DICOM SEG, results table")
     p.add_argument("inputs", nargs="+", help="folders (recursive; DICOM may lack an extension), globs, list files "
                                              "(.txt, one path per line) or files")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", action="append",
                    help="MLflow model URI (models:/<name>@<alias>, runs:/<id>/model), a best.pt checkpoint, "
-                        "or a fold's model.json")
+                        "a fold's model.json, the cross-validation's models/summary.json (its choice: the "
+                        "best fold or the folds' ensemble) or the name of a model shipped with medseg (`medseg "
+                        "models`; the default); given several times, the models' probabilities are averaged "
+                        "(an ensemble)")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per scan + results.csv/.parquet)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, "
                                           "else results/mlflow.db)")
-    p.add_argument("--threshold", type=_probability, default=0.5,
-                   help="probability above which a pixel belongs to a label, between 0 and 1 (default 0.5)")
+    p.add_argument("--threshold", type=_probability,
+                   help="probability from which a pixel belongs to a label, between 0 and 1, for every label "
+                        "(default: the model's own per-label thresholds chosen on cross-validation, else 0.5)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (small shifts, no flips)")
     p.add_argument("--no-postprocess", action="store_true", help="keep all connected components and holes")
     p.add_argument("--no-seg", action="store_true", help="do not write DICOM SEG files")
@@ -800,6 +834,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "jobs; then `medseg gather-predictions` writes the batch's tables")
     _add_read_options(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("models", help="models shipped with medseg: cross-validation figures, training data and "
+                                      "its terms of use")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("gather-predictions", help="results.csv/.parquet, CTR histogram, overlays contact sheet, "
                                                   "summary.txt and failures.csv of a batch predicted in chunks "
@@ -865,6 +903,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri")
     p.add_argument("--out", required=True, help="summary.json")
     p.add_argument("fold_summaries", nargs="+", help="model.json of each fold")
+    p.add_argument("--choice", choices=["best_fold", "ensemble"], default="best_fold",
+                   help="what predicts new scans through summary.json: the best fold's model, or every fold's "
+                        "model with their probabilities averaged (default best_fold)")
     p.add_argument("--evaluations", nargs="+", default=[], metavar="SUMMARY_CSV",
                    help="the folds' evaluation summary.csv files: their means go into the cross-validation run "
                         "as test/<metric>/<label>")

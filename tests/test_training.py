@@ -329,10 +329,14 @@ def test_cv_finish_without_registered_models_still_summarises(tmp_path, repo_roo
         folds.append(str(path))
     proc = subprocess.run([*MEDSEG, "cv-finish", "--config", str(config), "--parent-run-file",
                            str(tmp_path / "cv_run.json"), "--tracking-uri", uri, "--out",
-                           str(tmp_path / "summary.json"), *folds], capture_output=True, text=True)
+                           str(tmp_path / "summary.json"), *folds, "--choice", "ensemble"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no fold has a registered model" in proc.stderr and "best fold 1 chosen" in proc.stderr
+    assert "new scans are predicted by the ensemble of folds 0, 1, 2" in proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["choice"] == "ensemble" and summary["folds"] == [0, 1, 2]
+    assert summary["fold_model_uris"] == [None, None, None]  # offline folds: their best.pt beside summary.json
     assert summary["best_fold"] == 1 and summary["model_uri"] is None and summary["model_version"] is None
     assert summary["unregistered_folds"] == [0, 1, 2] and summary["tracking_offline"] is False
     assert summary["cv_mean_val_dice_mean"] == pytest.approx(0.75)
@@ -450,3 +454,47 @@ def test_training_curves_use_label_colours_and_whole_epoch_ticks(tmp_path):
         plt.close(fig)
     save_training_curves(tmp_path / "curves.png", history, labels)
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ema_weights_are_validated_checkpointed_and_resumed_exactly(tmp_path):
+    """train.ema_decay: best.pt's "model" (what prediction loads) is the
+    weights' moving average, not the optimised weights, and a run stopped
+    after epoch 1 and resumed ends with the uninterrupted run's averages."""
+    from medseg.inference.model import load_model
+    from medseg.structures import DEFAULT_LABELS
+    from medseg.training.data import load_cases
+    from medseg.training.settings import TrainSettings
+    from medseg.training.trainer import Trainer
+
+    manifest, splits = _dataset(tmp_path, n=10, size=64)
+    fold = json.loads(splits.read_text())["folds"][0]
+    train = load_cases(manifest, fold["train"], DEFAULT_LABELS)
+    val = load_cases(manifest, fold["val"], DEFAULT_LABELS)
+    settings = TrainSettings(preset="cpu_tiny", epochs=2, samples_per_epoch=16, ema_decay=0.9)
+
+    Trainer(settings, list(DEFAULT_LABELS), train, val, tmp_path / "whole").fit()
+    last = torch.load(tmp_path / "whole" / "last.pt", map_location="cpu", weights_only=False)
+    assert last["ema_n_averaged"] == 4  # 2 epochs x 2 steps of 8
+    differs = [k for k in last["model"] if not torch.equal(last["model"][k], last["train_model"][k])]
+    assert differs, "the averaged weights equal the optimised ones: no averaging happened"
+    loaded = load_model(str(tmp_path / "whole" / "best.pt"))
+    best = torch.load(tmp_path / "whole" / "best.pt", map_location="cpu", weights_only=False)
+    for key, value in loaded.module.net.state_dict().items():
+        assert torch.equal(value, best["model"][key])
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(metrics):
+        if metrics["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(settings, list(DEFAULT_LABELS), train, val, tmp_path / "split", on_epoch=stop_after_first).fit()
+    resumed = Trainer(settings, list(DEFAULT_LABELS), train, val, tmp_path / "split")
+    assert resumed.try_resume() is not None and resumed.start_epoch == 2
+    resumed.fit()
+    again = torch.load(tmp_path / "split" / "last.pt", map_location="cpu", weights_only=False)
+    for part in ("model", "train_model"):
+        for key in last[part]:
+            torch.testing.assert_close(again[part][key], last[part][key], rtol=0, atol=1e-6)

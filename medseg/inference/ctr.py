@@ -36,6 +36,9 @@ from medseg.inference.postprocess import component_count
 
 # CTR > 0.5 on a PA film is the conventional threshold for cardiomegaly.
 CARDIOMEGALY_THRESHOLD = 0.5
+# "low_confidence" below this boundary-band confidence, for models that do
+# not record their own threshold (calibrated on cross-validation).
+DEFAULT_MIN_CONFIDENCE = 0.85
 # Outside this range the masks, not the heart, are almost surely wrong.
 PLAUSIBLE_CTR = (0.3, 0.8)
 
@@ -204,7 +207,8 @@ def qc_flags(
     masks: Mapping[str, np.ndarray],
     probabilities: Mapping[str, np.ndarray] | None,
     ctr: CtrResult | None,
-    min_confidence: float = 0.85,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    confidence: float | None = None,
 ) -> list[str]:
     """Quality-control flags for one prediction, in a stable order, no duplicates.
 
@@ -213,7 +217,10 @@ def qc_flags(
         probabilities: label -> float (H, W) foreground probabilities, or None
             to skip the confidence check.
         ctr: result of :func:`cardiothoracic_ratio`, or None.
-        min_confidence: threshold on :func:`boundary_confidence`.
+        min_confidence: threshold on :func:`boundary_confidence`; a model
+            records its own, calibrated on cross-validation (its ``qc``).
+        confidence: :func:`boundary_confidence` when the caller has it
+            already (it is not computed twice).
 
     Returns:
         "missing_<label>" for every empty mask; "lungs_not_two_components"
@@ -236,10 +243,10 @@ def qc_flags(
     if ctr is not None:
         for flag in ctr.flags:
             add(flag)
-    if probabilities is not None:
+    if confidence is None and probabilities is not None:
         confidence = boundary_confidence(masks, probabilities)
-        if math.isfinite(confidence) and confidence < min_confidence:
-            add("low_confidence")
+    if confidence is not None and math.isfinite(confidence) and confidence < min_confidence:
+        add("low_confidence")
     return flags
 
 

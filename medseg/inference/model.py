@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-DEFAULT_INTENSITY = {"lower_percentile": 0.5, "upper_percentile": 99.5}
+from medseg.inference.ctr import DEFAULT_MIN_CONFIDENCE
+from medseg.preprocessing.intensity import DEFAULT_INTENSITY
 
 
 @dataclass
@@ -24,6 +26,11 @@ class LoadedModel:
         size: square input side in pixels.
         intensity: percentiles for intensity normalisation.
         uri: where it came from (recorded in the results table).
+        min_confidence: "low_confidence" QC flag below this boundary-band
+            confidence (:func:`medseg.inference.ctr.boundary_confidence`);
+            calibrated on cross-validation when the model records one.
+        thresholds: {label: probability threshold} chosen on cross-validation,
+            when the model records them; labels missing here use 0.5.
     """
 
     module: torch.nn.Module
@@ -31,6 +38,8 @@ class LoadedModel:
     size: int
     intensity: dict = field(default_factory=lambda: dict(DEFAULT_INTENSITY))
     uri: str = ""
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    thresholds: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         """SHA-256 of the weights (state dict tensors in order) plus the
@@ -44,20 +53,91 @@ class LoadedModel:
         return digest.hexdigest()
 
 
+class ProbabilityEnsemble(torch.nn.Module):
+    """Mean of several models' probabilities (nnU-Net's cross-validation
+    ensemble: each fold's network sees the same input; their per-label
+    sigmoid probabilities are averaged).
+
+    Input float32 (N, 1, S, S); output (N, C, S, S) probabilities in [0, 1].
+    """
+
+    def __init__(self, members: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.members[0](x)
+        for member in self.members[1:]:
+            total = total + member(x)
+        return total / len(self.members)
+
+
+def ensemble(models: Sequence[LoadedModel], uri: str = "") -> LoadedModel:
+    """One :class:`LoadedModel` averaging ``models``' probabilities.
+
+    Raises:
+        ValueError: the models disagree on labels (and channel order), input
+            size or intensity normalisation: their probabilities would not
+            describe the same pixels.
+    """
+    if not models:
+        raise ValueError("an ensemble needs at least one model")
+    first = models[0]
+    for other in models[1:]:
+        for what in ("labels", "size", "intensity"):
+            if getattr(other, what) != getattr(first, what):
+                raise ValueError(f"cannot average {first.uri} and {other.uri}: their {what} differ "
+                                 f"({getattr(first, what)} vs {getattr(other, what)})")
+    if len(models) == 1:
+        return first
+    # The members' QC thresholds were calibrated on their own sharpness; an
+    # average is less sharp, so the most lenient member's threshold applies.
+    return LoadedModel(ProbabilityEnsemble([m.module for m in models]).eval(), list(first.labels), first.size,
+                       dict(first.intensity), uri or "ensemble(" + ", ".join(m.uri for m in models) + ")",
+                       min(m.min_confidence for m in models),
+                       # Thresholds were chosen per member; the ensemble's own would need its own CV.
+                       {})
+
+
+def checkpoint_contract(state: Mapping, path: Path) -> tuple[list[str], int, dict]:
+    """(labels in channel order, input size in px, intensity window) of a
+    checkpoint written by :class:`medseg.training.trainer.Trainer`.
+
+    Checkpoints carry their contract; ones written before they did
+    (no ``intensity`` key) take it from the ``model.json`` beside them.
+
+    Raises:
+        ValueError: no labels/size, or no intensity window in the
+            checkpoint nor a ``model.json`` beside it (normalising with
+            defaults could silently change every mask).
+    """
+    if "labels" not in state or "size" not in state or "settings" not in state:
+        raise ValueError(f"{path}: not a medseg checkpoint (no labels, size or settings)")
+    intensity = state.get("intensity")
+    if intensity is None:
+        summary = path.parent / "model.json"  # written beside the checkpoints by `medseg train`
+        if not summary.is_file() or "intensity" not in json.loads(summary.read_text()):
+            raise ValueError(f"{path}: this checkpoint does not record its intensity normalisation (written by an "
+                             "older medseg) and has no model.json beside it; put it back beside its model.json")
+        intensity = json.loads(summary.read_text())["intensity"]
+    return list(state["labels"]), int(state["size"]), dict(intensity)
+
+
 def _from_checkpoint(path: Path) -> LoadedModel:
     from medseg.training.network import NetworkSpec, SigmoidHead, build_network
 
     state = torch.load(path, map_location="cpu", weights_only=False)
+    labels, size, intensity = checkpoint_contract(state, path)
     settings = state["settings"]
     net = build_network(NetworkSpec(settings["network"], settings["preset"], settings["upsample"],
-                                    out_channels=len(state["labels"])))
-    net.load_state_dict(state["model"])
-    intensity = dict(DEFAULT_INTENSITY)
-    summary = path.parent / "model.json"  # written beside the checkpoints by `medseg train`
-    if summary.exists():
-        intensity = json.loads(summary.read_text()).get("intensity", intensity)
-    return LoadedModel(SigmoidHead(net).eval(), list(state["labels"]), int(state["size"]), intensity,
-                       str(path.resolve()))
+                                    out_channels=len(labels)))
+    # Shipped checkpoints hold float16 weights (half the file); prediction runs in float32.
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()})
+    return LoadedModel(SigmoidHead(net).eval(), labels, size, intensity, str(path.resolve()),
+                       float(state.get("qc", {}).get("min_confidence", DEFAULT_MIN_CONFIDENCE)),
+                       dict(state.get("thresholds") or {}))
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
@@ -82,14 +162,23 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
         raise ValueError(f"{uri}: model has no medseg metadata (labels, size); was it logged by medseg train?")
     module = mlflow.pytorch.load_model(uri)
     return LoadedModel(module, list(metadata["labels"]), int(metadata["size"]),
-                       dict(metadata.get("intensity") or DEFAULT_INTENSITY), uri)
+                       dict(metadata.get("intensity") or DEFAULT_INTENSITY), uri,
+                       float((metadata.get("qc") or {}).get("min_confidence", DEFAULT_MIN_CONFIDENCE)),
+                       dict(metadata.get("thresholds") or {}))
 
 
 def _from_summary(path: Path, tracking_uri: str | None) -> LoadedModel:
     """A fold's ``model.json``: its registered model version, or, when the
     run could not be tracked, the ``best.pt`` beside it. The cross-validation
-    ``summary.json``: the chosen model, or the best fold's ``best.pt``."""
+    ``summary.json``: the chosen model (``choice``: the folds' ensemble or
+    the best fold) through the registry, or from the folds' ``best.pt``."""
     summary = json.loads(path.read_text())
+    if summary.get("choice") == "ensemble":
+        uris = summary.get("fold_model_uris") or [None] * len(summary["folds"])
+        tracking = tracking_uri or summary.get("tracking_uri")
+        members = [_from_mlflow(uri, tracking) if uri else _from_checkpoint(path.parent / f"fold{k}" / "best.pt")
+                   for k, uri in zip(summary["folds"], uris)]
+        return ensemble(members, f"{path.resolve()} (ensemble of folds {', '.join(map(str, summary['folds']))})")
     if summary.get("model_uri"):
         return _from_mlflow(summary["model_uri"], tracking_uri or summary.get("tracking_uri"))
     if "best_fold" in summary:
@@ -97,13 +186,35 @@ def _from_summary(path: Path, tracking_uri: str | None) -> LoadedModel:
     return _from_checkpoint(path.parent / "best.pt")
 
 
-def load_model(model: str, tracking_uri: str | None = None, device: torch.device | None = None) -> LoadedModel:
-    """Load ``model``: an MLflow model URI (``models:/<name>@<alias>``,
+def load_model(model: str | Sequence[str], tracking_uri: str | None = None,
+               device: torch.device | None = None) -> LoadedModel:
+    """Load ``model``: the name of a model shipped with medseg
+    (:func:`medseg.models.shipped_models`), an MLflow model URI (``models:/<name>@<alias>``,
     ``models:/<name>/<version>``, ``runs:/<id>/model``), a ``.pt`` checkpoint,
     a fold's ``model.json`` written by ``medseg train`` or the cross-validation
-    ``summary.json`` written by ``medseg cv-finish``."""
+    ``summary.json`` written by ``medseg cv-finish``. Several references:
+    their :func:`ensemble` (probabilities averaged).
+
+    Raises:
+        ValueError: a checkpoint without its contract, models that cannot
+            be averaged, a URI the store does not hold.
+        FileNotFoundError: no MLflow store where a models:/ URI needs one.
+    """
+    if not isinstance(model, str):
+        models = [load_model(m, tracking_uri) for m in model]
+        loaded = ensemble(models)
+        if device is not None:
+            loaded.module = loaded.module.to(device)
+        return loaded
+    from medseg.models import shipped_model
+
     path = Path(model)
-    if path.suffix == ".pt" and path.exists():
+    shipped = shipped_model(model) if not path.exists() else None
+    if shipped is not None:
+        shipped.verify()
+        loaded = _from_checkpoint(shipped.checkpoint)
+        loaded.uri = f"{shipped.name} (shipped with medseg)"
+    elif path.suffix == ".pt" and path.exists():
         loaded = _from_checkpoint(path)
     elif path.suffix == ".json" and path.exists():
         loaded = _from_summary(path, tracking_uri)

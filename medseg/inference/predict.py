@@ -66,12 +66,18 @@ TTA_SHIFTS = ((4, 0), (-4, 0), (0, 4), (0, -4))
 TTA_SCALES = (0.9,)
 
 
+# Probability threshold of a label whose model records none.
+DEFAULT_THRESHOLD = 0.5
+
+
 @dataclass(frozen=True)
 class PredictSettings:
     """How to predict.
 
     Attributes:
-        threshold: probability above which a pixel belongs to a label.
+        threshold: probability from which a pixel belongs to a label, for
+            every label; None: the model's own (per label, chosen on
+            cross-validation when it records them, else 0.5).
         postprocess: keep the expected connected components, fill holes.
         tta: average probabilities over small shifts.
         batch_size: scans per forward pass.
@@ -79,7 +85,7 @@ class PredictSettings:
         read_options: polarity / spacing for inputs without metadata.
     """
 
-    threshold: float = 0.5
+    threshold: float | None = None
     postprocess: bool = True
     tta: bool = False
     batch_size: int = 8
@@ -116,11 +122,21 @@ def _prepare(entry: InputFile, model: LoadedModel, settings: PredictSettings) ->
 _PROVENANCE_KEYS = ("source_bytes", "source_mtime_ns", "settings")
 
 
+def thresholds(model: LoadedModel, settings: PredictSettings) -> float | dict[str, float]:
+    """The probability threshold in force: ``settings.threshold`` for every
+    label, else the model's per-label thresholds ({label: threshold}), else
+    0.5 (a single float whenever all labels share one)."""
+    if settings.threshold is not None:
+        return float(settings.threshold)
+    per_label = {name: float(model.thresholds.get(name, DEFAULT_THRESHOLD)) for name in model.labels}
+    return per_label if len(set(per_label.values())) > 1 else next(iter(per_label.values()), DEFAULT_THRESHOLD)
+
+
 def _run_settings(model: LoadedModel, settings: PredictSettings) -> dict:
     """What a result depends on besides the file: the model's weights (not
     its path or alias, which can point to other weights later) and the
     settings."""
-    return {"model_uri": model.uri, "model_sha256": model.fingerprint(), "threshold": settings.threshold,
+    return {"model_uri": model.uri, "model_sha256": model.fingerprint(), "threshold": thresholds(model, settings),
             "tta": settings.tta, "postprocess": settings.postprocess, "write_seg": settings.write_seg,
             "read_options": repr(settings.read_options)}
 
@@ -250,13 +266,15 @@ def overlay_legend(labels: Sequence[str], ctr) -> list[LegendEntry]:
 def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel, settings: PredictSettings,
                  out_dir: Path, forward_seconds: float, started: float, run_settings: dict) -> dict:
     """Map one scan's probabilities back, clean, measure and write outputs."""
-    from medseg.inference.ctr import cardiothoracic_ratio, draw_ctr_lines, qc_flags
+    from medseg.inference.ctr import boundary_confidence, cardiothoracic_ratio, draw_ctr_lines, qc_flags
     from medseg.inference.plausibility import check_anatomy, gate_ctr
     from medseg.inference.postprocess import clean_masks
 
     original = to_original(probabilities, prep.geometry)  # (C, H, W)
     prob_maps = dict(zip(model.labels, original))
-    masks = {name: p >= settings.threshold for name, p in prob_maps.items()}
+    threshold = thresholds(model, settings)
+    masks = {name: p >= (threshold[name] if isinstance(threshold, dict) else threshold)
+             for name, p in prob_maps.items()}
     if settings.postprocess:
         masks = clean_masks(masks)
     case_dir = out_dir / prep.case_id
@@ -272,7 +290,8 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
     ctr = None
     if "heart" in masks and "lungs" in masks:
         ctr = cardiothoracic_ratio(masks["heart"], masks["lungs"], spacing)
-    flags = qc_flags(masks, prob_maps, ctr)
+    confidence = boundary_confidence(masks, prob_maps)
+    flags = qc_flags(masks, prob_maps, ctr, min_confidence=model.min_confidence, confidence=confidence)
     # Not an upright frontal chest: no CTR (nan), no CTR reading, no lines.
     ctr, flags = gate_ctr(ctr, flags, check_anatomy(masks, spacing, prep.image.extra.get("view_position")))
     rgb = overlay_rgb(prep.normalised, masks)
@@ -311,6 +330,7 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
         "heart_width_mm": float(ctr.heart_width_mm) if ctr is not None else float("nan"),
         "thoracic_width_mm": float(ctr.thoracic_width_mm) if ctr is not None else float("nan"),
         "qc_flags": "|".join(flags),
+        "boundary_confidence": confidence,
         "model_uri": model.uri,
         "seconds": forward_seconds + time.perf_counter() - started,
         "dicom_seg": seg_written,
@@ -619,7 +639,7 @@ def results_decimals(column: str) -> int | None:
     None: kept as it is."""
     if column.startswith("area_mm2_") or column.endswith("_width_mm"):
         return 1
-    return {"ctr": 4, "seconds": 3}.get(column)
+    return {"ctr": 4, "seconds": 3, "boundary_confidence": 4}.get(column)
 
 
 def round_results(table: pd.DataFrame) -> pd.DataFrame:

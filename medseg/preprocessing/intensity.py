@@ -5,6 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 
+# Intensity window of preprocessing and prediction (percentiles of the
+# image's pixels mapped to 0 and 1); a model records the one it was trained with.
+DEFAULT_INTENSITY: dict[str, float] = {"lower_percentile": 0.5, "upper_percentile": 99.5}
+
+
 def normalise_intensity(pixels: np.ndarray, lower_percentile: float = 0.5, upper_percentile: float = 99.5,
                         valid: np.ndarray | None = None) -> np.ndarray:
     """Robust min-max scaling to [0, 1].

@@ -25,6 +25,7 @@ UPSAMPLING = ("transposed", "resize_nearest", "resize_bilinear", "pixel_shuffle"
 PRESETS: dict[str, tuple[int, ...]] = {
     "cpu_tiny": (8, 8, 16, 32, 64, 8),  # tests and CI
     "cpu_small": (16, 16, 32, 64, 128, 16),  # demo on a laptop
+    "cpu_medium": (16, 32, 64, 128, 256, 16),  # MONAI UNet tutorial widths (network "unet": the JSRT CPU recipe)
     "gpu_medium": (32, 32, 64, 128, 256, 32),  # MONAI's default widths
     "gpu_large": (64, 64, 128, 256, 512, 64),  # accuracy runs at 512-1024 px
 }

@@ -20,6 +20,7 @@ import torch
 
 from medseg import __version__
 from medseg.atomic import write_text_atomic
+from medseg.preprocessing.intensity import DEFAULT_INTENSITY
 from medseg.preprocessing.manifest import manifest_fingerprint
 from medseg.preprocessing.splits import read_splits
 from medseg.tracking import (
@@ -237,9 +238,11 @@ def train_fold(
     data_fingerprint = hashlib.sha256(
         json.dumps([dataset_fingerprint, split["train"], split["val"], labels], sort_keys=True).encode()
     ).hexdigest()[:16]
+    intensity = dict(intensity or DEFAULT_INTENSITY)
     trainer = Trainer(settings, label_names, train_cases, val_cases, out_dir,
                       on_epoch=lambda m: log.info("%s", format_progress(m, label_names)),
-                      data_fingerprint=data_fingerprint)
+                      data_fingerprint=data_fingerprint, intensity=intensity,
+                      dataset_fingerprint=dataset_fingerprint)
     trainer.try_resume()
     finished = out_dir / "model.json"
     if trainer.run_id and trainer.start_epoch > settings.epochs and finished.is_file():
@@ -255,7 +258,6 @@ def train_fold(
         "device": trainer.device.name,
         "fold": str(fold),
     }
-    intensity = dict(intensity or {"lower_percentile": 0.5, "upper_percentile": 99.5})
     description = describe_fold(settings, label_names, fold, len(train_cases.case_ids), len(val_cases.case_ids),
                                 target.experiment, trainer.size, intensity)
     params = {**params, "data.n_train_cases": str(len(train_cases.case_ids)),
@@ -303,7 +305,7 @@ def train_fold(
         tracker.log_artifact(out_dir / "curves.png")
         tracker.log_artifact(out_dir / "metrics.csv")
         best = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
-        trainer.model.load_state_dict(best["model"])
+        trainer.eval_model.load_state_dict(best["model"])
         # The chosen model on the validation cases, for the report and the run.
         overlays = trainer.save_overlays(result.best_epoch, path=out_dir / VALIDATION_OVERLAYS,
                                          logits=trainer.predict_logits(trainer.val_cases.images))
@@ -327,7 +329,7 @@ def train_fold(
                         **{f"val_dice.{k[len('val_dice_'):]}": f"{v:.4f}" for k, v in best_val.items()
                            if k.startswith("val_dice_")}}
         registered = tracker.call(
-            "log_model", log_model, trainer.model, trainer.size, target, fold, run_id=run_id,
+            "log_model", log_model, trainer.eval_model, trainer.size, target, fold, run_id=run_id,
             best_epoch=result.best_epoch, best_metrics=best_val, metadata=contract, description=description,
             tags=version_tags,
         ) or {}
@@ -401,10 +403,20 @@ def evaluation_means(evaluations: Sequence[Mapping[str, Mapping[str, float]]]) -
             if len(v) == len(evaluations) and all(np.isfinite(v))}
 
 
+CV_CHOICES = ("best_fold", "ensemble")
+
+
 def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Sequence[dict],
-                  test_metrics: Mapping[str, float] | None = None) -> dict:
+                  test_metrics: Mapping[str, float] | None = None, choice: str = "best_fold") -> dict:
     """Summarise the folds into the parent run, alias the best fold's model
     and end the parent run.
+
+    ``choice`` says what predicts new scans through ``models/summary.json``:
+    "best_fold" (one network, fastest) or "ensemble" (every fold's model,
+    probabilities averaged: nnU-Net's default). The summary lists the folds
+    (``folds``) and their registered models (``fold_model_uris``, as
+    ``models:/<name>@fold<k>``) either way; the registry alias stays on the
+    best fold, since an alias names one version.
 
     Choice: the fold with the best mean validation Dice becomes
     ``models:/<name>@<alias>`` (a single network keeps inference fast; the
@@ -427,6 +439,8 @@ def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Se
 
     if not fold_summaries:
         raise ValueError("no fold summaries")
+    if choice not in CV_CHOICES:
+        raise ValueError(f"unknown cross-validation choice {choice!r}; choose from {', '.join(CV_CHOICES)}")
     registered = [s for s in fold_summaries if s.get("model_version")]
 
     def score(summary: dict) -> float:
@@ -442,6 +456,11 @@ def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Se
         "best_fold": best["fold"],
         "model_uri": f"models:/{target.registered_model}@{target.alias}" if registered else None,
         "model_version": best.get("model_version"),
+        "tracking_uri": target.tracking_uri,
+        "choice": choice if len(fold_summaries) > 1 else "best_fold",
+        "folds": [s["fold"] for s in fold_summaries],
+        "fold_model_uris": [f"models:/{target.registered_model}@fold{s['fold']}" if s.get("model_version") else None
+                            for s in fold_summaries],
         **means,
         **({"test_means": dict(test_metrics)} if test_metrics else {}),
     }

@@ -43,6 +43,10 @@ class TrainSettings:
         num_workers: data-loading processes; -1 = auto (0 on CPU, where the
             cores are better spent on the network; several on CUDA).
         augment: see :class:`AugmentSettings`.
+        ema_decay: exponential moving average of the weights, updated after
+            every step (0 = off). Validation, ``best.pt`` and the logged model
+            use the averaged weights (Polyak averaging; e.g. 0.99 averages
+            over about the last 100 steps).
     """
 
     network: str = "basic_unet"
@@ -66,6 +70,7 @@ class TrainSettings:
     device: str = "auto"
     num_workers: int = -1
     augment: AugmentSettings = AugmentSettings()
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         NetworkSpec(self.network, self.preset, self.upsample)  # raises on bad names
@@ -78,6 +83,7 @@ class TrainSettings:
             (self.amp in AMP_MODES, f"unknown amp {self.amp!r}; choose from {', '.join(AMP_MODES)}"),
             (self.device in DEVICES, f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}"),
             (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.validate_every >= 1, f"validate_every must be at least 1, got {self.validate_every}"),
             (self.overlay_every >= 1, f"overlay_every must be at least 1, got {self.overlay_every}"),
             (self.lambda_dice >= 0 and self.lambda_ce >= 0 and self.lambda_dice + self.lambda_ce > 0,

@@ -22,7 +22,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from monai.utils import set_determinism
 
 from medseg.atomic import atomic_path, write_text_atomic
 from medseg.errors import DeviceUnavailable
+from medseg.preprocessing.intensity import DEFAULT_INTENSITY
 from medseg.training.data import AugmentedCases, CaseTensors, augmentation, epoch_seed
 from medseg.training.loss import MultiLabelDiceCELoss, label_weight_tensor
 from medseg.training.network import NetworkSpec, build_network
@@ -208,11 +209,16 @@ class Trainer:
         on_epoch: called with each epoch's metrics (e.g. progress display).
         data_fingerprint: identifies the data and split; a checkpoint made
             on other data is never resumed.
+        intensity: the preprocessing's {"lower_percentile", "upper_percentile"}
+            (default 0.5 / 99.5): stored in every checkpoint, so that a
+            checkpoint alone tells prediction how to normalise.
+        dataset_fingerprint: the manifest's fingerprint, stored likewise.
     """
 
     def __init__(self, settings: TrainSettings, labels: Sequence[str], train_cases: CaseTensors,
                  val_cases: CaseTensors, out_dir: str | Path, tracker=None,
-                 on_epoch: Callable[[dict], None] | None = None, data_fingerprint: str = "") -> None:
+                 on_epoch: Callable[[dict], None] | None = None, data_fingerprint: str = "",
+                 intensity: Mapping[str, float] | None = None, dataset_fingerprint: str = "") -> None:
         if not train_cases.case_ids:
             raise ValueError("no training cases")
         self.settings = settings
@@ -223,6 +229,8 @@ class Trainer:
         self.tracker = tracker
         self.on_epoch = on_epoch
         self.data_fingerprint = data_fingerprint
+        self.intensity = dict(intensity or DEFAULT_INTENSITY)
+        self.dataset_fingerprint = dataset_fingerprint
         self.device = pick_device(settings.device, settings.amp)
         self.size = int(train_cases.images.shape[-1])
 
@@ -230,6 +238,12 @@ class Trainer:
         self.model = build_network(NetworkSpec(settings.network, settings.preset, settings.upsample,
                                                in_channels=1, out_channels=len(self.labels)))
         self.model.to(self.device.torch_device)
+        self.ema = None
+        if settings.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay),
+                                     use_buffers=True)
         weights = label_weight_tensor(self.labels, settings.label_weights)
         self.loss_fn = MultiLabelDiceCELoss(weights, settings.lambda_dice, settings.lambda_ce).to(self.device.torch_device)
         self.optimizer = build_optimizer(settings, self.model.parameters())
@@ -252,10 +266,19 @@ class Trainer:
     def best_path(self) -> Path:
         return self.out_dir / "best.pt"
 
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are validated, checkpointed as ``model`` and
+        shipped: the moving average when ``ema_decay`` is set."""
+        return self.model if self.ema is None else self.ema.module
+
     def _state(self, epoch: int) -> dict:
         return {
             "epoch": epoch,
-            "model": self.model.state_dict(),
+            "model": self.eval_model.state_dict(),
+            # The weights being optimised, when they are not "model" (EMA).
+            **({} if self.ema is None else {"train_model": self.model.state_dict(),
+                                            "ema_n_averaged": int(self.ema.n_averaged)}),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -266,8 +289,11 @@ class Trainer:
             "settings": self.settings.to_dict(),
             "settings_fingerprint": self.settings.fingerprint(),
             "data_fingerprint": self.data_fingerprint,
+            # The model's contract: what prediction needs besides the weights.
             "labels": self.labels,
             "size": self.size,
+            "intensity": self.intensity,
+            "dataset_fingerprint": self.dataset_fingerprint,
         }
 
     def try_resume(self) -> dict | None:
@@ -279,7 +305,10 @@ class Trainer:
                 or state.get("data_fingerprint") != self.data_fingerprint):
             log.warning("%s was written with other settings or data; starting afresh", self.last_path)
             return None
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state.get("train_model", state["model"]))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["model"])
+            self.ema.n_averaged.fill_(state.get("ema_n_averaged", 0))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -329,6 +358,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             total += float(loss.detach()) * images.shape[0]
             count += images.shape[0]
             fetch_start = time.perf_counter()
@@ -343,12 +374,13 @@ class Trainer:
     @torch.no_grad()
     def predict_logits(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Logits (N, C, S, S) for images (N, 1, S, S), on the CPU."""
-        self.model.eval()
+        model = self.eval_model
+        model.eval()
         outputs = []
         step = batch_size or self.settings.batch_size
         for i in range(0, len(images), step):
             with self._autocast():
-                outputs.append(self.model(images[i:i + step].to(self.device.torch_device)).float().cpu())
+                outputs.append(model(images[i:i + step].to(self.device.torch_device)).float().cpu())
         return torch.cat(outputs) if outputs else torch.empty(0)
 
     def validate(self) -> dict:

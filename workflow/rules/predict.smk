@@ -11,7 +11,9 @@ def truth_argument(wildcards, input):
 
 def predict_arguments():
     settings = config["predict"]
-    args = [f"--threshold {settings['threshold']}", f"--batch-size {settings['batch_size']}"]
+    args = [f"--batch-size {settings['batch_size']}"]
+    if settings.get("threshold") is not None:  # null: the model's own thresholds
+        args.append(f"--threshold {settings['threshold']}")
     if settings["tta"]:
         args.append("--tta")
     if not settings["postprocess"]:

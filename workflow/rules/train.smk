@@ -83,7 +83,9 @@ rule train:
 
 rule cv_finish:
     """Summarise the folds and their evaluations into the cross-validation run
-    and end it; alias the best fold's model (models:/<name>@candidate)."""
+    and end it; alias the best fold's model (models:/<name>@candidate); the
+    summary says what predicts new scans (predict.ensemble: the folds'
+    ensemble, else the best fold)."""
     input:
         cv_run="results/{dataset}/models/cv_run.json",
         folds=expand("results/{{dataset}}/models/fold{fold}/model.json", fold=config["train_folds"]),
@@ -94,6 +96,7 @@ rule cv_finish:
         "results/{dataset}/models/summary.json",
     params:
         config=training_config_json(),
+        choice="ensemble" if config["predict"].get("ensemble") else "best_fold",
     log:
         "results/{dataset}/logs/cv_finish.log",
     benchmark:
@@ -104,4 +107,4 @@ rule cv_finish:
         runtime=5,
     shell:
         "{MEDSEG} cv-finish --config-json {params.config:q} --parent-run-file {input.cv_run} --out {output}"
-        " {input.folds} --evaluations {input.evaluations} > {log} 2>&1"
+        " {input.folds} --evaluations {input.evaluations} --choice {params.choice} > {log} 2>&1"
