@@ -5,7 +5,7 @@
 #
 #   snakemake --profile workflow/profiles/default              # phantoms demo
 #   snakemake --profile workflow/profiles/default \
-#       --configfile config/jsrt.yaml --config data_root=/path/to/jsrt-scr
+#       --configfile config/jsrt-cpu.yaml --config data_root=/path/to/jsrt-scr   # (GPU: config/jsrt.yaml)
 
 from snakemake.utils import min_version
 

@@ -25,6 +25,7 @@ reported on folds it was not tuned on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -82,6 +83,17 @@ def load_config(path: Path, overrides: list[str]) -> dict:
     return config
 
 
+def parse_thresholds(text: str) -> dict[str, float]:
+    """``heart=0.6,lungs=0.5`` -> {"heart": 0.6, "lungs": 0.5}."""
+    try:
+        values = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"--model-thresholds {text!r}: expected LABEL=T,... with T between 0 and 1") from None
+    if not all(0 < v < 1 for v in values.values()):
+        raise SystemExit(f"--model-thresholds {text!r}: thresholds lie between 0 and 1")
+    return values
+
+
 def truth_ctr(masks_root: Path, case_id: str) -> float:
     """CTR of the expert (SCR) masks at their 1024x1024, 0.35 mm grid."""
     from medseg.inference.ctr import cardiothoracic_ratio
@@ -93,7 +105,9 @@ def truth_ctr(masks_root: Path, case_id: str) -> float:
     return float(cardiothoracic_ratio(masks["heart"], lungs, (0.35, 0.35)).ctr)
 
 
-def run_fold(config: dict, fold: int, pre, splits_path: Path, out: Path, target, data_root: Path) -> dict:
+def run_fold(config: dict, fold: int, pre, splits_path: Path, out: Path, target, data_root: Path,
+             model_thresholds: dict[str, float] | None = None, sweep: list[float] | None = None,
+             ensemble_with: list[Path] | None = None) -> dict:
     """Train, predict and score one held-out fold; returns its tables and times."""
     import torch
 
@@ -120,7 +134,13 @@ def run_fold(config: dict, fold: int, pre, splits_path: Path, out: Path, target,
     epoch_seconds = float(history["epoch_seconds"].sum())
 
     started = time.perf_counter()
-    model = load_model(str(fold_dir / "model" / "best.pt"))
+    own = str(fold_dir / "model" / "best.pt")
+    # With --ensemble-with: this fold's model averaged with the same fold's
+    # models of other runs (trained on the same cases, never on these).
+    model = load_model([own, *(str(w / f"fold{fold}" / "model" / "best.pt") for w in ensemble_with)]
+                       if ensemble_with else own)
+    if model_thresholds:
+        model.thresholds = dict(model_thresholds)
     read = config["read"]
     predict = config["predict"]
     p_settings = PredictSettings(threshold=predict["threshold"], postprocess=predict["postprocess"],
@@ -138,12 +158,21 @@ def run_fold(config: dict, fold: int, pre, splits_path: Path, out: Path, target,
     table, problems = evaluate_predictions(fold_dir / "predictions", data_root / "masks", labels, "scr")
     if problems:
         raise SystemExit(f"fold {fold}: not scored: {problems}")
+    swept: dict[str, dict[str, float]] = {}
+    for threshold in sweep or []:  # one threshold for all labels; each label's best is read off per label
+        folder = fold_dir / f"sweep-{threshold:g}"
+        shutil.rmtree(folder, ignore_errors=True)
+        predict_files(files, model, dataclasses.replace(p_settings, threshold=threshold), folder,
+                      device=torch.device("cpu"))
+        scored, _ = evaluate_predictions(folder, data_root / "masks", labels, "scr")
+        swept[f"{threshold:g}"] = {label: float(rows["jaccard"].mean()) for label, rows in scored.groupby("label")}
+        shutil.rmtree(folder, ignore_errors=True)
     table["fold"] = fold
     ctr = results[["case_id", "ctr", "qc_flags", "boundary_confidence"]].copy()
     ctr["ctr_truth"] = [truth_ctr(data_root / "masks", c) for c in ctr["case_id"]]
     ctr["fold"] = fold
     return {"table": table, "ctr": ctr, "train_seconds": train_seconds, "epoch_seconds": epoch_seconds,
-            "predict_seconds": predict_seconds, "best_epoch": summary.get("best_epoch"),
+            "predict_seconds": predict_seconds, "best_epoch": summary.get("best_epoch"), "sweep": swept,
             "n_test": len(test_ids)}
 
 
@@ -220,13 +249,6 @@ def ship(config: dict, args, pre, out: Path, target) -> None:
     from medseg.training.run import train_fold
     from medseg.training.settings import TrainSettings
 
-    rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
-    cv_rows = [r for r in rows if r["name"] == args.cv_from]
-    if not cv_rows:
-        raise SystemExit(f"--cv-from {args.cv_from}: no such row in {args.table}")
-    cv = cv_rows[-1]
-    if cv["train"] != config["train"] or cv["preprocess"] != config["preprocess"]:
-        raise SystemExit(f"--cv-from {args.cv_from} was measured with other train/preprocess settings")
     ids = [r["case_id"] for r in pre.rows]
     write_splits(out / "all-cases.json", {"scheme": "all", "seed": 0, "val_fraction": 0.0,
                                           "folds": [{"train": ids, "val": [], "test": []}]})
@@ -238,6 +260,26 @@ def ship(config: dict, args, pre, out: Path, target) -> None:
                intensity={"lower_percentile": config["preprocess"]["lower_percentile"],
                           "upper_percentile": config["preprocess"]["upper_percentile"]})
     seconds = time.perf_counter() - started
+    history = pd.read_csv(out / "all-cases" / "metrics.csv")
+    seconds = float(history["epoch_seconds"].sum())  # the training itself, also when this reran a finished one
+    # Read after training, so the two can run side by side; rerunning --ship
+    # once the row exists does not train again.
+    rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()] \
+        if args.table.is_file() else []
+    cv_rows = [r for r in rows if r["name"] == args.cv_from]
+    if not cv_rows:
+        raise SystemExit(f"trained; --cv-from {args.cv_from}: no such row in {args.table} yet: rerun when it exists")
+    cv = cv_rows[-1]
+    if cv["train"] != config["train"] or cv["preprocess"] != config["preprocess"]:
+        raise SystemExit(f"--cv-from {args.cv_from} was measured with other train/preprocess settings")
+    # The card describes one network predicting as the shipped one will.
+    if cv.get("ensemble_with"):
+        raise SystemExit(f"--cv-from {args.cv_from} is an ensemble's row; the shipped model is one network")
+    if cv["predict"] != config["predict"]:
+        raise SystemExit(f"--cv-from {args.cv_from} was predicted with other settings: {cv['predict']}")
+    if args.model_thresholds and cv.get("model_thresholds") != parse_thresholds(args.model_thresholds):
+        raise SystemExit(f"--cv-from {args.cv_from} was scored with thresholds {cv.get('model_thresholds')}, "
+                         f"not {args.model_thresholds}")
     state = torch.load(out / "all-cases" / "best.pt", map_location="cpu", weights_only=False)
     slim = {key: state[key] for key in ("settings", "labels", "size", "intensity", "dataset_fingerprint")}
     # float16 halves the file; prediction runs in float32 (the loader casts).
@@ -245,6 +287,8 @@ def ship(config: dict, args, pre, out: Path, target) -> None:
     slim["epoch"] = state["epoch"]
     if args.min_confidence is not None:
         slim["qc"] = {"min_confidence": args.min_confidence}
+    if args.model_thresholds:
+        slim["thresholds"] = parse_thresholds(args.model_thresholds)
     folder = _folder()
     checkpoint = folder / f"{args.ship}.pt"
     torch.save(slim, checkpoint)
@@ -272,6 +316,7 @@ def ship(config: dict, args, pre, out: Path, target) -> None:
             "cardiomegaly_agreement": figures["cardiomegaly_agreement"],
         },
         "qc": slim.get("qc", {}),
+        "thresholds": slim.get("thresholds", {}),
         "terms": TERMS,
     }
     (folder / f"{args.ship}.json").write_text(json.dumps(card, indent=1) + "\n")
@@ -316,6 +361,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cv-from", metavar="ROW", help="with --ship: the --table row whose figures the card gives")
     parser.add_argument("--min-confidence", type=float,
                         help="with --ship: the QC threshold calibrated on cross-validation (docs/accuracy.md)")
+    parser.add_argument("--model-thresholds", metavar="LABEL=T,...",
+                        help="per-label probability thresholds given to the models (as a shipped model records "
+                             "the ones chosen on cross-validation)")
+    parser.add_argument("--sweep-thresholds", type=float, nargs="+", metavar="T",
+                        help="also score the held-out cases at these thresholds (all labels) and print each "
+                             "label's best")
+    parser.add_argument("--label", help="the row's name (default --name, plus +NAME per --ensemble-with): "
+                                        "e.g. to score a trained run again with other prediction settings")
+    parser.add_argument("--ensemble-with", nargs="+", default=[], metavar="NAME",
+                        help="predict with this run's fold model averaged with the same folds' models of these "
+                             "earlier runs (under --work)")
     parser.add_argument("--markdown", action="store_true",
                         help="print the experiments table of --table as Markdown (docs/accuracy.md) and exit")
     args = parser.parse_args(argv)
@@ -365,23 +421,44 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--ship needs --cv-from (the cross-validation row the card reports)")
         ship(config, args, pre, out, target)
         return
-    folds = [run_fold(config, k, pre, out / "splits.json", out, target, args.data_root) for k in args.folds]
+    thresholds = parse_thresholds(args.model_thresholds) if args.model_thresholds else {}
+    folds = [run_fold(config, k, pre, out / "splits.json", out, target, args.data_root, thresholds,
+                      args.sweep_thresholds, [args.work / n for n in args.ensemble_with]) for k in args.folds]
+    sweep: dict[str, dict[str, float]] = {}
+    if args.sweep_thresholds:  # case-weighted mean over the folds
+        n = [f["n_test"] for f in folds]
+        for t in folds[0]["sweep"]:
+            sweep[t] = {label: float(np.average([f["sweep"][t][label] for f in folds], weights=n))
+                        for label in folds[0]["sweep"][t]}
+        print("\nthreshold sweep (mean Jaccard of the held-out cases):")
+        for t, values in sweep.items():
+            print(f"  {t:>5}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        best = {label: max(sweep, key=lambda t: sweep[t][label]) for label in next(iter(sweep.values()))}
+        print("  best per label: " + ",".join(f"{k}={v}" for k, v in best.items()))
     table = pd.concat([f["table"] for f in folds], ignore_index=True)
     ctr = pd.concat([f["ctr"] for f in folds], ignore_index=True)
-    table.to_csv(out / "cases.csv", index=False)
-    ctr.to_csv(out / "ctr.csv", index=False)
+    # An ensemble reuses this run's trained folds: its row and tables get their own name.
+    suffix = "".join(f"+{n}" for n in args.ensemble_with)
+    row_name = args.label or name + suffix
+    suffix = row_name[len(name):] if row_name.startswith(name) else f"-{row_name}"
+    table.to_csv(out / f"cases{suffix}.csv", index=False)
+    ctr.to_csv(out / f"ctr{suffix}.csv", index=False)
     figures = summarise(table, ctr)
+    # A fold trained by an earlier invocation: its epochs' own seconds.
+    train = [max(f["train_seconds"], f["epoch_seconds"]) for f in folds]
     times = {"preprocess": preprocess_seconds,
-             "train_all_folds": sum(f["train_seconds"] for f in folds),
-             "train_per_fold": float(np.mean([f["train_seconds"] for f in folds])),
+             "train_all_folds": float(sum(train)),
+             "train_per_fold": float(np.mean(train)),
              "predict_and_score_per_fold": float(np.mean([f["predict_seconds"] for f in folds])),
              "total": time.perf_counter() - begin}
-    print_report(name, figures, len(ctr), args.folds, times)
+    print_report(row_name, figures, len(ctr), args.folds, times)
 
-    row: dict[str, Any] = {"name": name, "config": str(args.config), "overrides": args.set, "folds": args.folds,
+    row: dict[str, Any] = {"name": row_name, "config": str(args.config), "overrides": args.set, "folds": args.folds,
                            "n_cases": int(len(ctr)), "train": config["train"], "preprocess": pre_cfg,
                            "predict": config["predict"], "figures": figures, "seconds": times,
                            "best_epochs": [f["best_epoch"] for f in folds],
+                           "model_thresholds": thresholds, "threshold_sweep": sweep,
+                           "ensemble_with": args.ensemble_with,
                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     args.table.parent.mkdir(parents=True, exist_ok=True)
     with args.table.open("a") as handle:
@@ -389,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
 
     mlflow.set_tracking_uri(tracking)
     mlflow.set_experiment("jsrt-benchmark")
-    with mlflow.start_run(run_name=name, tags={"benchmark": "jsrt", "folds": " ".join(map(str, args.folds))}):
+    with mlflow.start_run(run_name=row_name, tags={"benchmark": "jsrt", "folds": " ".join(map(str, args.folds))}):
         from medseg.tracking import flatten
 
         mlflow.log_params({k: v for k, v in flatten(config["train"], "train").items()})
@@ -397,8 +474,8 @@ def main(argv: list[str] | None = None) -> None:
                            "folds": " ".join(map(str, args.folds)), "n_cases": len(ctr)})
         mlflow.log_metrics({k: v for k, v in figures.items() if math.isfinite(v)})
         mlflow.log_metrics({f"seconds/{k}": v for k, v in times.items()})
-        mlflow.log_artifact(str(out / "cases.csv"))
-        mlflow.log_artifact(str(out / "ctr.csv"))
+        mlflow.log_artifact(str(out / f"cases{suffix}.csv"))
+        mlflow.log_artifact(str(out / f"ctr{suffix}.csv"))
         mlflow.log_artifact(str(out / "config.yaml"))
     print(f"outputs in {out}; row appended to {args.table}")
 

@@ -37,6 +37,7 @@ def untrained_checkpoint(path: Path, size: int) -> Path:
     """A checkpoint with fresh weights: same cost per scan as a trained one."""
     net = build_network(NetworkSpec(preset="cpu_small", out_channels=3))
     torch.save({"model": net.state_dict(), "labels": ["heart", "lungs", "clavicles"], "size": size,
+                "intensity": {"lower_percentile": 0.5, "upper_percentile": 99.5},
                 "settings": {"network": "basic_unet", "preset": "cpu_small", "upsample": "resize_bilinear"}}, path)
     return path
 

@@ -65,6 +65,9 @@ def runs_page(cv_run: dict, cv_summary: dict | None, folds: Sequence[tuple[dict,
     chosen = ""
     if cv_summary and cv_summary.get("best_fold") is not None:
         chosen = f" (fold {cv_summary['best_fold']}, best mean validation Dice)"
+        if cv_summary.get("choice") == "ensemble":
+            folds_text = ", ".join(map(str, cv_summary.get("folds", [])))
+            chosen += f"; new scans are predicted by the ensemble of folds {folds_text} (``models/summary.json``)"
     rows.append(("cross-validation: parent of the fold runs", _literal(cv_run.get("parent_run_id")),
                  (_literal(cv_summary.get("model_uri")) if cv_summary else "–") + chosen))
     for model, evaluation in folds:

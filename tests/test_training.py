@@ -498,3 +498,27 @@ def test_ema_weights_are_validated_checkpointed_and_resumed_exactly(tmp_path):
     for part in ("model", "train_model"):
         for key in last[part]:
             torch.testing.assert_close(again[part][key], last[part][key], rtol=0, atol=1e-6)
+
+
+def test_settings_fingerprint_unchanged_by_settings_added_later():
+    """Checkpoints written before train.ema_decay existed still resume: the
+    fingerprint of settings that leave it at its default is the one medseg
+    0.x computed before (values measured at commit 44abe7f)."""
+    from medseg.training.settings import TrainSettings
+
+    assert TrainSettings().fingerprint() == "36e8e872359d58c5"
+    assert TrainSettings(preset="cpu_tiny", epochs=3).fingerprint() == "aa3ad205d407998f"
+    assert TrainSettings(ema_decay=0.9).fingerprint() != TrainSettings().fingerprint()
+
+
+def test_ensemble_of_registered_fold_models(trained):
+    """MLflow loads models as torch.export programs, which refuse train() and
+    eval(): an ensemble of registry members must still load and average."""
+    from medseg.inference.model import ProbabilityEnsemble, load_model
+
+    single = load_model("models:/medseg-unit@fold0", trained["uri"])
+    both = load_model(["models:/medseg-unit@fold0", "models:/medseg-unit/1"], trained["uri"])
+    assert isinstance(both.module, ProbabilityEnsemble) and both.labels == single.labels
+    x = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(both.module(x), single.module(x))

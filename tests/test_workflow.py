@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from test_patient_data import assert_workflow_run_holds_no_patient_data
 from workflow_runs import SNAKEMAKE, TEST_CONFIG, copy_workflow, read_report, run_snakemake
 
@@ -46,9 +47,18 @@ def test_schema_errors_name_the_key(workdir, override, named):
     assert named in out
 
 
-def test_folder_source_needs_data_root(workdir):
-    proc = run_snakemake(workdir, "-n", "--configfile", "config/jsrt.yaml", check=False)
+@pytest.mark.parametrize("recipe", ["config/jsrt.yaml", "config/jsrt-cpu.yaml"])
+def test_folder_source_needs_data_root(workdir, recipe):
+    proc = run_snakemake(workdir, "-n", "--configfile", recipe, check=False)
     assert proc.returncode != 0 and "data_root" in proc.stdout + proc.stderr
+    # With a data_root, the recipe over the defaults passes the schema as Snakemake layers them.
+    from snakemake.utils import update_config, validate
+
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((workdir / recipe).read_text()))
+    config["data_root"] = "/data/jsrt"
+    validate(config, str(workdir / "workflow" / "schemas" / "config.schema.yaml"))
+    assert config["train"]["network"] == "unet" and config["train"]["ema_decay"] > 0
 
 
 def test_labels_must_use_known_structures(workdir):
@@ -198,7 +208,7 @@ def test_report_items_and_main_page(local_workflow_run, workflow_report):
 
 def test_jsrt_config_on_real_fold(workdir, jsrt_root):
     # Preprocessing only (training on the real fold is benchmarks/jsrt.py's job).
-    run_snakemake(workdir, "--configfile", "config/jsrt.yaml", "--config", f"data_root={jsrt_root}",
+    run_snakemake(workdir, "--configfile", "config/jsrt-cpu.yaml", "--config", f"data_root={jsrt_root}",
                   "preprocess={'size': 64}", "--", "results/jsrt-scr/splits.json", "results/jsrt-scr/preprocessed/preview.png")
     results = workdir / "results" / "jsrt-scr"
     manifest = pd.read_csv(results / "preprocessed" / "manifest.csv")

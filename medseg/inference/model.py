@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +13,8 @@ import torch
 
 from medseg.inference.ctr import DEFAULT_MIN_CONFIDENCE
 from medseg.preprocessing.intensity import DEFAULT_INTENSITY
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,6 +69,13 @@ class ProbabilityEnsemble(torch.nn.Module):
             raise ValueError("an ensemble needs at least one model")
         self.members = torch.nn.ModuleList(members)
 
+    def train(self, mode: bool = True) -> "ProbabilityEnsemble":
+        """Only this wrapper's flag: the members are inference modules, and
+        the ones MLflow loads (torch.export programs) refuse ``train()`` and
+        ``eval()`` altogether."""
+        self.training = mode
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = self.members[0](x)
         for member in self.members[1:]:
@@ -94,7 +103,11 @@ def ensemble(models: Sequence[LoadedModel], uri: str = "") -> LoadedModel:
         return first
     # The members' QC thresholds were calibrated on their own sharpness; an
     # average is less sharp, so the most lenient member's threshold applies.
-    return LoadedModel(ProbabilityEnsemble([m.module for m in models]).eval(), list(first.labels), first.size,
+    if any(m.thresholds for m in models):
+        log.warning("the ensemble of %s predicts at threshold 0.5 for every label: its members' own per-label "
+                    "thresholds were chosen for them alone (give --threshold to set another)",
+                    ", ".join(m.uri for m in models))
+    return LoadedModel(ProbabilityEnsemble([m.module for m in models]), list(first.labels), first.size,
                        dict(first.intensity), uri or "ensemble(" + ", ".join(m.uri for m in models) + ")",
                        min(m.min_confidence for m in models),
                        # Thresholds were chosen per member; the ensemble's own would need its own CV.
@@ -122,7 +135,16 @@ def checkpoint_contract(state: Mapping, path: Path) -> tuple[list[str], int, dic
             raise ValueError(f"{path}: this checkpoint does not record its intensity normalisation (written by an "
                              "older medseg) and has no model.json beside it; put it back beside its model.json")
         intensity = json.loads(summary.read_text())["intensity"]
-    return list(state["labels"]), int(state["size"]), dict(intensity)
+    if not {"lower_percentile", "upper_percentile"} <= set(intensity):
+        raise ValueError(f"{path}: its intensity window {intensity} lacks lower_percentile / upper_percentile")
+    labels = list(state["labels"])
+    thresholds = state.get("thresholds") or {}
+    unknown = sorted(set(thresholds) - set(labels))
+    bad = {k: v for k, v in thresholds.items() if not 0 < float(v) < 1}
+    if unknown or bad:
+        raise ValueError(f"{path}: its per-label thresholds name unknown labels {unknown} or lie outside (0, 1): "
+                         f"{bad}")
+    return labels, int(state["size"]), dict(intensity)
 
 
 def _from_checkpoint(path: Path) -> LoadedModel:
@@ -209,14 +231,17 @@ def load_model(model: str | Sequence[str], tracking_uri: str | None = None,
     from medseg.models import shipped_model
 
     path = Path(model)
-    shipped = shipped_model(model) if not path.exists() else None
+    # A checkpoint or JSON file first; then a shipped model's name (a folder
+    # of that name, e.g. an earlier --out, does not hide it); then MLflow.
+    is_file = path.is_file() and path.suffix in (".pt", ".json")
+    shipped = None if is_file else shipped_model(model)
     if shipped is not None:
         shipped.verify()
         loaded = _from_checkpoint(shipped.checkpoint)
         loaded.uri = f"{shipped.name} (shipped with medseg)"
-    elif path.suffix == ".pt" and path.exists():
+    elif is_file and path.suffix == ".pt":
         loaded = _from_checkpoint(path)
-    elif path.suffix == ".json" and path.exists():
+    elif is_file:
         loaded = _from_summary(path, tracking_uri)
     else:
         loaded = _from_mlflow(model, tracking_uri)

@@ -137,6 +137,7 @@ def _run_settings(model: LoadedModel, settings: PredictSettings) -> dict:
     its path or alias, which can point to other weights later) and the
     settings."""
     return {"model_uri": model.uri, "model_sha256": model.fingerprint(), "threshold": thresholds(model, settings),
+            "min_confidence": model.min_confidence,
             "tta": settings.tta, "postprocess": settings.postprocess, "write_seg": settings.write_seg,
             "read_options": repr(settings.read_options)}
 
@@ -631,7 +632,7 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
 # 0.1 mm² are far below what a radiograph's pixels resolve, a CTR to 4 digits,
 # seconds to the millisecond. Pixel spacings stay exact (millimetres are
 # computed from them); prediction.json keeps every value at full precision.
-RESULTS_DECIMALS = {"area_mm2_<label>": 1, "<name>_width_mm": 1, "ctr": 4, "seconds": 3}
+RESULTS_DECIMALS = {"area_mm2_<label>": 1, "<name>_width_mm": 1, "ctr": 4, "seconds": 3, "boundary_confidence": 4}
 
 
 def results_decimals(column: str) -> int | None:

@@ -5,17 +5,21 @@ Each model is a checkpoint (``<name>.pt``: weights plus the model's contract,
 see :func:`medseg.inference.model.checkpoint_contract`) and a card
 (``<name>.json``): what it was trained on, its cross-validation figures, its
 SHA-256 and the terms of its training data. ``medseg models`` prints the
-cards; ``scripts/train_shipped_model.py`` makes both files.
+cards; ``benchmarks/jsrt.py --ship NAME`` trains one and writes both files
+(docs/accuracy.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # ``medseg predict`` without --model uses this one, when it is shipped.
 DEFAULT_MODEL = "jsrt-cpu"
@@ -59,7 +63,13 @@ def shipped_models() -> list[ShippedModel]:
     """Every model shipped with this installation, by name."""
     models = []
     for card_path in sorted(_folder().glob("*.json")):
-        card = json.loads(card_path.read_text())
+        try:
+            card = json.loads(card_path.read_text())
+            if not isinstance(card, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:  # one broken card must not break every prediction
+            log.warning("shipped model card %s is unreadable (%s); that model is not offered", card_path, err)
+            continue
         models.append(ShippedModel(card_path.stem, card_path.with_name(card.get("file", f"{card_path.stem}.pt")),
                                    card))
     return models

@@ -28,6 +28,7 @@ PRESETS: dict[str, tuple[int, ...]] = {
     "cpu_medium": (16, 32, 64, 128, 256, 16),  # MONAI UNet tutorial widths (network "unet": the JSRT CPU recipe)
     "gpu_medium": (32, 32, 64, 128, 256, 32),  # MONAI's default widths
     "gpu_large": (64, 64, 128, 256, 512, 64),  # accuracy runs at 512-1024 px
+    "gpu_wide": (32, 64, 128, 256, 512, 32),  # cpu_medium x 2 (network "unet": the JSRT GPU recipe)
 }
 
 

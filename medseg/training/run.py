@@ -459,8 +459,9 @@ def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Se
         "tracking_uri": target.tracking_uri,
         "choice": choice if len(fold_summaries) > 1 else "best_fold",
         "folds": [s["fold"] for s in fold_summaries],
-        "fold_model_uris": [f"models:/{target.registered_model}@fold{s['fold']}" if s.get("model_version") else None
-                            for s in fold_summaries],
+        # Versions, not the @fold<k> aliases: a retrained fold moves its alias.
+        "fold_model_uris": [f"models:/{target.registered_model}/{s['model_version']}" if s.get("model_version")
+                            else None for s in fold_summaries],
         **means,
         **({"test_means": dict(test_metrics)} if test_metrics else {}),
     }
@@ -490,8 +491,11 @@ def finish_cv_run(target: TrackingTarget, parent_run_id: str, fold_summaries: Se
         description = client.get_run(parent_run_id).data.tags.get(DESCRIPTION_TAG, "").split("\n\nFolds trained:")[0]
         client.set_tag(parent_run_id, DESCRIPTION_TAG,
                        f"{description}\n\nFolds trained: {folds}; best fold {best['fold']} (registry alias "
-                       f"`{target.alias}`).")
+                       f"`{target.alias}`). New scans are predicted by "
+                       + (f"the ensemble of folds {folds} (probabilities averaged)." if summary["choice"] == "ensemble"
+                          else f"the best fold's model."))
         client.set_tag(parent_run_id, "n_folds", str(len(fold_summaries)))
+        client.set_tag(parent_run_id, "cv_choice", summary["choice"])
         if registered:
             client.set_registered_model_alias(target.registered_model, target.alias, best["model_version"])
             alias_tag = "registry.alias"

@@ -18,6 +18,10 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+# Fields added after checkpoints were first written, with their defaults.
+_ADDED_LATER: dict[str, Any] = {"ema_decay": 0.0}
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything that decides a training run's result.
@@ -122,6 +126,11 @@ class TrainSettings:
         data = self.to_dict()
         for volatile in ("num_workers", "device", "overlay_every"):
             data.pop(volatile)
+        # Settings added later hash only when set: a checkpoint written before
+        # they existed still resumes (same behaviour, same fingerprint).
+        for added, default in _ADDED_LATER.items():
+            if data.get(added) == default:
+                data.pop(added)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

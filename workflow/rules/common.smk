@@ -140,7 +140,10 @@ EVALUATION_SECTIONS = ("dataset", "structures", "labels", "mlflow", "predict")
 
 
 def evaluation_config_json():
-    return json.dumps({k: config[k] for k in EVALUATION_SECTIONS if k in config})
+    sections = {k: config[k] for k in EVALUATION_SECTIONS if k in config}
+    # predict.ensemble decides new-scan batches only, not the folds' evaluations.
+    sections["predict"] = {k: v for k, v in sections.get("predict", {}).items() if k != "ensemble"}
+    return json.dumps(sections)
 
 
 def report_labels(item, scope):

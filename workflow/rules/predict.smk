@@ -70,9 +70,14 @@ def batch_model(wildcards):
 
 
 def batch_model_file(wildcards):
-    """The model as a workflow input, unless it is an MLflow URI."""
+    """The model as a workflow input, unless it is an MLflow URI or the name
+    of a model shipped with medseg (``medseg models``)."""
+    from medseg.models import shipped_models
+
     model = batch_model(wildcards)
-    return [] if model.startswith(MODEL_URI_SCHEMES) else [model]
+    if model.startswith(MODEL_URI_SCHEMES) or model in {m.name for m in shipped_models()}:
+        return []
+    return [model]
 
 
 rule inference_inputs:
