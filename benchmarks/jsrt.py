@@ -245,6 +245,7 @@ def ship(config: dict, args, pre, out: Path, target) -> None:
     import torch
 
     from medseg.models import _folder
+    from medseg.tracking import client_for
     from medseg.preprocessing.splits import write_splits
     from medseg.training.run import train_fold
     from medseg.training.settings import TrainSettings
@@ -281,6 +282,9 @@ def ship(config: dict, args, pre, out: Path, target) -> None:
         raise SystemExit(f"--cv-from {args.cv_from} was scored with thresholds {cv.get('model_thresholds')}, "
                          f"not {args.model_thresholds}")
     state = torch.load(out / "all-cases" / "best.pt", map_location="cpu", weights_only=False)
+    # Where it trained, as the training run recorded it (e.g. "cpu:1threads").
+    run_id = json.loads((out / "all-cases" / "model.json").read_text())["run_id"]
+    device = client_for(target.tracking_uri).get_run(run_id).data.tags.get("device", "unknown")
     slim = {key: state[key] for key in ("settings", "labels", "size", "intensity", "dataset_fingerprint")}
     # float16 halves the file; prediction runs in float32 (the loader casts).
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
@@ -304,11 +308,12 @@ def ship(config: dict, args, pre, out: Path, target) -> None:
         "training": {"data": f"all {len(ids)} radiographs of {args.data_root.name} (JSRT/SCR, SCR fold 1)",
                      "recipe": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT)
                      else str(args.config),
-                     "epochs": settings.epochs, "seconds": round(seconds), "device": "2-core CPU",
+                     "epochs": settings.epochs, "seconds": round(seconds), "device": device,
                      "dataset_fingerprint": state["dataset_fingerprint"]},
         "cross_validation": {
-            "protocol": f"the same recipe, {len(cv['folds'])}-fold cross-validation inside SCR fold 1 "
-                        f"(held-out folds {', '.join(map(str, cv['folds']))})",
+            "protocol": f"the same recipe trained on the other folds of a 5-fold split of SCR fold 1, scored on "
+                        f"held-out fold{'s' if len(cv['folds']) > 1 else ''} {', '.join(map(str, cv['folds']))}"
+                        + (" (the tuning fold: these cases also chose the recipe)" if 0 in cv["folds"] else ""),
             "n_cases": cv["n_cases"],
             "structures": {label: {m: figures[f"{m}/{label}"] for m in ("jaccard", "dice", "hd95_mm", "assd_mm")}
                            for label in REPORTED if f"jaccard/{label}" in figures},
@@ -328,14 +333,22 @@ def markdown_table(rows: list[dict]) -> str:
     """The experiments table of docs/accuracy.md: one line per row of
     ``--table`` (config and overrides, held-out folds, Jaccard per structure,
     clavicle HD95, CTR error, cardiomegaly agreement, training minutes)."""
-    lines = ["| experiment | changes from the config | held-out folds (cases) | Jaccard lungs | heart | clavicles "
+    lines = ["| experiment | recipe | held-out folds (cases) | Jaccard lungs | heart | clavicles "
              "| HD95 mm lungs / heart / clavicles | CTR abs. error | cardiomegaly agreement | train min / fold |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         f = row["figures"]
+        t = row["train"]
+        recipe = (f"{t['network']} {t['preset']}, {row['preprocess']['size']} px, {t['optimizer']} "
+                  f"{t['learning_rate']:g} {t['scheduler']}, {t['epochs']} epochs"
+                  + (f" x {t['samples_per_epoch']}" if t.get("samples_per_epoch") else "")
+                  + (f", EMA {t['ema_decay']:g}" if t.get("ema_decay") else "")
+                  + (f", thresholds {row['model_thresholds']}" if row.get("model_thresholds") else "")
+                  + (f", averaged with {', '.join(row['ensemble_with'])}" if row.get("ensemble_with") else "")
+                  + (", TTA" if row["predict"].get("tta") else ""))
         hd95 = " / ".join(f"{f.get(f'hd95_mm/{k}', math.nan):.1f}" for k in REPORTED)
         lines.append(
-            f"| {row['name']} | {Path(row['config']).name} {' '.join(row['overrides']) or ''} | "
+            f"| {row['name']} | {recipe} | "
             f"{' '.join(map(str, row['folds']))} ({row['n_cases']}) | {f['jaccard/lungs']:.3f} | {f['jaccard/heart']:.3f} "
             f"| {f['jaccard/clavicles']:.3f} | {hd95} | {f['ctr_abs_error_mean']:.4f} | "
             f"{100 * f['cardiomegaly_agreement']:.0f} % | {row['seconds']['train_per_fold'] / 60:.1f} |")

@@ -55,7 +55,7 @@ def test_predict_without_model_uses_the_shipped_one_on_jsrt_radiographs(jsrt_roo
     the contract), the cross-validation figures in its card check accuracy."""
     scans = tmp_path / "scans"
     scans.mkdir()
-    cases = ["JPCLN001", "JPCNN010"]
+    cases = ["JPCLN001", "JPCNN011"]
     for case in cases:
         shutil.copy(jsrt_root / "images" / f"{case}.png", scans)
     out = tmp_path / "out"

@@ -112,6 +112,9 @@ def describe_shipped_model(model: ShippedModel, default: bool = False) -> str:
         if "ctr_abs_error_mean" in cv:
             lines.append(f"    CTR |error| vs the expert masks: mean {cv['ctr_abs_error_mean']:.4f}; cardiomegaly "
                          f"agreement {100 * cv.get('cardiomegaly_agreement', float('nan')):.1f} %")
+    if card.get("qc", {}).get("min_confidence") is not None:
+        lines.append(f"  QC: low_confidence below a boundary confidence of {card['qc']['min_confidence']:g} "
+                     "(chosen on held-out cases)")
     if card.get("terms"):
         lines.append(f"  terms: {card['terms']}")
     return "\n".join(lines)
