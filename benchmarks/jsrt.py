@@ -285,6 +285,7 @@ def ship(config: dict, args, pre, out: Path, target) -> None:
     # Where it trained, as the training run recorded it (e.g. "cpu:1threads").
     run_id = json.loads((out / "all-cases" / "model.json").read_text())["run_id"]
     device = client_for(target.tracking_uri).get_run(run_id).data.tags.get("device", "unknown")
+    device = device.replace("cpu:1threads", "one CPU core").replace("threads", " CPU threads").replace("cpu:", "")
     slim = {key: state[key] for key in ("settings", "labels", "size", "intensity", "dataset_fingerprint")}
     # float16 halves the file; prediction runs in float32 (the loader casts).
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
@@ -311,9 +312,10 @@ def ship(config: dict, args, pre, out: Path, target) -> None:
                      "epochs": settings.epochs, "seconds": round(seconds), "device": device,
                      "dataset_fingerprint": state["dataset_fingerprint"]},
         "cross_validation": {
-            "protocol": f"the same recipe trained on the other folds of a 5-fold split of SCR fold 1, scored on "
-                        f"held-out fold{'s' if len(cv['folds']) > 1 else ''} {', '.join(map(str, cv['folds']))}"
-                        + (" (the tuning fold: these cases also chose the recipe)" if 0 in cv["folds"] else ""),
+            "protocol": f"models of the same recipe trained on the other folds of a 5-fold split of SCR fold 1 "
+                        f"(~84 cases each; this model trained on all {len(ids)}), scored on held-out "
+                        f"fold{'s' if len(cv['folds']) > 1 else ''} {', '.join(map(str, cv['folds']))}"
+                        + (", the tuning fold: these cases also chose the recipe" if 0 in cv["folds"] else ""),
             "n_cases": cv["n_cases"],
             "structures": {label: {m: figures[f"{m}/{label}"] for m in ("jaccard", "dice", "hd95_mm", "assd_mm")}
                            for label in REPORTED if f"jaccard/{label}" in figures},

@@ -74,6 +74,13 @@ def _probability(text: str) -> float:
     return value
 
 
+def _positive_mm(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number of mm, got {text}")
+    return value
+
+
 def _chunk(text: str):
     from medseg.inference.predict import Chunk
 
@@ -87,8 +94,10 @@ def _add_read_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reading images without metadata (PNG/JPEG/TIFF)")
     group.add_argument("--invert", action="store_true",
                        help="PNG/JPEG/TIFF are stored white-is-zero (bone dark), e.g. the JSRT PNGs")
-    group.add_argument("--pixel-spacing", type=float, default=1.0, metavar="MM",
-                       help="pixel spacing for PNG/JPEG/TIFF, and fallback for DICOM without one (default 1.0)")
+    group.add_argument("--pixel-spacing", type=_positive_mm, default=1.0, metavar="MM",
+                       help="pixel spacing for PNG/JPEG/TIFF, and fallback for DICOM without one (default 1.0; "
+                            "the plausibility check and the widths in mm need the true value, e.g. 0.35 for the "
+                            "JSRT PNGs)")
     group.add_argument("--no-voi", action="store_true", help="do not apply the DICOM VOI LUT / window")
 
 
@@ -429,7 +438,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         log.info("--model not given: using %s, shipped with medseg (`medseg models` shows its figures and the "
                  "terms of its training data)", args.model[0])
     names = {m.name for m in shipped_models()}
+    if len(set(args.model)) < len(args.model):
+        log.warning("--model names the same model more than once: it is averaged with itself (no gain, more time)")
     for reference in args.model:
+        if Path(reference).is_dir() and not (Path(reference) / "MLmodel").is_file():
+            log.error("model %s is a folder; give its best.pt, model.json or summary.json (or an MLflow model "
+                      "folder, which holds an MLmodel file)", reference)
+            return EXIT_USAGE
         if not reference.startswith(("models:/", "runs:/")) and not Path(reference).exists() and reference not in names:
             log.error("model %s: file not found (give a best.pt, a model.json, models/summary.json, an MLflow "
                       "models:/ or runs:/ URI, or a shipped model: %s)", reference, ", ".join(sorted(names)) or "none")

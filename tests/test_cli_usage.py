@@ -66,6 +66,9 @@ PREDICT_CASES = [
     (("--chunk", "a/b"), "argument --chunk: chunk 'a/b': expected I/N, e.g. 0/4"),
     (("--chunk", "1/2/3"), "argument --chunk: chunk '1/2/3': expected I/N, e.g. 0/4"),
     (("--labels", '{"lungs": ["left_lung"]}'), "unrecognized arguments: --labels"),  # predict takes none
+    (("--pixel-spacing", "0"), "argument --pixel-spacing: must be a positive number of mm, got 0"),
+    (("--pixel-spacing=-0.35",), "argument --pixel-spacing: must be a positive number of mm, got -0.35"),
+    (("--pixel-spacing", "nan"), "argument --pixel-spacing: must be a positive number of mm, got nan"),
 ]
 
 
@@ -90,6 +93,15 @@ def test_predict_missing_model_is_exit_2(folders, capsys, caplog):
     assert rc == 2, text
     assert len(_error_lines(text)) == 1, text
     assert "model /nonexistent/best.pt: file not found" in _error_lines(text)[0]
+    assert not folders["out"].exists()
+
+
+def test_predict_model_folder_is_exit_2_and_says_what_to_give(folders, capsys, caplog):
+    argv = _predict(folders)
+    argv[argv.index("--model") + 1] = folders["tmp"] / "pred"  # a folder, not an MLflow model folder
+    rc, text = _run_in_process(argv, capsys, caplog)
+    assert rc == 2, text
+    assert len(_error_lines(text)) == 1 and "is a folder; give its best.pt" in _error_lines(text)[0], text
     assert not folders["out"].exists()
 
 

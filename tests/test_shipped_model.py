@@ -36,6 +36,10 @@ def test_shipped_model_is_complete_small_and_listed():
     assert set(cv["structures"]) == {"lungs", "heart", "clavicles"} and cv["n_cases"] >= 20
     assert all(0.5 < cv["structures"][k]["jaccard"] <= 1 for k in cv["structures"])
     assert "research" in card["terms"] and "JSRT" in card["terms"]
+    from medseg.inference.model import load_model
+
+    # The card itself is a model reference too (it names its weights).
+    assert load_model(str(model.checkpoint.with_suffix(".json"))).uri.startswith(f"{DEFAULT_MODEL} (shipped")
     listing = _run("models")
     assert listing.returncode == 0, listing.stderr
     assert f"{DEFAULT_MODEL}  (default --model)" in listing.stdout

@@ -195,6 +195,9 @@ def _from_summary(path: Path, tracking_uri: str | None) -> LoadedModel:
     ``summary.json``: the chosen model (``choice``: the folds' ensemble or
     the best fold) through the registry, or from the folds' ``best.pt``."""
     summary = json.loads(path.read_text())
+    if "sha256" in summary and "file" in summary:  # a shipped model's card (medseg/models/<name>.json)
+        return load_model(summary.get("name", path.stem)) if path.resolve().parent == _shipped_folder() else \
+            _from_checkpoint(path.parent / summary["file"])
     if summary.get("choice") == "ensemble":
         uris = summary.get("fold_model_uris") or [None] * len(summary["folds"])
         tracking = tracking_uri or summary.get("tracking_uri")
@@ -206,6 +209,12 @@ def _from_summary(path: Path, tracking_uri: str | None) -> LoadedModel:
     if "best_fold" in summary:
         return _from_checkpoint(path.parent / f"fold{summary['best_fold']}" / "best.pt")
     return _from_checkpoint(path.parent / "best.pt")
+
+
+def _shipped_folder() -> Path:
+    from medseg.models import _folder
+
+    return _folder().resolve()
 
 
 def load_model(model: str | Sequence[str], tracking_uri: str | None = None,

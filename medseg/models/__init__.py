@@ -100,18 +100,19 @@ def describe_shipped_model(model: ShippedModel, default: bool = False) -> str:
     if training:
         lines.append(f"  trained on: {training.get('data', '?')} with {training.get('recipe', '?')}"
                      f" ({training.get('epochs', '?')} epochs, {training.get('seconds', 0) / 60:.0f} min on "
-                     f"{training.get('device', '?')})")
+                     f"{training.get('device', '?')}); scans from this data set are its training cases, not a test")
     cv = card.get("cross_validation", {})
     if cv:
-        lines.append(f"  cross-validation ({cv.get('protocol', '')}; {cv.get('n_cases', '?')} held-out cases, "
-                     "scored at 1024 x 1024):")
+        lines.append(f"  held-out figures of its recipe ({cv.get('protocol', '')}; {cv.get('n_cases', '?')} "
+                     "held-out cases, scored at 1024 x 1024):")
         lines.append(f"    {'structure':<10} {'Jaccard':>8} {'Dice':>7} {'HD95 mm':>8} {'ASSD mm':>8}")
         for label, figures in cv.get("structures", {}).items():
             lines.append(f"    {label:<10} {figures['jaccard']:>8.3f} {figures['dice']:>7.3f} "
                          f"{figures['hd95_mm']:>8.2f} {figures['assd_mm']:>8.2f}")
         if "ctr_abs_error_mean" in cv:
             lines.append(f"    CTR |error| vs the expert masks: mean {cv['ctr_abs_error_mean']:.4f}; cardiomegaly "
-                         f"agreement {100 * cv.get('cardiomegaly_agreement', float('nan')):.1f} %")
+                         f"(CTR > 0.5) called as by the expert masks in "
+                         f"{100 * cv.get('cardiomegaly_agreement', float('nan')):.1f} % of cases")
     if card.get("qc", {}).get("min_confidence") is not None:
         lines.append(f"  QC: low_confidence below a boundary confidence of {card['qc']['min_confidence']:g} "
                      "(chosen on held-out cases)")
