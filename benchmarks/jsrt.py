@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from snakemake.utils import update_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,17 +49,6 @@ PUBLISHED = {
     "Kholiavchenko et al. 2020": (0.971, 0.933, 0.903),
 }
 REPORTED = ("lungs", "heart", "clavicles")
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    """``update`` over ``base``, nested mappings merged key by key."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def apply_override(config: dict, text: str) -> None:
@@ -77,7 +67,7 @@ def load_config(path: Path, overrides: list[str]) -> dict:
     """config/config.yaml, then ``path``, then the overrides (as Snakemake
     layers --configfile over the default)."""
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    config = deep_merge(config, yaml.safe_load(path.read_text()) or {})
+    update_config(config, yaml.safe_load(path.read_text()) or {})
     for text in overrides:
         apply_override(config, text)
     return config
@@ -254,13 +244,11 @@ def ship(config: dict, args, pre, out: Path, target) -> None:
     write_splits(out / "all-cases.json", {"scheme": "all", "seed": 0, "val_fraction": 0.0,
                                           "folds": [{"train": ids, "val": [], "test": []}]})
     settings = TrainSettings.from_dict(config["train"])
-    started = time.perf_counter()
     train_fold(settings=settings, labels={k: tuple(v) for k, v in config["labels"].items()},
                manifest=pre.manifest_path, splits=out / "all-cases.json", fold=0, out_dir=out / "all-cases",
                target=target, params={"benchmark": "jsrt-ship"},
                intensity={"lower_percentile": config["preprocess"]["lower_percentile"],
                           "upper_percentile": config["preprocess"]["upper_percentile"]})
-    seconds = time.perf_counter() - started
     history = pd.read_csv(out / "all-cases" / "metrics.csv")
     seconds = float(history["epoch_seconds"].sum())  # the training itself, also when this reran a finished one
     # Read after training, so the two can run side by side; rerunning --ship
