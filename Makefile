@@ -34,8 +34,12 @@ jsrt: setup
 	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES) \
 	    --configfile $(JSRT_CONFIG) --config data_root=$(JSRT_DATA)
 
+# Two pytest-xdist workers: the suite waits on services, SLURM and
+# subprocesses for much of its time (tests/conftest.py groups the tests).
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf results logs .snakemake

@@ -4,6 +4,7 @@ MEDSEG_REQUIRE_ALL_TESTS=1 (CI), no test may skip (see requirements_switch.py)."
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,13 +84,7 @@ def workflow_report(local_workflow_run) -> Path:
     return local_workflow_run / "report.html"
 
 
-@pytest.fixture(scope="session")
-def model_and_scans(tmp_path_factory):
-    """A small phantom-trained checkpoint and non-square phantom DICOMs to predict.
-
-    Session-scoped: the prediction tests (test_predict.py, test_plausibility.py)
-    share one trained model. Returns (best.pt path, folder of 4 DICOM scans).
-    """
+def _train_model_and_scans(tmp: Path) -> None:
     from medseg.phantoms.write import write_phantom_dataset
     from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, preprocess_dataset
     from medseg.structures import DEFAULT_LABELS
@@ -97,7 +92,6 @@ def model_and_scans(tmp_path_factory):
     from medseg.training.settings import TrainSettings
     from medseg.training.trainer import Trainer
 
-    tmp = tmp_path_factory.mktemp("predict")
     write_phantom_dataset(tmp / "raw", n=16, seed=5, shape=(160, 128), pixel_spacing_mm=1.4)
     result = preprocess_dataset(DatasetSpec(tmp / "raw" / "images", tmp / "raw" / "masks"),
                                 PreprocessSettings(size=64), tmp / "pre")
@@ -110,7 +104,50 @@ def model_and_scans(tmp_path_factory):
     scans.mkdir()
     for case in ids[12:]:  # unseen cases
         (scans / f"{case}.dcm").write_bytes((tmp / "raw" / "images" / f"{case}.dcm").read_bytes())
-    return tmp / "model" / "best.pt", scans
+
+
+@pytest.fixture(scope="session")
+def model_and_scans(tmp_path_factory):
+    """A small phantom-trained checkpoint and non-square phantom DICOMs to predict.
+
+    Session-scoped: the prediction tests (test_predict.py, test_plausibility.py,
+    ...) share one trained model; under pytest-xdist the workers share it too
+    (built by whichever needs it first, under a file lock: pytest-xdist's
+    documented way to run a session fixture once). Tests must not modify it.
+    Returns (best.pt path, folder of 4 DICOM scans).
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # not under pytest-xdist
+        tmp = tmp_path_factory.mktemp("predict")
+        _train_model_and_scans(tmp)
+    else:
+        from filelock import FileLock
+
+        shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above the workers' own
+        tmp = shared / "model-and-scans"
+        with FileLock(str(shared / "model-and-scans.lock")):
+            if not (tmp / "ready").exists():
+                shutil.rmtree(tmp, ignore_errors=True)  # a worker that died half-way
+                _train_model_and_scans(tmp)
+                (tmp / "ready").touch()
+    return tmp / "model" / "best.pt", tmp / "scans"
+
+
+# Fixtures so costly that the tests using them stay on one xdist worker
+# (`make test` runs `pytest -n 2 --dist loadgroup`): built once, not per worker.
+_SHARED_RUN_FIXTURES = ("local_workflow_run", "workflow_report")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups for ``--dist loadgroup``: the tests of the shared workflow run
+    (end-to-end, dashboards, SLURM comparison) together, every other test
+    with its module, whose module-scoped fixtures (a PostgreSQL stack, a
+    SLURM cluster, a trained run) are then set up once."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in _SHARED_RUN_FIXTURES):
+            group = "shared-workflow-run"
+        else:
+            group = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ bad configs and unreachable trackers are refused before any work."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ from medseg.preprocessing.preprocess import DatasetSpec, PreprocessSettings, pre
 from medseg.preprocessing.splits import make_splits, write_splits
 from medseg.tracking import client_for
 from medseg.tracking_server import start_mlflow_server, stop_process_group, wait_until_healthy
+from medseg.training.data import AugmentSettings
 
 MEDSEG = [sys.executable, "-m", "medseg"]
 
@@ -509,6 +511,37 @@ def test_settings_fingerprint_unchanged_by_settings_added_later():
     assert TrainSettings().fingerprint() == "36e8e872359d58c5"
     assert TrainSettings(preset="cpu_tiny", epochs=3).fingerprint() == "aa3ad205d407998f"
     assert TrainSettings(ema_decay=0.9).fingerprint() != TrainSettings().fingerprint()
+    assert TrainSettings(patch_size=32).fingerprint() != TrainSettings().fingerprint()
+
+
+def test_patch_training_samples_patches_and_validates_whole_images(tmp_path):
+    """train.patch_size: the network is optimised on P x P patches of the
+    preprocessed images, but validation and the checkpoint's contract are
+    the whole image (prediction needs no patches); sizes that the network
+    cannot halve 4 times, or larger than the images, are refused."""
+    from medseg.structures import DEFAULT_LABELS
+    from medseg.training.data import load_cases
+    from medseg.training.settings import TrainSettings
+    from medseg.training.trainer import Trainer
+
+    manifest, splits = _dataset(tmp_path, n=10, size=64)
+    fold = json.loads(splits.read_text())["folds"][0]
+    train = load_cases(manifest, fold["train"], DEFAULT_LABELS)
+    val = load_cases(manifest, fold["val"], DEFAULT_LABELS)
+    settings = TrainSettings(preset="cpu_tiny", epochs=1, samples_per_epoch=16, patch_size=32)
+    for augment in (True, False):
+        trainer = Trainer(dataclasses.replace(settings, augment=AugmentSettings(enabled=augment)),
+                          list(DEFAULT_LABELS), train, val, tmp_path / f"run-{augment}")
+        shapes = {tuple(b["image"].shape[-2:]) for b in trainer._loader(1)}
+        assert shapes == {(32, 32)}, shapes
+    trainer.fit()
+    best = torch.load(tmp_path / "run-False" / "best.pt", map_location="cpu", weights_only=False)
+    assert best["size"] == 64 and best["settings"]["patch_size"] == 32
+    assert trainer._last_val_logits.shape[-2:] == (64, 64)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        TrainSettings(patch_size=40)
+    with pytest.raises(ValueError, match="larger than the preprocessed size"):
+        Trainer(TrainSettings(preset="cpu_tiny", patch_size=128), list(DEFAULT_LABELS), train, val, tmp_path / "x")
 
 
 def test_ensemble_of_registered_fold_models(trained):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from monai.transforms import (
     Compose,
+    CenterSpatialCropd,
     RandAdjustContrastd,
     RandAffined,
     RandGaussianNoised,
@@ -24,6 +25,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     Rand2DElasticd,
+    RandSpatialCropd,
 )
 
 from medseg.nifti import load_nifti_2d
@@ -58,13 +60,31 @@ class AugmentSettings:
     blur: bool = True
 
 
-def augmentation(settings: AugmentSettings, size: int) -> Compose | None:
-    """Dict transform over {"image": (1, S, S), "label": (C, S, S)}; None when off."""
+def augmentation(settings: AugmentSettings, size: int, patch_size: int = 0) -> Compose | None:
+    """Dict transform over {"image": (1, S, S), "label": (C, S, S)}; None when
+    off and no patches are cut.
+
+    Args:
+        settings: what to randomise.
+        size: S, the preprocessed side in pixels.
+        patch_size: P > 0 and < S: every sample becomes a random P x P patch
+            (outputs (1, P, P) and (C, P, P)), nnU-Net's way of training at a
+            resolution whose whole images would cost too much per step. The
+            patch is cut with a margin before the spatial transforms, which
+            then see real pixels at its corners, and centred to P after them.
+    """
+    crops = 0 < patch_size < size
     if not settings.enabled:
-        return None
+        return Compose([RandSpatialCropd(keys=("image", "label"), roi_size=(patch_size, patch_size),
+                                         random_size=False)]) if crops else None
     p = settings.probability
+    transforms = []
+    if crops:
+        margin = min(size, int(round(patch_size * 1.25)))
+        transforms.append(RandSpatialCropd(keys=("image", "label"), roi_size=(margin, margin), random_size=False))
+        size = margin
     shift = settings.translate * size
-    transforms = [
+    transforms += [
         RandAffined(
             keys=("image", "label"), prob=p, mode=("bilinear", "nearest"), padding_mode="zeros",
             rotate_range=(np.deg2rad(settings.rotate_deg),),
@@ -87,6 +107,8 @@ def augmentation(settings: AugmentSettings, size: int) -> Compose | None:
         transforms.append(RandGaussianNoised(keys="image", std=settings.noise_std, prob=p))
     if settings.blur:
         transforms.append(RandGaussianSmoothd(keys="image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), prob=p / 2))
+    if crops:
+        transforms.append(CenterSpatialCropd(keys=("image", "label"), roi_size=(patch_size, patch_size)))
     return Compose(transforms)
 
 

@@ -19,7 +19,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 # Fields added after checkpoints were first written, with their defaults.
-_ADDED_LATER: dict[str, Any] = {"ema_decay": 0.0}
+_ADDED_LATER: dict[str, Any] = {"ema_decay": 0.0, "patch_size": 0}
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class TrainSettings:
             every step (0 = off). Validation, ``best.pt`` and the logged model
             use the averaged weights (Polyak averaging; e.g. 0.99 averages
             over about the last 100 steps).
+        patch_size: train on random patch_size x patch_size patches of the
+            preprocessed images (0 = whole images); validation and prediction
+            still see whole images. Multiple of 16 (the network's 4 halvings).
     """
 
     network: str = "basic_unet"
@@ -75,6 +78,7 @@ class TrainSettings:
     num_workers: int = -1
     augment: AugmentSettings = AugmentSettings()
     ema_decay: float = 0.0
+    patch_size: int = 0
 
     def __post_init__(self) -> None:
         NetworkSpec(self.network, self.preset, self.upsample)  # raises on bad names
@@ -88,6 +92,8 @@ class TrainSettings:
             (self.device in DEVICES, f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}"),
             (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (self.patch_size >= 0 and self.patch_size % 16 == 0,
+             f"patch_size must be 0 or a positive multiple of 16, got {self.patch_size}"),
             (self.validate_every >= 1, f"validate_every must be at least 1, got {self.validate_every}"),
             (self.overlay_every >= 1, f"overlay_every must be at least 1, got {self.overlay_every}"),
             (self.lambda_dice >= 0 and self.lambda_ce >= 0 and self.lambda_dice + self.lambda_ce > 0,

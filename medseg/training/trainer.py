@@ -249,7 +249,9 @@ class Trainer:
         self.optimizer = build_optimizer(settings, self.model.parameters())
         self.scheduler = build_scheduler(settings, self.optimizer)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.amp_dtype == torch.float16)
-        self.transform = augmentation(settings.augment, self.size)
+        if settings.patch_size > self.size:
+            raise ValueError(f"train.patch_size {settings.patch_size} is larger than the preprocessed size {self.size}")
+        self.transform = augmentation(settings.augment, self.size, settings.patch_size)
         self.dataset = AugmentedCases(train_cases, self.transform, settings.samples_per_epoch)
         self.history: list[dict] = []
         self.best_mean_dice = -math.inf
