@@ -671,7 +671,7 @@ def _plan_evaluation_run(args: argparse.Namespace, config: dict, labels: dict):
     params = {"truth_format": args.truth_format, "predictions": str(args.predictions), **flatten({"labels": labels})}
     if len(settings) == 1:
         params.update({f"predict.{k}": str(v) for k, v in settings[0].items()
-                       if k in ("threshold", "tta", "postprocess", "model_sha256")})
+                       if k in ("threshold", "tta", "postprocess", "model_weights_sha256")})
     tags = {"medseg.version": __version__, "git.commit": git_commit()}
     return target, link, params, tags
 

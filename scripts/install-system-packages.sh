@@ -13,4 +13,5 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q >/dev/null || true  # a stale index still works when the packages are cached
-$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+# Wait for another apt/dpkg run (e.g. a parallel test worker) instead of failing.
+$SUDO apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600 "${missing[@]}" >/dev/null

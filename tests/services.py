@@ -13,6 +13,7 @@ import functools
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from requirements_switch import skip_or_fail
@@ -27,12 +28,17 @@ INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-system-packages.sh"
 
 @functools.cache
 def _install_attempt() -> str | None:
-    """Run the install script once per session; None on success, else why not."""
+    """Run the install script once per session (per pytest-xdist worker, one
+    at a time: apt and dpkg refuse a second installer); None on success, else
+    why not."""
     if shutil.which("apt-get") is None:
         return "apt-get not available"
     if os.geteuid() != 0 and shutil.which("sudo") is None:
         return "not root (and no sudo) to install Debian packages"
-    proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900)
+    from filelock import FileLock
+
+    with FileLock(os.path.join(tempfile.gettempdir(), "medseg-install-system-packages.lock"), timeout=1200):
+        proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         return f"{INSTALL_SCRIPT.name} failed: {(proc.stderr or proc.stdout)[-500:]}"
     return None

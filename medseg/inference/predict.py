@@ -135,8 +135,11 @@ def thresholds(model: LoadedModel, settings: PredictSettings) -> float | dict[st
 def _run_settings(model: LoadedModel, settings: PredictSettings) -> dict:
     """What a result depends on besides the file: the model's weights (not
     its path or alias, which can point to other weights later) and the
-    settings."""
-    return {"model_uri": model.uri, "model_sha256": model.fingerprint(), "threshold": thresholds(model, settings),
+    settings. ``model_weights_sha256`` is :meth:`LoadedModel.fingerprint`
+    (the weights' tensors, labels, size and intensity window), not the SHA-256
+    of a checkpoint file: the same weights give the same value whatever path,
+    alias or registry version they were loaded through."""
+    return {"model_uri": model.uri, "model_weights_sha256": model.fingerprint(), "threshold": thresholds(model, settings),
             "min_confidence": model.min_confidence,
             "tta": settings.tta, "postprocess": settings.postprocess, "write_seg": settings.write_seg,
             "read_options": repr(settings.read_options)}
