@@ -53,7 +53,9 @@ class TrainSettings:
             over about the last 100 steps).
         patch_size: train on random patch_size x patch_size patches of the
             preprocessed images (0 = whole images); validation and prediction
-            still see whole images. Multiple of 16 (the network's 4 halvings).
+            still see whole images (which measured poorly after patch
+            training: docs/accuracy.md, s6). Multiple of 16 (the network's
+            4 halvings).
     """
 
     network: str = "basic_unet"
