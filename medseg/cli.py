@@ -94,10 +94,11 @@ def _add_read_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reading images without metadata (PNG/JPEG/TIFF)")
     group.add_argument("--invert", action="store_true",
                        help="PNG/JPEG/TIFF are stored white-is-zero (bone dark), e.g. the JSRT PNGs")
-    group.add_argument("--pixel-spacing", type=_positive_mm, default=1.0, metavar="MM",
-                       help="pixel spacing for PNG/JPEG/TIFF, and fallback for DICOM without one (default 1.0; "
-                            "the plausibility check and the widths in mm need the true value, e.g. 0.35 for the "
-                            "JSRT PNGs)")
+    group.add_argument("--pixel-spacing", type=_positive_mm, default=None, metavar="MM",
+                       help="pixel spacing for PNG/JPEG/TIFF, and fallback for DICOM without one (spacing_source "
+                            "'given'); without it 1.0 mm is assumed (spacing_source 'assumed', with a warning). "
+                            "The plausibility check and the sizes in mm need the true value, e.g. 0.35 for the "
+                            "JSRT PNGs")
     group.add_argument("--no-voi", action="store_true", help="do not apply the DICOM VOI LUT / window")
 
 
@@ -150,13 +151,24 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     results, failures = run_batch(inputs.files, describe, label="ingest", name_of=lambda entry: str(entry.path))
     for record in results:
         print(json.dumps(record, ensure_ascii=False))
+    _warn_assumed_spacing("ingest", [record["spacing_source"] for record in results])
     report_failures(failures, len(inputs.files), "ingest", skipped=len(inputs.skipped))
     return EXIT_FAILURES if failures else EXIT_OK
 
 
+def _warn_assumed_spacing(label: str, sources: Sequence[str]) -> None:
+    """One warning for the batch when some inputs were read with the assumed spacing."""
+    from medseg.ingest.types import SPACING_ASSUMED, assumed_spacing_warning
+
+    assumed = sum(source == SPACING_ASSUMED for source in sources)
+    if assumed:
+        log.warning("%s: %s", label, assumed_spacing_warning(assumed, len(sources)))
+
+
 def _collect(inputs: Sequence[str], case_id_from: str = "filename", exclude: Sequence[str] = ()):
-    """The run's inputs with their case IDs; a bad list file or missing
-    folder is bad usage (ValueError / FileNotFoundError reach main)."""
+    """The run's inputs with their case IDs; a bad list file or an input
+    path that does not exist is bad usage (ValueError here, FileNotFoundError
+    in main: exit 2, naming the path, before anything is read or written)."""
     from medseg.ingest.inputs import collect_inputs
 
     try:
@@ -460,7 +472,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     inputs = _collect(args.inputs, args.case_id_from, exclude=[args.out])  # --out may lie in an input folder
     files = inputs.files
     if not files:
-        log.error("no input files found in %s", " ".join(args.inputs))
+        log.error("no input files found in %s%s", " ".join(args.inputs),
+                  f" ({len(inputs.skipped)} files that are not images skipped)" if inputs.skipped else "")
         return EXIT_USAGE
 
     from medseg.inference.model import load_model

@@ -105,6 +105,44 @@ def test_predict_model_folder_is_exit_2_and_says_what_to_give(folders, capsys, c
     assert not folders["out"].exists()
 
 
+@pytest.mark.parametrize("command", ["predict", "ingest", "list-inputs"])
+def test_missing_input_path_is_exit_2_naming_it(folders, capsys, caplog, command):
+    """A mistyped input folder, alone or beside a good one: exit 2 and one
+    line naming it (not the good one), before any output is written; not a
+    batch of one failed "scan" with an empty overlay sheet."""
+    tmp = folders["tmp"]
+    missing, other = tmp / "scnas", tmp / "nope.dcm"
+    for inputs, named in (([missing], [missing]), ([tmp / "scans", missing], [missing]),
+                          ([missing, tmp / "scans", other], [missing, other])):
+        if command == "predict":
+            argv = ["predict", *inputs, "--model", tmp / "best.pt", "--out", folders["out"]]
+        elif command == "list-inputs":
+            argv = ["list-inputs", *inputs, "--out", folders["out"]]
+        else:
+            argv = ["ingest", *inputs]
+        caplog.clear()
+        rc, text = _run_in_process(argv, capsys, caplog)
+        _assert_one_usage_error(rc, text, "not found")
+        line = _error_lines(text)[0]
+        assert all(str(path) in line for path in named), line
+        assert str(tmp / "scans") not in line.replace(str(tmp / "scnas"), ""), line
+        assert not folders["out"].exists()
+
+
+def test_missing_file_in_a_list_file_is_that_input_s_failure(tmp_path, capsys, caplog):
+    """A list file's line naming a file that is gone (since list-inputs ran)
+    fails that input, and the rest goes on: exit 1, not 2."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'a.png'}\n{tmp_path / 'gone.png'}\n")
+    rc, text = _run_in_process(["ingest", tmp_path / "list.txt", "--pixel-spacing", "0.2"], capsys, caplog)
+    assert rc == 1, text
+    assert f"{tmp_path / 'gone.png'}: file not found" in text
+    assert "1 of 2 inputs failed" in text
+
+
 EVALUATE_CASES = [
     (("--labels", "{lungs: [left_lung]}"),
      "argument --labels: not JSON (Expecting property name enclosed in double quotes at character 1)"),

@@ -67,7 +67,7 @@ def test_real_cr_reads_as_display_polarity(real_cr: Path) -> None:
     assert result.pixels.shape == (440, 440)
     assert result.pixels.dtype == np.float32
     assert result.spacing_mm == (0.35, 0.35)
-    assert result.spacing_source == "default"
+    assert result.spacing_source == "given"  # by the caller: the file has none
     assert result.source_format == "dicom"
     assert result.photometric == "MONOCHROME1 (inverted)"
     assert Path(result.source).name == "CR-MONO1-10-chest.dcm"
@@ -219,7 +219,9 @@ def test_default_spacing_without_spacing_elements(tmp_path: Path) -> None:
     path = make_dicom(tmp_path / "none.dcm", synthetic_image(8, 8), pixel_spacing=None)
     result = read_dicom(path, ReadOptions(pixel_spacing_mm=0.7))
     assert result.spacing_mm == (0.7, 0.7)
-    assert result.spacing_source == "default"
+    assert result.spacing_source == "given"
+    assumed = read_dicom(path, ReadOptions())
+    assert (assumed.spacing_mm, assumed.spacing_source) == ((1.0, 1.0), "assumed")
 
 
 @pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])

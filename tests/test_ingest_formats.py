@@ -179,3 +179,41 @@ def test_nifti_round_trip_keeps_orientation_and_spacing(tmp_path):
     assert np.array_equal(back, array)
     assert spacing == pytest.approx((0.7, 0.35))
     assert not list(tmp_path.glob(".tmp-*"))  # atomic write leaves no temp file
+
+
+# --------------------------------------------------------------------------- what a folder walk reads
+
+
+def test_folder_walk_skips_files_that_are_not_images_by_name(tmp_path, caplog):
+    """Stray files in an export folder (notes, Windows / macOS litter, a
+    DICOMDIR) are skipped and counted in one log line, not failed; files
+    without an extension are still inputs (DICOM); named explicitly, such a
+    file is an input that fails, saying it is not an image."""
+    import logging
+
+    from dicom_factory import make_dicom, synthetic_image
+    from medseg.ingest.inputs import collect_inputs
+
+    folder = tmp_path / "export"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(folder / "scan.png")
+    make_dicom(folder / "sub" / "IM0001", synthetic_image(8, 8))  # PACS style: no extension
+    (folder / "1.2.840.10008.5").write_bytes(b"not dicom either")  # UID-like name: tried, fails later
+    stray = {"notes.txt": b"hello", ".DS_Store": b"\0\0\0\1Bud1", "sub/Thumbs.db": b"\xd0\xcf\x11\xe0",
+             "DICOMDIR": b"not a real one", "report.PDF": b"%PDF-1.4", "sub/._IM0001": b"\0\5\26\7"}
+    for name, data in stray.items():
+        (folder / name).write_bytes(data)
+    with caplog.at_level(logging.INFO, logger="medseg"):
+        inputs = collect_inputs([folder])
+    assert sorted(f.name for f in inputs.files) == ["1.2.840.10008.5", "scan.png", "sub/IM0001"]
+    assert sorted(Path(s.file).relative_to(folder).as_posix() for s in inputs.skipped) == sorted(stray)
+    lines = [r.getMessage() for r in caplog.records if "not images" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("skipped 6 files that are not images: "), lines
+    assert "notes.txt" in lines[0] and "sub/Thumbs.db" in lines[0] and "DICOMDIR" in lines[0]
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+    explicit = collect_inputs([folder / "sub" / "Thumbs.db"])
+    assert [f.name for f in explicit.files] == ["Thumbs.db"] and not explicit.skipped
+    with pytest.raises(InputError) as err:
+        load_image(folder / "sub" / "Thumbs.db")
+    assert str(folder / "sub" / "Thumbs.db") in str(err.value) and "not an image: a .db file" in str(err.value)

@@ -380,3 +380,48 @@ def test_small_right_lung_with_the_heart_clearly_left_is_an_upright_film():
     assert check.measurements["lung_right_left_ratio"] < MIN_LUNG_RIGHT_LEFT_RATIO
     assert check.measurements["heart_side"] >= WEAK_HEART_SIDE
     assert check.flags == []
+
+
+# --- how the scan was read: polarity cue and hints in the reasons -----------------------
+
+
+@pytest.mark.parametrize("seed, shape", PHANTOM_CASES)
+def test_polarity_cue_tells_a_chest_film_from_its_inverse(seed, shape):
+    """The middle of a frontal chest film (mediastinum, spine) is brighter
+    than its sides (lungs); stored white-is-zero and read without --invert,
+    darker. (On the 124 JSRT PNGs: 0.042-0.66 read with --invert, the
+    negatives without; see LOOKS_INVERTED_BELOW.)"""
+    from medseg.inference.plausibility import LOOKS_INVERTED_BELOW, middle_minus_sides
+
+    image, _ = render_phantom(seed, shape)
+    assert middle_minus_sides(image) > 0.05  # phantoms: 0.10-0.33
+    assert middle_minus_sides(1.0 - image) < LOOKS_INVERTED_BELOW
+    assert middle_minus_sides(np.full(shape, 0.3)) == 0.0  # constant: no cue
+    assert middle_minus_sides(np.zeros((4, 4))) == 0.0  # tiny: no cue
+
+
+def test_flagged_raster_reasons_suggest_invert_only_for_rasters():
+    """A PNG / JPEG / TIFF flagged not_frontal_chest: its reasons name
+    --invert, as a firm hint when the image looks inverted, else as a check
+    together with --pixel-spacing. DICOM files carry their polarity: no
+    hint. Unflagged scans: nothing."""
+    from medseg.inference.plausibility import INVERT_HINT, reading_hints
+
+    masks, spacing = _phantom(1, (256, 256))
+    flagged = check_anatomy(_transform(masks, TRANSFORMS["rot90"][0]), spacing)
+    assert flagged.flags == [NOT_FRONTAL_CHEST] and not flagged.size_reasons
+
+    def hints(**kwargs):
+        return reading_hints(flagged, spacing_mm=spacing, **kwargs)
+
+    looks_inverted = hints(source_format="raster", spacing_source="given", polarity=-0.2)
+    assert len(looks_inverted) == 1 and looks_inverted[0].startswith(INVERT_HINT)
+    assert "predict it with --invert" in looks_inverted[0]
+    after_invert = hints(source_format="raster", spacing_source="given", polarity=-0.2, inverted=True)
+    assert "without --invert" in after_invert[0]
+    no_cue = hints(source_format="raster", spacing_source="assumed", polarity=0.2)
+    assert len(no_cue) == 1 and "--invert" in no_cue[0] and "--pixel-spacing" in no_cue[0]
+    assert INVERT_HINT not in no_cue[0]
+    assert hints(source_format="dicom", spacing_source="PixelSpacing", polarity=None) == []
+    assert reading_hints(check_anatomy(masks, spacing), source_format="raster", spacing_source="assumed",
+                         spacing_mm=spacing, polarity=-0.2) == []

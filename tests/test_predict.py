@@ -181,11 +181,108 @@ def test_bad_inputs_listed_rest_predicted(model_and_scans, tmp_path):
     assert proc.returncode == 1
     assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 2
     failures = pd.read_csv(tmp_path / "out" / "failures.csv")
-    assert sorted(Path(f).name for f in failures.file) == ["TRUNC", "notes.txt"]
-    assert "2 of 4 inputs failed (1 non-image files skipped" in proc.stderr
-    # The structured report is no scan: skipped and listed, not a failure.
+    assert sorted(Path(f).name for f in failures.file) == ["TRUNC"]
+    assert "1 of 3 inputs failed (2 non-image files skipped" in proc.stderr
+    # The structured report and the notes are no scans: skipped and listed, not failures.
     skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
-    assert [Path(f).name for f in skipped.file] == ["REPORT.dcm"]
+    assert sorted(Path(f).name for f in skipped.file) == ["REPORT.dcm", "notes.txt"]
+
+
+def test_stray_non_image_files_in_a_folder_are_skipped_not_failed(model_and_scans, tmp_path):
+    """A clean export folder with the usual litter (notes, .DS_Store,
+    Thumbs.db, a DICOMDIR, desktop.ini): every scan predicted, the litter
+    counted in one line and listed in skipped.csv, exit status 0. Named
+    explicitly, such a file still fails (exit 1), saying it is no image."""
+    model, scans = model_and_scans
+    inputs = tmp_path / "in"
+    (inputs / "series").mkdir(parents=True)
+    good = sorted(scans.iterdir())[:2]
+    for f in good:
+        (inputs / "series" / f.stem).write_bytes(f.read_bytes())  # PACS style: no extension
+    litter = {"notes.txt": b"patient list elsewhere", ".DS_Store": b"\0\0\0\1Bud1", "series/Thumbs.db": b"\xd0\xcf",
+              "DICOMDIR": b"not a real one", "series/desktop.ini": b"[.ShellClassInfo]"}
+    for name, data in litter.items():
+        (inputs / name).write_bytes(data)
+    proc = _predict(model, [inputs], tmp_path / "out", "--no-seg")
+    assert "skipped 5 files that are not images" in proc.stderr
+    assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 2
+    assert pd.read_csv(tmp_path / "out" / "failures.csv").empty
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert sorted(Path(f).relative_to(inputs).as_posix() for f in skipped.file) == sorted(litter)
+    explicit = _predict(model, [inputs / "series" / "Thumbs.db", good[0]],
+                        tmp_path / "explicit", "--no-seg", check=False)
+    assert explicit.returncode == 1
+    failures = pd.read_csv(tmp_path / "explicit" / "failures.csv")
+    assert [Path(f).name for f in failures.file] == ["Thumbs.db"]
+    assert "not an image: a .db file" in failures.problem[0]
+
+
+def _display_png(dicom: Path, path: Path, scale: int = 1, white_is_zero: bool = False) -> Path:
+    """The scan as an 8-bit PNG export: display polarity (bone bright), or
+    stored white-is-zero (bone dark, like the JSRT PNGs); ``scale`` times
+    the pixels on each axis (a film digitised finer)."""
+    from medseg.ingest import load_image
+    from medseg.preprocessing.intensity import normalise_intensity
+
+    pixels = normalise_intensity(load_image(dicom).pixels)
+    if white_is_zero:
+        pixels = 1.0 - pixels
+    pixels = np.kron(pixels, np.ones((scale, scale), dtype=np.float32))
+    Image.fromarray(np.round(pixels * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_png_exports_read_without_spacing_or_polarity_are_explained(model_and_scans, tmp_path):
+    """The new user's trial: PNG exports predicted without --pixel-spacing or
+    --invert. A finely digitised PNG (0.175 mm pixels, taken as the assumed
+    1.0 mm) is flagged not_frontal_chest; an export stored white-is-zero gives
+    garbage. Neither passes silently: spacing_source tells the file's own
+    spacing from a given and an assumed one, one warning for the batch says
+    how many had no spacing and what to give, and each flag's qc_reasons say
+    the spacing was assumed / the image looks inverted (--invert). Given the
+    right options, the same files are plausible chests."""
+    model, scans = model_and_scans
+    dicom = sorted(scans.glob("*.dcm"))[0]  # 160x128, 1.4 mm in its header
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "DICOM.dcm").write_bytes(dicom.read_bytes())
+    _display_png(dicom, inputs / "FINE.png", scale=8)  # 1280x1024 at 1.4 / 8 = 0.175 mm
+    _display_png(dicom, inputs / "WHITE_IS_ZERO.png", white_is_zero=True)
+
+    proc = _predict(model, [inputs], tmp_path / "out", "--no-seg")
+    table = pd.read_csv(tmp_path / "out" / "results.csv", keep_default_na=False).set_index("case_id")
+    sources = table.spacing_source.to_dict()
+    assert sources["FINE"] == sources["WHITE_IS_ZERO"] == "assumed"
+    assert sources["DICOM"] not in ("given", "assumed", "config", "default")  # from the file's metadata
+    assert (table.spacing_plane["FINE"], table.spacing_row_mm["FINE"]) == ("default", 1.0)
+    meta = json.loads((tmp_path / "out" / "FINE" / "prediction.json").read_text())
+    assert meta["spacing_source"] == "assumed" and meta["qc_reasons"] == table.qc_reasons["FINE"]
+
+    warnings = [line for line in proc.stderr.splitlines() if "no pixel spacing" in line]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    assert "WARNING" in warnings[0] and "2 of 3 inputs had no pixel spacing" in warnings[0]
+    assert "1.0 mm was assumed" in warnings[0] and "--pixel-spacing MM" in warnings[0]
+
+    assert "not_frontal_chest" in table.qc_flags["FINE"].split("|")
+    fine = table.qc_reasons["FINE"]
+    assert "mm wide, outside" in fine and "pixel spacing assumed" in fine and "--pixel-spacing MM" in fine
+    inverted = table.qc_reasons["WHITE_IS_ZERO"]
+    assert {"not_frontal_chest", "implausible_anatomy"} & set(table.qc_flags["WHITE_IS_ZERO"].split("|"))
+    assert "the image looks inverted" in inverted and "predict it with --invert" in inverted
+    assert len([line for line in proc.stderr.splitlines() if "look inverted" in line or "looks inverted" in line]) == 1
+    assert "invert" not in table.qc_reasons["DICOM"] and "assumed" not in table.qc_reasons["DICOM"]
+
+    # With the true spacing, the fine PNG is a plausible chest, the spacing "given", and no warning.
+    given = _predict(model, [inputs / "FINE.png"], tmp_path / "given", "--no-seg", "--pixel-spacing", "0.175")
+    row = pd.read_csv(tmp_path / "given" / "results.csv", keep_default_na=False).iloc[0]
+    assert row.spacing_source == "given" and row.spacing_row_mm == 0.175
+    assert "not_frontal_chest" not in row.qc_flags and np.isfinite(row.ctr), row.qc_reasons
+    assert "no pixel spacing" not in given.stderr
+    # With --invert, the white-is-zero export is a plausible chest too.
+    _predict(model, [inputs / "WHITE_IS_ZERO.png"], tmp_path / "inverted", "--no-seg", "--invert",
+             "--pixel-spacing", "1.4")
+    row = pd.read_csv(tmp_path / "inverted" / "results.csv", keep_default_na=False).iloc[0]
+    assert not {"not_frontal_chest", "implausible_anatomy"} & set(row.qc_flags.split("|")), row.qc_reasons
 
 
 def test_interrupted_run_finishes_on_rerun(model_and_scans, tmp_path):

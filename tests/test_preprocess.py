@@ -112,19 +112,18 @@ def test_bad_inputs_are_listed_and_the_rest_goes_through(tmp_path):
     assert manifest["case_id"].tolist() == ["GOOD1", "GOOD2"]
     failures = pd.read_csv(out / "failures.csv")
     by_file = {Path(f).name: problem for f, problem in zip(failures.file, failures.problem)}
-    assert set(by_file) == {"notes.txt", "TRUNC.dcm", "JPCLN999.IMG", "NOMASK.dcm", "BADSIZE.dcm"}
-    assert "not a" in by_file["notes.txt"].lower()
+    assert set(by_file) == {"TRUNC.dcm", "JPCLN999.IMG", "NOMASK.dcm", "BADSIZE.dcm"}
     assert "truncated" in by_file["TRUNC.dcm"].lower()
-    # A structured report found in the folder is not an image: skipped and
-    # listed, not a failure.
+    # A structured report and a text file found in the folder are not
+    # images: skipped and listed, not failures.
     skipped = pd.read_csv(out / "skipped.csv")
-    assert [Path(f).name for f in skipped.file] == ["REPORT.dcm"]
-    assert skipped.reason[0] == "not an image: Basic Text SR Storage"
+    assert [Path(f).name for f in skipped.file] == ["REPORT.dcm", "notes.txt"]
+    assert skipped.reason.tolist() == ["not an image: Basic Text SR Storage", "a .txt file"]
     assert "8388608 bytes" in by_file["JPCLN999.IMG"]
     assert "without its mask" in by_file["NOMASK.dcm"]
     assert "does not match" in by_file["BADSIZE.dcm"]
     # The end-of-run summary lists every failure on stderr.
-    summary = proc.stderr[proc.stderr.index("5 of 7 inputs failed (1 non-image files skipped"):]
+    summary = proc.stderr[proc.stderr.index("4 of 6 inputs failed (2 non-image files skipped"):]
     for name in by_file:
         assert name in summary
     # No temporary files left behind.
@@ -138,7 +137,7 @@ def test_bad_inputs_are_listed_and_the_rest_goes_through(tmp_path):
 
 def test_tolerate_failures_exit_zero(tmp_path):
     write_case(tmp_path, "OK1")
-    (tmp_path / "images" / "junk.txt").write_text("x")
+    (tmp_path / "images" / "junk.dcm").write_text("x")  # (a junk.txt would be skipped, not failed)
     cmd = [sys.executable, "-m", "medseg", "-q", "preprocess", "--images", str(tmp_path / "images"),
            "--masks", str(tmp_path / "masks"), "--size", "32", "--out", str(tmp_path / "out"), "--tolerate-failures"]
     assert subprocess.run(cmd, capture_output=True).returncode == 0

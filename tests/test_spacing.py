@@ -160,7 +160,80 @@ def test_nominal_scanned_pixel_spacing_is_detector_plane(tmp_path):
 def test_no_spacing_gives_the_configured_default(tmp_path):
     image = _read(_dx(tmp_path / "none.dcm", imager=None), ReadOptions(pixel_spacing_mm=0.5))
     assert image.spacing_mm == (0.5, 0.5)
-    assert (image.spacing_source, image.spacing_plane) == ("default", "default")
+    assert (image.spacing_source, image.spacing_plane) == ("given", "default")
+
+
+def test_spacing_source_tells_file_given_and_assumed_apart(tmp_path):
+    """Where a scan's millimetres come from: the file's metadata, the user
+    (--pixel-spacing / ReadOptions.pixel_spacing_mm) or nobody (1.0 mm
+    assumed). Before, a PNG said "config" whether or not a spacing was given,
+    and a DICOM file without spacing "default" either way."""
+    png = tmp_path / "x.png"
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(png)
+    bare = _dx(tmp_path / "none.dcm", imager=None)
+    with_spacing = _dx(tmp_path / "dx.dcm")
+    for path in (png, bare):
+        assumed = load_image(path, ReadOptions())
+        assert (assumed.spacing_mm, assumed.spacing_source, assumed.spacing_plane) == ((1.0, 1.0), "assumed",
+                                                                                       "default"), path
+        given = load_image(path, ReadOptions(pixel_spacing_mm=0.35))
+        assert (given.spacing_mm, given.spacing_source, given.spacing_plane) == ((0.35, 0.35), "given",
+                                                                                 "default"), path
+    for options in (ReadOptions(), ReadOptions(pixel_spacing_mm=0.35)):  # the file's own wins either way
+        image = load_image(with_spacing, options)
+        assert (image.spacing_mm, image.spacing_source) == ((0.84, 0.84), DETECTOR_SOURCE)
+    assert {"given", "assumed"} <= set(SPACING_SOURCES)
+    # prediction.json files of earlier versions keep their plane.
+    assert {plane_of_source(s) for s in ("given", "assumed", "config", "default")} == {"default"}
+
+
+def test_ingest_warns_once_when_the_spacing_was_assumed(tmp_path, capsys, caplog):
+    """`medseg ingest` of two PNGs without --pixel-spacing: one warning for
+    the batch naming how many and what to give; none with --pixel-spacing."""
+    import logging
+
+    from medseg.cli import main
+
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / name)
+    with caplog.at_level(logging.INFO, logger="medseg"):
+        assert main(["ingest", str(tmp_path)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["spacing_source"] for r in records] == ["assumed", "assumed"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "2 of 2 inputs had no pixel spacing" in warnings[0] and "1.0 mm was assumed" in warnings[0]
+    assert "--pixel-spacing MM" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="medseg"):
+        assert main(["ingest", str(tmp_path), "--pixel-spacing", "0.35"]) == 0
+    assert [json.loads(line)["spacing_source"] for line in capsys.readouterr().out.splitlines()] == ["given"] * 2
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_size_flag_of_an_assumed_spacing_says_so():
+    """A chest film of 0.175 mm pixels read at the assumed 1.0 mm: its
+    thorax is 6 times too wide, so it is flagged not_frontal_chest, and the
+    reasons say the spacing was assumed and how to give it. From the file's
+    metadata, no such hint; given by the user, a hint to check it."""
+    from medseg.inference.plausibility import NOT_FRONTAL_CHEST, check_anatomy, reading_hints
+
+    _, structures = render_phantom(3, (1536, 1280))  # 1280 px: 224 mm at 0.175 mm, 1280 mm at 1.0 mm
+    masks = label_masks(structures, DEFAULT_LABELS)
+    assert check_anatomy(masks, (0.175, 0.175)).flags == []
+    check = check_anatomy(masks, (1.0, 1.0))
+    assert check.flags == [NOT_FRONTAL_CHEST] and check.size_reasons
+    assert all("mm" in r for r in check.size_reasons)
+    assumed = reading_hints(check, source_format="raster", spacing_source="assumed", spacing_mm=(1.0, 1.0),
+                            polarity=0.2)
+    assert any("pixel spacing assumed" in h and "--pixel-spacing MM" in h for h in assumed), assumed
+    given = reading_hints(check, source_format="raster", spacing_source="given", spacing_mm=(1.0, 1.0),
+                          polarity=0.2)
+    assert any("as given" in h for h in given) and not any("assumed" in h for h in given), given
+    from_file = reading_hints(check, source_format="dicom", spacing_source=DETECTOR_SOURCE, spacing_mm=(1.0, 1.0))
+    assert from_file == []
+    assert reading_hints(check_anatomy(masks, (0.175, 0.175)), source_format="raster", spacing_source="assumed",
+                         spacing_mm=(0.175, 0.175)) == []  # no flag, no hint
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR DS")

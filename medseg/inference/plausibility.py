@@ -196,21 +196,29 @@ class AnatomyCheck:
             :func:`check_anatomy`); a quantity is missing when an earlier
             rule made it unmeasurable (no lungs, one field, ...). Heights
             and widths in mm, levels, ratios and fractions unitless.
+        size_reasons: those of ``reasons`` that come from a size in mm
+            (thoracic width, lung height): the rules a wrong pixel spacing
+            breaks. (The other rules use ratios, unchanged by a spacing
+            wrong by the same factor on both axes.)
     """
 
     flags: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     measurements: dict[str, float] = field(default_factory=dict)
+    size_reasons: list[str] = field(default_factory=list)
 
     @property
     def plausible(self) -> bool:
+        """True when no rule failed (no flag)."""
         return not self.flags
 
-    def _fail(self, flag: str, reason: str) -> None:
+    def _fail(self, flag: str, reason: str, size: bool = False) -> None:
         if flag not in self.flags:
             self.flags.append(flag)
             self.flags.sort(key=ANATOMY_FLAGS.index)
         self.reasons.append(reason)
+        if size:
+            self.size_reasons.append(reason)
 
 
 @dataclass(frozen=True)
@@ -362,9 +370,9 @@ def _check_lungs(check: AnatomyCheck, lungs: np.ndarray, spacing: tuple[float, f
     m["thoracic_width_mm"] = width_mm
     m["lung_height_mm"] = height_mm
     if not THORACIC_WIDTH_MM[0] <= width_mm <= THORACIC_WIDTH_MM[1]:
-        check._fail(NOT_FRONTAL_CHEST, f"thorax {width_mm:.0f} mm wide, outside {THORACIC_WIDTH_MM} mm")
+        check._fail(NOT_FRONTAL_CHEST, f"thorax {width_mm:.0f} mm wide, outside {THORACIC_WIDTH_MM} mm", size=True)
     if not LUNG_HEIGHT_MM[0] <= height_mm <= LUNG_HEIGHT_MM[1]:
-        check._fail(NOT_FRONTAL_CHEST, f"lungs {height_mm:.0f} mm high, outside {LUNG_HEIGHT_MM} mm")
+        check._fail(NOT_FRONTAL_CHEST, f"lungs {height_mm:.0f} mm high, outside {LUNG_HEIGHT_MM} mm", size=True)
     return None if len(check.reasons) > failed_before else [a, b]
 
 
@@ -532,6 +540,118 @@ def check_anatomy(masks: Mapping[str, np.ndarray], spacing_mm: Sequence[float],
     return check
 
 
+# Polarity cue (:func:`middle_minus_sides`): on a frontal chest film in
+# display polarity the mediastinum and spine, bright, fill the middle of the
+# image and the lungs, dark, its sides. Mean of the middle band (columns
+# 42-58 %) minus that of the side bands (columns 15-30 % and 70-85 %), rows
+# 25-75 %, on the image scaled to [0, 1] (1st-99th percentile window).
+# Measured: the 124 JSRT films of SCR fold 1 read correctly (their PNG
+# exports with --invert) 0.042-0.66 (median 0.19), the same read without
+# --invert -0.66 to -0.042; phantoms of several sizes and aspects 0.10-0.33;
+# the real legacy CR 0.34. Below this the image looks stored white-is-zero
+# (or inverted by mistake): only ever a hint in a flag's reasons, never a
+# correction.
+LOOKS_INVERTED_BELOW = -0.02
+_MIDDLE_COLUMNS = (0.42, 0.58)
+_SIDE_COLUMNS = ((0.15, 0.30), (0.70, 0.85))
+_CUE_ROWS = (0.25, 0.75)
+
+# The start of the hint given when the polarity cue says "inverted" (so a
+# results table can be searched for it).
+INVERT_HINT = "the image looks inverted"
+
+
+def middle_minus_sides(image: np.ndarray) -> float:
+    """The polarity cue of a radiograph: mean brightness of its middle
+    column band minus that of its side bands (see :data:`LOOKS_INVERTED_BELOW`).
+
+    Args:
+        image: (H, W) in display polarity (as read), any range; scaled here
+            to [0, 1] by its 1st and 99th percentiles.
+
+    Returns:
+        Positive when the middle is brighter than the sides (a chest film the
+        right way round: mediastinum bright, lungs dark); negative when it
+        is darker (a chest film stored white-is-zero and not inverted); 0.0
+        for a constant or tiny image.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2 or min(image.shape) < 8:
+        return 0.0
+    lo, hi = np.percentile(image, [1.0, 99.0])
+    if not hi > lo:
+        return 0.0
+    scaled = np.clip((image - lo) / (hi - lo), 0.0, 1.0)
+    h, w = scaled.shape
+    rows = slice(int(h * _CUE_ROWS[0]), max(int(h * _CUE_ROWS[1]), int(h * _CUE_ROWS[0]) + 1))
+
+    def band(lo_frac: float, hi_frac: float) -> np.ndarray:
+        start = int(w * lo_frac)
+        return scaled[rows, start:max(int(w * hi_frac), start + 1)]
+
+    middle = band(*_MIDDLE_COLUMNS)
+    sides = np.concatenate([band(*cols).ravel() for cols in _SIDE_COLUMNS])
+    return float(middle.mean() - sides.mean())
+
+
+def reading_hints(check: AnatomyCheck, *, source_format: str, spacing_source: str, spacing_mm: Sequence[float],
+                  inverted: bool = False, polarity: float | None = None) -> list[str]:
+    """Hints on how the way a scan was read may explain its anatomy flags.
+
+    A PNG / JPEG / TIFF carries neither polarity nor spacing, and a DICOM
+    file may carry no spacing: read with the wrong ones, a chest film gets
+    masks that fail the anatomy rules. These hints say so next to the
+    failed rules, never change the result.
+
+    Args:
+        check: :func:`check_anatomy` of the scan's masks.
+        source_format: "dicom", "jsrt" or "raster" (``IngestedImage.source_format``).
+        spacing_source: the scan's ``IngestedImage.spacing_source``.
+        spacing_mm: the (row, column) spacing used.
+        inverted: the raster was read inverted (``ReadOptions.invert``).
+        polarity: :func:`middle_minus_sides` of the image as read, or None
+            when not measured.
+
+    Returns:
+        Sentences, [] when ``check`` has no flag: the spacing was assumed
+        (or given, not read from the file) and a size rule failed; for a
+        raster, the image looks inverted (``polarity`` below
+        :data:`LOOKS_INVERTED_BELOW`: give or drop ``--invert``) or, flagged
+        ``not_frontal_chest`` without that cue, a reminder to check
+        ``--invert`` and ``--pixel-spacing``.
+    """
+    from medseg.ingest.types import SPACING_ASSUMED, SPACING_GIVEN
+
+    if not check.flags:
+        return []
+    hints = []
+    spacing = "x".join(f"{float(v):g}" for v in dict.fromkeys(spacing_mm))
+    spacing_hinted = False
+    if check.size_reasons and spacing_source == SPACING_ASSUMED:
+        hints.append(f"pixel spacing assumed: the file has none and none was given, so {spacing} mm was used and "
+                     "the sizes in mm are wrong unless that is the true spacing; give it with --pixel-spacing MM "
+                     "(chest films are digitised at about 0.1-0.4 mm)")
+        spacing_hinted = True
+    elif check.size_reasons and spacing_source == SPACING_GIVEN:
+        hints.append(f"pixel spacing {spacing} mm as given (--pixel-spacing), not read from the file: check it")
+        spacing_hinted = True
+    if source_format == "raster":
+        if polarity is not None and polarity < LOOKS_INVERTED_BELOW:
+            if inverted:
+                hints.append(f"{INVERT_HINT} after --invert (its middle darker than its sides, where a chest film "
+                             "shows the bright mediastinum between the dark lungs): if bone is bright in the file "
+                             "itself, predict it without --invert")
+            else:
+                hints.append(f"{INVERT_HINT} (its middle darker than its sides, where a chest film shows the bright "
+                             "mediastinum between the dark lungs): if bone is dark in the file (stored "
+                             "white-is-zero, like the JSRT PNGs), predict it with --invert")
+        elif NOT_FRONTAL_CHEST in check.flags:
+            hints.append("a PNG / JPEG / TIFF carries no polarity" + ("" if spacing_hinted else " or pixel spacing")
+                         + ": check --invert (files stored white-is-zero, bone dark)"
+                         + ("" if spacing_hinted else " and --pixel-spacing MM"))
+    return hints
+
+
 def anatomy_flags(masks: Mapping[str, np.ndarray], spacing_mm: Sequence[float],
                   view_position: str | None = None) -> list[str]:
     """The flags of :func:`check_anatomy`: [] for a plausible upright frontal chest."""
@@ -576,5 +696,9 @@ __all__ = [
     "anatomy_flags",
     "check_anatomy",
     "gate_ctr",
+    "INVERT_HINT",
+    "LOOKS_INVERTED_BELOW",
     "is_non_frontal_view",
+    "middle_minus_sides",
+    "reading_hints",
 ]

@@ -297,7 +297,10 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
     confidence = boundary_confidence(masks, prob_maps)
     flags = qc_flags(masks, prob_maps, ctr, min_confidence=model.min_confidence, confidence=confidence)
     # Not an upright frontal chest: no CTR (nan), no CTR reading, no lines.
-    ctr, flags = gate_ctr(ctr, flags, check_anatomy(masks, spacing, prep.image.extra.get("view_position")))
+    anatomy = check_anatomy(masks, spacing, prep.image.extra.get("view_position"))
+    ctr, flags = gate_ctr(ctr, flags, anatomy)
+    reasons = qc_reasons(flags, image=prep.image, masks=masks, ctr=ctr, confidence=confidence,
+                         min_confidence=model.min_confidence, anatomy=anatomy, read_options=settings.read_options)
     rgb = overlay_rgb(prep.normalised, masks)
     if ctr is not None:
         rgb = draw_ctr_lines(rgb, ctr)
@@ -334,6 +337,7 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
         "heart_width_mm": float(ctr.heart_width_mm) if ctr is not None else float("nan"),
         "thoracic_width_mm": float(ctr.thoracic_width_mm) if ctr is not None else float("nan"),
         "qc_flags": "|".join(flags),
+        "qc_reasons": reasons,
         "boundary_confidence": confidence,
         "model_uri": model.uri,
         "seconds": forward_seconds + time.perf_counter() - started,
@@ -343,6 +347,93 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
             **_provenance(prep.entry, run_settings)}
     write_text_atomic(case_dir / "prediction.json", json.dumps(meta, indent=1) + "\n")
     return row
+
+
+def qc_reasons(flags: Sequence[str], *, image: IngestedImage, masks: dict[str, np.ndarray], ctr, confidence: float,
+               min_confidence: float, anatomy, read_options: ReadOptions) -> str:
+    """The ``qc_reasons`` of a scan: why each of its QC flags was given.
+
+    Args:
+        flags: the scan's final QC flags (after :func:`medseg.inference.plausibility.gate_ctr`).
+        image: the scan as read.
+        masks: label -> bool (H, W) predicted masks.
+        ctr: the scan's ``CtrResult`` (after gating) or None.
+        confidence: its ``boundary_confidence``; ``min_confidence``: the threshold in force.
+        anatomy: :func:`medseg.inference.plausibility.check_anatomy` of the masks.
+        read_options: how it was read (``invert`` matters for PNG / JPEG / TIFF).
+
+    Returns:
+        "" without a flag; else ``"<flag>: <why>"`` per flag, joined by "; ".
+        The anatomy flags come as one entry, ``"not_frontal_chest: <failed
+        rules>"``, followed by the hints of
+        :func:`medseg.inference.plausibility.reading_hints` (pixel spacing
+        assumed, a PNG / JPEG / TIFF that looks inverted, ...).
+    """
+    from medseg.inference.ctr import CARDIOMEGALY_THRESHOLD, PLAUSIBLE_CTR
+    from medseg.inference.postprocess import component_count
+    from medseg.inference.plausibility import ANATOMY_FLAGS, middle_minus_sides, reading_hints
+
+    value = ctr.ctr if ctr is not None else float("nan")
+    parts = []
+    for flag in flags:
+        if flag in ANATOMY_FLAGS:
+            if flag != next(f for f in flags if f in ANATOMY_FLAGS):
+                continue  # all anatomy flags in one entry: the rules do not say which flag each belongs to
+            polarity = middle_minus_sides(image.pixels) if image.source_format == "raster" else None
+            hints = reading_hints(anatomy, source_format=image.source_format, spacing_source=image.spacing_source,
+                                  spacing_mm=image.spacing_mm, inverted=read_options.invert, polarity=polarity)
+            named = ", ".join(f for f in flags if f in ANATOMY_FLAGS)
+            parts.append(f"{named}: " + "; ".join([*anatomy.reasons, *hints]))
+        elif flag.startswith("missing_"):
+            parts.append(f"{flag}: no {flag.removeprefix('missing_')} predicted")
+        elif flag == "lungs_not_two_components" and "lungs" in masks:
+            parts.append(f"{flag}: {component_count(masks['lungs'])} connected lung regions, not two")
+        elif flag == "cardiomegaly":
+            parts.append(f"{flag}: CTR {value:.3f} > {CARDIOMEGALY_THRESHOLD}")
+        elif flag == "implausible_ctr":
+            parts.append(f"{flag}: CTR {value:.3f} outside {PLAUSIBLE_CTR[0]}-{PLAUSIBLE_CTR[1]}")
+        elif flag == "low_confidence":
+            parts.append(f"{flag}: boundary confidence {confidence:.3f} < {min_confidence:g}")
+        else:
+            parts.append(flag)
+    return "; ".join(parts)
+
+
+def reading_warnings(table: pd.DataFrame) -> list[str]:
+    """The batch's warnings about how its scans were read, each said once
+    for the whole batch (per-scan details are in ``qc_reasons``).
+
+    Args:
+        table: the results rows of the batch (or chunk).
+
+    Returns:
+        Sentences: how many scans had no pixel spacing (1.0 mm assumed, see
+        :func:`medseg.ingest.types.assumed_spacing_warning`) and how many of
+        those were flagged ``not_frontal_chest``; how many flagged PNG / JPEG
+        / TIFF scans look inverted (``--invert``). [] when neither.
+    """
+    from medseg.inference.plausibility import INVERT_HINT, NOT_FRONTAL_CHEST
+    from medseg.ingest.types import SPACING_ASSUMED, assumed_spacing_warning
+
+    if table.empty or "spacing_source" not in table:
+        return []
+    warnings = []
+    flags = table.get("qc_flags", pd.Series("", index=table.index)).fillna("").astype(str).str.split("|")
+    reasons = table.get("qc_reasons", pd.Series("", index=table.index)).fillna("").astype(str)
+    assumed = table["spacing_source"].astype(str) == SPACING_ASSUMED
+    if assumed.any():
+        flagged = int(flags[assumed].map(lambda f: NOT_FRONTAL_CHEST in f).sum())
+        warnings.append(assumed_spacing_warning(int(assumed.sum()), len(table))
+                        + (f"; {flagged} of them {'was' if flagged == 1 else 'were'} flagged {NOT_FRONTAL_CHEST}"
+                           " (see qc_reasons in results.csv)" if flagged else ""))
+    inverted = int(reasons.str.contains(INVERT_HINT, regex=False).sum())
+    if inverted:
+        warnings.append(f"{inverted} PNG / JPEG / TIFF scan{'s' if inverted != 1 else ''} flagged "
+                        f"{NOT_FRONTAL_CHEST} or implausible_anatomy {'look' if inverted != 1 else 'looks'} "
+                        "inverted (the middle darker than the sides, where a chest film has its bright "
+                        "mediastinum): if bone is dark in the file, predict with --invert (if --invert was given, "
+                        "without it); see qc_reasons in results.csv")
+    return warnings
 
 
 # CTR histogram bins: 1/40 = 0.025 wide on multiples of 1/40, so that 0.5 (the
@@ -619,15 +710,18 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
         elapsed = time.perf_counter() - start
         log.info("predict %d/%d scans (%d new, %d already done, %d failed) %.1f scans/s", handled, len(files),
                  done, already_done, len(failures), done / elapsed if elapsed else 0.0)
-    report_failures(failures, len(files), "predict" if chunk is None else f"predict {chunk.name}",
-                    skipped=len(skipped))
     write_skipped(out_dir / "skipped.csv", skipped)  # the same list from every chunk job
     if chunk is None:
-        return write_batch_tables(out_dir, failures, case_ids), failures
-    table = gather_results(out_dir, case_ids)  # this chunk's scans only, not the whole batch folder
-    results_path, failures_path = chunk_table_paths(out_dir, chunk)
-    _write_results_csv(results_path, table)
-    write_failures(failures_path, failures)
+        table = write_batch_tables(out_dir, failures, case_ids)
+    else:
+        table = gather_results(out_dir, case_ids)  # this chunk's scans only, not the whole batch folder
+        results_path, failures_path = chunk_table_paths(out_dir, chunk)
+        _write_results_csv(results_path, table)
+        write_failures(failures_path, failures)
+    for warning in reading_warnings(table):  # once per batch, just above the closing summary
+        log.warning("predict: %s", warning)
+    report_failures(failures, len(files), "predict" if chunk is None else f"predict {chunk.name}",
+                    skipped=len(skipped))
     return table, failures
 
 
@@ -700,4 +794,5 @@ def gather_chunks(out_dir: str | Path, count: int) -> tuple[pd.DataFrame, list[F
 __all__ = ["Chunk", "PredictSettings", "RESULTS_DECIMALS", "batch_summary", "chunk_table_paths",
            "ctr_distribution_figure", "ctr_histogram", "finished_by", "gather_chunks", "gather_results",
            "overlay_caption", "overlay_legend", "overlay_sample", "predict_files", "predict_probabilities",
-           "results_decimals", "round_results", "save_overlay_sheet", "write_batch_tables"]
+           "qc_reasons", "reading_warnings", "results_decimals", "round_results", "save_overlay_sheet",
+           "write_batch_tables"]

@@ -37,7 +37,10 @@ def load_image(path: str | Path, options: ReadOptions | None = None) -> Ingested
         The image in display polarity (bone bright) with spacing in mm.
 
     Raises:
-        medseg.errors.InputError: naming the file and the problem.
+        medseg.errors.InputError: naming the file and the problem (a file
+            whose name says it is no image, e.g. ``notes.txt`` or
+            ``Thumbs.db``, and that does not read as DICOM either, is
+            refused as "not an image").
     """
     options = options or ReadOptions()
     from medseg.errors import InputError
@@ -45,8 +48,10 @@ def load_image(path: str | Path, options: ReadOptions | None = None) -> Ingested
     try:
         if Path(path).stat().st_size == 0:
             raise InputError(path, "empty file (0 bytes): incomplete copy or download?")
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
     except OSError:
-        pass  # the reader names the problem (missing, not a file)
+        pass  # the reader names the problem (not a file, no permission)
     fmt = image_format(path)
     if fmt == "jsrt":
         from medseg.ingest.jsrt import read_jsrt
@@ -58,7 +63,16 @@ def load_image(path: str | Path, options: ReadOptions | None = None) -> Ingested
         return read_raster(path, options)
     from medseg.ingest.dicom import read_dicom
 
-    return read_dicom(path, options)
+    try:
+        return read_dicom(path, options)
+    except InputError as err:
+        from medseg.ingest.inputs import non_image_name_reason
+
+        reason = non_image_name_reason(Path(path).name)
+        if reason is None or err.problem.startswith("not an image"):
+            raise
+        raise InputError(path, f"not an image: {reason}; medseg reads DICOM (any extension or none), JSRT .IMG "
+                               f"and PNG / JPEG / TIFF ({err.problem})") from err
 
 
 __all__ = ["IngestedImage", "ReadOptions", "image_format", "load_image"]

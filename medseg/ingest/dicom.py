@@ -76,7 +76,8 @@ def read_dicom(path: str | Path, options: ReadOptions) -> IngestedImage:
         path: the DICOM file; any extension or none, with or without the
             128-byte preamble and file meta information.
         options: ``apply_voi`` and the fallback ``pixel_spacing_mm`` used when
-            the file has no pixel spacing element at all.
+            the file has no pixel spacing element at all (None: 1.0 mm
+            assumed, spacing_source "assumed").
 
     Returns:
         IngestedImage with ``pixels`` float32 of shape (Rows, Columns) in
@@ -409,7 +410,8 @@ SPACING_SOURCES: dict[str, str] = {
     "ImagerPixelSpacing x DistanceSourceToPatient / DistanceSourceToDetector": "patient",
     "ImagerPixelSpacing (detector plane)": "detector",
     "NominalScannedPixelSpacing (detector plane)": "detector",
-    "default": "default",
+    "given": "default",  # none in the file: the user's ReadOptions.pixel_spacing_mm
+    "assumed": "default",  # none in the file, none given: DEFAULT_PIXEL_SPACING_MM
 }
 
 _CALIBRATION_TYPES = ("GEOMETRY", "FIDUCIAL")  # PS3.3 10.7.1.2, enumerated values
@@ -495,7 +497,9 @@ def _spacing(ds: Dataset, options: ReadOptions) -> tuple[tuple[float, float], st
     3. Imager Pixel Spacing as it is -> "ImagerPixelSpacing (detector
        plane)", "detector"; then Nominal Scanned Pixel Spacing (film
        digitiser pitch) -> "NominalScannedPixelSpacing (detector plane)".
-    4. ``options.pixel_spacing_mm`` -> "default", "default".
+    4. ``options.pixel_spacing_mm`` -> "given", "default"; when that is
+       None, 1.0 mm -> "assumed", "default"
+       (:meth:`~medseg.ingest.types.ReadOptions.fallback_spacing`).
 
     An unknown calibration type is ignored (noted); invalid spacings (not
     two finite numbers > 0) count as absent.
@@ -532,8 +536,8 @@ def _spacing(ds: Dataset, options: ReadOptions) -> tuple[tuple[float, float], st
         return imager, "ImagerPixelSpacing (detector plane)", "detector", "; ".join(notes)
     if scanned is not None:
         return scanned, "NominalScannedPixelSpacing (detector plane)", "detector", "; ".join(notes)
-    default = float(options.pixel_spacing_mm)
-    return (default, default), "default", "default", "; ".join(notes)
+    default, source = options.fallback_spacing()
+    return (default, default), source, "default", "; ".join(notes)
 
 
 def _padding_value(ds: Dataset, keyword: str) -> int | None:

@@ -41,11 +41,20 @@ List files (``.txt``) hold one input per line: ``PATH``, or
 list-cases`` write them, so that chunk jobs and the workflow's prediction of
 a fold use exactly the IDs of the whole batch or of the manifest.
 
-While walking folders, files that are not images are skipped with an
-informational line, not reported as failures: a ``DICOMDIR`` (Media Storage
-Directory Storage) and DICOM objects of non-image SOP classes (structured
-reports, presentation states, SEG, RT, encapsulated PDF, ...). A file named
-explicitly is never skipped: it fails with the reason instead.
+While walking folders (and matching globs), files that are not images are
+skipped, not reported as failures, and counted in one informational line
+("skipped 3 files that are not images: ..."): by their name, hidden files
+(``.DS_Store``, ``._IM0001``), a ``DICOMDIR`` and files whose extension is
+that of a document or system file (:data:`NOT_IMAGE_SUFFIXES`: ``notes.txt``,
+``Thumbs.db``, ``index.html``, ...); by their header, a ``DICOMDIR`` (Media
+Storage Directory Storage) and DICOM objects of non-image SOP classes
+(structured reports, presentation states, SEG, RT, encapsulated PDF, ...).
+Files without an extension, or with any other, are inputs (DICOM files often
+have none). A file named explicitly is never skipped: it fails with the
+reason instead. An input path that does not exist is an error of the whole
+run (:func:`collect_inputs` raises ``FileNotFoundError`` naming it), found
+before anything is read; a list file's line naming a missing file is that
+input's failure.
 """
 
 from __future__ import annotations
@@ -69,6 +78,17 @@ CASE_ID_SOURCES = ("filename", "sop_instance_uid")
 
 # PS3.10 8.6: a file-set's directory file is always called DICOMDIR.
 DICOMDIR_NAME = "DICOMDIR"
+
+# Extensions of files that are clearly no radiograph (documents, tables,
+# metadata, system files such as Thumbs.db and desktop.ini), skipped when
+# found while walking a folder. Not here: no extension, numeric "extensions"
+# of UID-named files, and anything unknown: those are tried as DICOM.
+NOT_IMAGE_SUFFIXES: frozenset[str] = frozenset({
+    ".txt", ".csv", ".tsv", ".json", ".xml", ".html", ".htm", ".pdf", ".db", ".ini", ".log", ".md", ".rtf",
+    ".doc", ".docx", ".xls", ".xlsx", ".yaml", ".yml", ".lnk", ".url",
+})
+# Names listed in the one "skipped ... files" log line; the rest are counted.
+_SKIPPED_NAMES_LOGGED = 10
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _HASH_DIGITS = 8
@@ -293,6 +313,13 @@ def list_image_files(folder: str | Path) -> list[Path]:
     Raises:
         FileNotFoundError: ``folder`` does not exist.
     """
+    return [f for f in _walk(folder) if not f.name.startswith(".")]
+
+
+def _walk(folder: str | Path) -> list[Path]:
+    """:func:`list_image_files`, hidden files included (hidden folders are
+    still not entered): so that the files skipped for being hidden can be
+    counted."""
     folder = Path(folder)
     if folder.is_file():
         return [folder]
@@ -310,7 +337,7 @@ def list_image_files(folder: str | Path) -> list[Path]:
                 continue
             kept.append(name)
         dirs[:] = kept
-        files += [here / name for name in names if not name.startswith(".") and (here / name).is_file()]
+        files += [here / name for name in names if (here / name).is_file()]
     return sorted(files)
 
 
@@ -354,15 +381,24 @@ def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename",
 
     Returns:
         InputSet: the inputs in order with unique case IDs (list-file IDs
-        kept as given), and the non-image files skipped while walking.
+        kept as given), and the non-image files skipped while walking
+        (hidden files, document and system files by their extension,
+        DICOMDIR, non-image DICOM objects; see the module docstring), which
+        are counted in one informational log line.
 
     Raises:
         ValueError: ``case_id_from`` unknown; a list file gives an unsafe case
             ID or one case ID to two files.
-        FileNotFoundError: a folder or list file does not exist.
+        FileNotFoundError: an input that is not a glob (a folder, list file
+            or file) does not exist; the message names every such input.
     """
     if case_id_from not in CASE_ID_SOURCES:
         raise ValueError(f"case_id_from must be one of {CASE_ID_SOURCES}, got {case_id_from!r}")
+    missing = [str(item) for item in inputs
+               if not any(ch in str(item) for ch in "*?[") and not os.path.lexists(str(item))]
+    if missing:
+        raise FileNotFoundError(f"input{'s' if len(missing) > 1 else ''} not found (no such file or folder): "
+                                f"{', '.join(missing)}")
     found: list[InputFile] = []
     given_ids: list[str | None] = []
     for item in inputs:
@@ -377,7 +413,7 @@ def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename",
                 found.append(InputFile(match, _relative_name(match, root)))
                 given_ids.append(None)
         elif path.is_dir():
-            for file in list_image_files(path):
+            for file in _walk(path):
                 found.append(InputFile(file, file.relative_to(path).as_posix()))
                 given_ids.append(None)
         elif path.suffix.lower() == ".txt" and path.is_file():
@@ -391,6 +427,7 @@ def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename",
     files: list[InputFile] = []
     ids: list[str | None] = []
     skipped: list[Skipped] = []
+    skipped_names: list[str] = []
     seen: dict[Path, InputFile] = {}
     excluded = [Path(e).resolve() for e in exclude]
     for entry, case_id in zip(found, given_ids):
@@ -404,10 +441,17 @@ def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename",
         reason = None if entry.explicit else non_image_reason(entry.path)
         if reason:
             skipped.append(Skipped(str(entry.path), reason))
-            log.info("skipped %s: %s", entry.path, reason)
+            short = "a file-set directory" if reason.startswith(DICOMDIR_NAME) else reason
+            skipped_names.append(f"{entry.name} ({short})")
+            log.debug("skipped %s: %s", entry.path, reason)
             continue
         files.append(entry)
         ids.append(case_id)
+    if skipped:
+        more = len(skipped_names) - _SKIPPED_NAMES_LOGGED
+        log.info("skipped %d file%s that %s not images: %s%s", len(skipped), "" if len(skipped) == 1 else "s",
+                 "is" if len(skipped) == 1 else "are", ", ".join(skipped_names[:_SKIPPED_NAMES_LOGGED]),
+                 f" and {more} more" if more > 0 else "")
     return InputSet(_with_case_ids(files, ids, case_id_from), skipped)
 
 
@@ -467,18 +511,44 @@ def _peek(path: Path):
         return None
 
 
+def non_image_name_reason(name: str) -> str | None:
+    """Why a file is clearly not an image by its name alone, or None.
+
+    Args:
+        name: the file name (a path's last part is used).
+
+    Returns:
+        "hidden file" (the name starts with "."), the DICOMDIR reason (the
+        PS3.10 name of a file-set's directory), "a .txt file" and the like
+        for the extensions of :data:`NOT_IMAGE_SUFFIXES`; None otherwise (no
+        extension, or any other: the file may be DICOM).
+    """
+    base = PurePosixPath(str(name).replace("\\", "/")).name
+    if base.startswith("."):
+        return "hidden file"
+    if base.upper() == DICOMDIR_NAME:
+        return "DICOMDIR (the directory of a DICOM file-set, not an image)"
+    suffix = PurePosixPath(base).suffix.lower()
+    if suffix in NOT_IMAGE_SUFFIXES:
+        return f"a {suffix} file"
+    return None
+
+
 def non_image_reason(path: Path) -> str | None:
     """Why a file found while walking is not an image to read, or None.
 
-    A ``DICOMDIR`` (by its PS3.10 file name or its Media Storage SOP Class)
-    and DICOM objects whose SOP Class is not an image storage class are
-    skipped. Anything else, unreadable files included, is an input: it gets
-    a result or a failure that names the problem.
+    Skipped: files that are no image by their name
+    (:func:`non_image_name_reason`: hidden, DICOMDIR, document and system
+    file extensions), a ``DICOMDIR`` by its Media Storage SOP Class, and
+    DICOM objects whose SOP Class is not an image storage class. Anything
+    else, unreadable files included, is an input: it gets a result or a
+    failure that names the problem.
     """
     from medseg.ingest.dicom import MEDIA_STORAGE_DIRECTORY_STORAGE, is_image_sop_class
 
-    if path.name.upper() == DICOMDIR_NAME:
-        return "DICOMDIR (the directory of a DICOM file-set, not an image)"
+    by_name = non_image_name_reason(path.name)
+    if by_name:
+        return by_name
     if image_format(path) != "dicom":
         return None
     ds = _peek(path)
@@ -511,6 +581,7 @@ def sop_instance_uid(path: Path) -> str | None:
     return str(uid).strip() or None if uid else None
 
 
-__all__ = ["CASE_ID_SOURCES", "InputFile", "ambiguity_note", "InputSet", "Skipped", "assign_case_ids", "base_case_id",
-           "collect_inputs", "is_safe_case_id", "list_file_line", "list_image_files", "lookup_keys", "non_image_reason", "safe_case_id",
+__all__ = ["CASE_ID_SOURCES", "NOT_IMAGE_SUFFIXES", "InputFile", "ambiguity_note", "InputSet", "Skipped",
+           "assign_case_ids", "base_case_id", "collect_inputs", "is_safe_case_id", "list_file_line",
+           "list_image_files", "lookup_keys", "non_image_name_reason", "non_image_reason", "safe_case_id",
            "short_hash", "sop_instance_uid"]

@@ -189,7 +189,10 @@ def read_raster(path: str | Path, options: ReadOptions) -> IngestedImage:
     Returns:
         float32 (H, W) upright (EXIF orientation applied) in display polarity
         (inverted when ``options.invert``), spacing
-        ``options.pixel_spacing_mm`` on both axes. ``extra`` holds "bits" and,
+        ``options.pixel_spacing_mm`` on both axes (spacing_source "given"),
+        or 1.0 mm when that is None (spacing_source "assumed": the file has
+        no spacing and none was given; see
+        :meth:`ReadOptions.fallback_spacing`). ``extra`` holds "bits" and,
         for a file with an EXIF Orientation tag, "exif_orientation" (1..8);
         an orientation other than 1 is also noted in ``photometric``, e.g.
         "black-is-zero; EXIF orientation 6 applied (rotated 90 degrees
@@ -207,7 +210,7 @@ def read_raster(path: str | Path, options: ReadOptions) -> IngestedImage:
         # the image's content.
         max_value = float((1 << bits) - 1) if bits < 32 else float(pixels.max())
         pixels = max_value - pixels
-    spacing = float(options.pixel_spacing_mm)
+    spacing, spacing_source = options.fallback_spacing()
     photometric = "white-is-zero (inverted)" if options.invert else "black-is-zero"
     extra: dict = {"bits": bits}
     if raster.exif_orientation is not None:
@@ -220,7 +223,7 @@ def read_raster(path: str | Path, options: ReadOptions) -> IngestedImage:
     return IngestedImage(
         pixels=pixels,
         spacing_mm=(spacing, spacing),
-        spacing_source="config",
+        spacing_source=spacing_source,
         source=str(path),
         source_format="raster",
         photometric=photometric,

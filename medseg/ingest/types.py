@@ -9,11 +9,24 @@ import numpy as np
 # Where a pixel spacing holds (IngestedImage.spacing_plane).
 SPACING_PLANES: tuple[str, ...] = ("patient", "detector", "unknown", "default")
 
-# Planes of the spacing sources that do not say it themselves: "config" and
-# "default" are the configured fallback; JSRT's 0.175 mm is the pitch at
-# which the films were digitised, i.e. at the film (detector) plane, not
-# corrected for magnification.
-_PLANE_OF_SOURCE: dict[str, str] = {"config": "default", "default": "default", "JSRT": "detector"}
+# The spacing used for a file that carries none (PNG / JPEG / TIFF, a DICOM
+# file without any pixel spacing element) when none was given either.
+DEFAULT_PIXEL_SPACING_MM = 1.0
+
+# spacing_source of a spacing that did not come from the file:
+# SPACING_GIVEN: given by the user (``--pixel-spacing``, ``read.pixel_spacing_mm``,
+# ``ReadOptions(pixel_spacing_mm=...)``); SPACING_ASSUMED: nobody gave one,
+# DEFAULT_PIXEL_SPACING_MM was assumed.
+SPACING_GIVEN = "given"
+SPACING_ASSUMED = "assumed"
+
+# Planes of the spacing sources that do not say it themselves: "given" and
+# "assumed" (and "config" / "default", their names in files written by
+# earlier versions) are the fallback, no measurement behind it; JSRT's
+# 0.175 mm is the pitch at which the films were digitised, i.e. at the film
+# (detector) plane, not corrected for magnification.
+_PLANE_OF_SOURCE: dict[str, str] = {SPACING_GIVEN: "default", SPACING_ASSUMED: "default", "config": "default",
+                                    "default": "default", "JSRT": "detector"}
 
 
 def plane_of_source(spacing_source: str) -> str:
@@ -51,11 +64,16 @@ class IngestedImage:
             mediastinum are bright, air is dark (DICOM MONOCHROME2 sense).
             Modality LUT (and VOI LUT / window where the file has one) applied.
         spacing_mm: (row spacing, column spacing) in millimetres.
-        spacing_source: where the spacing came from, e.g. "PixelSpacing",
-            "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor",
-            "ImagerPixelSpacing (detector plane)", "JSRT", "config",
-            "default"; the DICOM values are listed in
-            :mod:`medseg.ingest.dicom` (``SPACING_SOURCES``).
+        spacing_source: where the spacing came from: from the file's
+            metadata, e.g. "PixelSpacing", "ImagerPixelSpacing /
+            EstimatedRadiographicMagnificationFactor", "ImagerPixelSpacing
+            (detector plane)" (the DICOM values are listed in
+            :mod:`medseg.ingest.dicom`, ``SPACING_SOURCES``), "JSRT" (the
+            format's fixed pitch); or not from the file: "given"
+            (:data:`SPACING_GIVEN`, ``ReadOptions.pixel_spacing_mm`` as the
+            user set it) or "assumed" (:data:`SPACING_ASSUMED`, nobody gave
+            one: :data:`DEFAULT_PIXEL_SPACING_MM`). Files written by earlier
+            versions say "config" for "given" and "default" for either.
         source: path of the file read.
         source_format: "dicom", "jsrt", or "raster".
         photometric: photometric handling applied, e.g. "MONOCHROME1 (inverted)",
@@ -111,10 +129,41 @@ class ReadOptions:
         pixel_spacing_mm: spacing for formats without one (PNG/JPEG/TIFF) and
             the fallback for DICOM files that lack Pixel Spacing, Imager
             Pixel Spacing and Nominal Scanned Pixel Spacing (reported with
-            spacing_plane "default").
+            spacing_source "given" and spacing_plane "default"); None when
+            the user gave none: :data:`DEFAULT_PIXEL_SPACING_MM` is then
+            assumed (spacing_source "assumed").
         apply_voi: apply the DICOM VOI LUT / window when the file has one.
     """
 
     invert: bool = False
-    pixel_spacing_mm: float = 1.0
+    pixel_spacing_mm: float | None = None
     apply_voi: bool = True
+
+    def fallback_spacing(self) -> tuple[float, str]:
+        """The spacing for a file that has none of its own, and its spacing_source.
+
+        Returns:
+            (``pixel_spacing_mm``, "given") when it was set, else
+            (:data:`DEFAULT_PIXEL_SPACING_MM`, "assumed").
+        """
+        if self.pixel_spacing_mm is None:
+            return DEFAULT_PIXEL_SPACING_MM, SPACING_ASSUMED
+        return float(self.pixel_spacing_mm), SPACING_GIVEN
+
+
+def assumed_spacing_warning(count: int, total: int) -> str:
+    """The batch's one warning about inputs read with the assumed spacing.
+
+    Args:
+        count: inputs whose spacing_source is "assumed" (> 0).
+        total: inputs read.
+
+    Returns:
+        A sentence naming how many, the millimetres assumed and how to set
+        the true spacing.
+    """
+    return (f"{count} of {total} input{'s' if total != 1 else ''} had no pixel spacing (PNG / JPEG / TIFF carry "
+            "none; DICOM without Pixel Spacing, Imager Pixel Spacing or Nominal Scanned Pixel Spacing) and none "
+            f"was given: {DEFAULT_PIXEL_SPACING_MM:.1f} mm was assumed (spacing_source 'assumed'), so their sizes in "
+            "mm are wrong unless that is their true spacing, and a chest film digitised at 0.1-0.4 mm is then "
+            "flagged not_frontal_chest; `--pixel-spacing MM` (read.pixel_spacing_mm in a workflow config) sets it")

@@ -21,7 +21,7 @@ from medseg.ingest import load_image
 from medseg.errors import InputError
 from medseg.ingest.inputs import CASE_ID_SOURCES, InputFile, Skipped, ambiguity_note, collect_inputs, lookup_keys
 from medseg.ingest.masks import check_mask_geometry, read_label_image, read_scr_masks
-from medseg.ingest.types import IngestedImage, ReadOptions
+from medseg.ingest.types import SPACING_ASSUMED, IngestedImage, ReadOptions, assumed_spacing_warning
 from medseg.nifti import save_nifti_2d
 from medseg.preprocessing.geometry import ResizePadGeometry, to_preprocessed
 from medseg.preprocessing.intensity import normalise_intensity
@@ -202,6 +202,9 @@ def preprocess_dataset(
     write_manifest(manifest_path, rows)
     write_failures(failures_path, failures)
     write_skipped(out_dir / "skipped.csv", inputs.skipped)
+    assumed = sum(row["spacing_source"] == SPACING_ASSUMED for row in rows)
+    if assumed:  # once for the batch: the NIfTI affines and the mm measures use it
+        log.warning("preprocess: %s", assumed_spacing_warning(assumed, len(rows)))
     report_failures(failures, len(inputs.files), "preprocess", skipped=len(inputs.skipped))
     if spec.mask_format == "label_image" and spec.masks_root is not None:
         # A label value in no label image is usually a wrong --label-values
