@@ -345,6 +345,61 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _table_suffix(name: str, row_name: str) -> str:
+    """How the per-case tables of row ``row_name`` of run ``name`` are named
+    (``cases<suffix>.csv``, ``ctr<suffix>.csv``)."""
+    return row_name[len(name):] if row_name.startswith(name) else f"-{row_name}"
+
+
+def pool_rows(args) -> None:
+    """One row from the per-case tables of earlier rows of one run (folds
+    scored one at a time): the same figures as scoring those folds together,
+    since every figure is computed from the pooled cases."""
+    if not args.name or not args.label:
+        raise SystemExit("--pool needs --name (the run) and --label (the pooled row's name)")
+    rows = {}
+    for line in args.table.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["name"]] = row  # the latest row of a name
+    missing = [r for r in args.pool if r not in rows]
+    if missing:
+        raise SystemExit(f"{args.table}: no row named {', '.join(missing)}")
+    picked = [rows[r] for r in args.pool]
+    from medseg.training.settings import TrainSettings
+
+    # Settings added later hash only when set (TrainSettings.fingerprint): rows
+    # written before a setting existed are the same recipe as rows with its default.
+    if len({TrainSettings.from_dict(r["train"]).fingerprint() for r in picked}) > 1:
+        raise SystemExit("--pool rows differ in their train settings: they are not one recipe")
+    for what in ("preprocess", "predict", "model_thresholds", "ensemble_with"):
+        if any(json.dumps(r.get(what), sort_keys=True) != json.dumps(picked[0].get(what), sort_keys=True)
+               for r in picked):
+            raise SystemExit(f"--pool rows differ in {what}: they are not one recipe")
+    folds = [k for r in picked for k in r["folds"]]
+    if len(set(folds)) != len(folds):
+        raise SystemExit(f"--pool rows share held-out folds ({folds}): a case would count twice")
+    out = args.work / args.name
+    tables = [pd.read_csv(out / f"cases{_table_suffix(args.name, r['name'])}.csv") for r in picked]
+    ctrs = [pd.read_csv(out / f"ctr{_table_suffix(args.name, r['name'])}.csv") for r in picked]
+    table, ctr = pd.concat(tables, ignore_index=True), pd.concat(ctrs, ignore_index=True)
+    suffix = _table_suffix(args.name, args.label)
+    table.to_csv(out / f"cases{suffix}.csv", index=False)
+    ctr.to_csv(out / f"ctr{suffix}.csv", index=False)
+    figures = summarise(table, ctr)
+    n = [r["n_cases"] for r in picked]
+    times = {k: float(np.average([r["seconds"][k] for r in picked], weights=n))
+             for k in ("preprocess", "train_per_fold", "predict_and_score_per_fold")}
+    times["train_all_folds"] = float(sum(r["seconds"]["train_all_folds"] for r in picked))
+    print_report(args.label, figures, len(ctr), folds, times)
+    row = {**picked[0], "name": args.label, "folds": folds, "n_cases": int(len(ctr)), "figures": figures,
+           "seconds": times, "best_epochs": [e for r in picked for e in r["best_epochs"]], "threshold_sweep": {},
+           "pooled_from": list(args.pool), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with args.table.open("a") as handle:
+        handle.write(json.dumps(row, default=float) + "\n")
+    print(f"pooled {len(picked)} rows ({len(ctr)} cases); row appended to {args.table}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "jsrt-cpu.yaml")
@@ -375,11 +430,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ensemble-with", nargs="+", default=[], metavar="NAME",
                         help="predict with this run's fold model averaged with the same folds' models of these "
                              "earlier runs (under --work)")
+    parser.add_argument("--pool", nargs="+", metavar="ROW",
+                        help="write one row (named --label) that pools the per-case tables of these earlier rows "
+                             "of the same --name (e.g. held-out folds scored one at a time) and exit")
     parser.add_argument("--markdown", action="store_true",
                         help="print the experiments table of --table as Markdown (docs/accuracy.md) and exit")
     args = parser.parse_args(argv)
     if args.markdown:
         print(markdown_table([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
+        return
+    if args.pool:
+        pool_rows(args)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
@@ -443,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     # An ensemble reuses this run's trained folds: its row and tables get their own name.
     suffix = "".join(f"+{n}" for n in args.ensemble_with)
     row_name = args.label or name + suffix
-    suffix = row_name[len(name):] if row_name.startswith(name) else f"-{row_name}"
+    suffix = _table_suffix(name, row_name)
     table.to_csv(out / f"cases{suffix}.csv", index=False)
     ctr.to_csv(out / f"ctr{suffix}.csv", index=False)
     figures = summarise(table, ctr)
