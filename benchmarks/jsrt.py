@@ -259,7 +259,10 @@ def ship(config: dict, args, pre, out: Path, target) -> None:
     if not cv_rows:
         raise SystemExit(f"trained; --cv-from {args.cv_from}: no such row in {args.table} yet: rerun when it exists")
     cv = cv_rows[-1]
-    if cv["train"] != config["train"] or cv["preprocess"] != config["preprocess"]:
+    from medseg.training.settings import TrainSettings
+
+    if (TrainSettings.from_dict(cv["train"]).fingerprint() != TrainSettings.from_dict(config["train"]).fingerprint()
+            or cv["preprocess"] != config["preprocess"]):
         raise SystemExit(f"--cv-from {args.cv_from} was measured with other train/preprocess settings")
     # The card describes one network predicting as the shipped one will.
     if cv.get("ensemble_with"):

@@ -79,6 +79,13 @@ def test_preprocess_writes_images_labels_manifest(tmp_path):
     # Clavicle overlaps lung in the stored labels (multi-label).
     assert (masks["left_clavicle"] & masks["left_lung"]).any()
     assert len(manifest_fingerprint(out / "manifest.csv")) == 64
+    # spacing_source "given" was called "config": a manifest written since the
+    # rename keeps the fingerprint its checkpoints recorded (training resumes).
+    frame = pd.read_csv(out / "manifest.csv")
+    for source, name in (("config", "old.csv"), ("given", "new.csv"), ("assumed", "other.csv")):
+        frame.assign(spacing_source=source).to_csv(out / name, index=False)
+    assert manifest_fingerprint(out / "old.csv") == manifest_fingerprint(out / "new.csv")
+    assert manifest_fingerprint(out / "old.csv") != manifest_fingerprint(out / "other.csv")
 
 
 def test_scr_masks_at_half_resolution_are_accepted(tmp_path):

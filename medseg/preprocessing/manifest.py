@@ -61,7 +61,17 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+# spacing_source values that were renamed, hashed under their former names:
+# a manifest written after the rename keeps the fingerprint that checkpoints
+# and MLflow datasets made before it recorded (so training resumes and the
+# lineage holds). "given" (a spacing set by the user or the config) was "config".
+_FINGERPRINT_SPACING_SOURCE = {"given": "config"}
+
+
 def manifest_fingerprint(path: str | Path) -> str:
-    """SHA-256 of the manifest's content columns (not machine-specific paths)."""
+    """SHA-256 of the manifest's content columns (not machine-specific paths;
+    renamed spacing_source values under their former names)."""
     frame = read_manifest(path).drop(columns=["source", "mask_source"])
+    if "spacing_source" in frame:
+        frame["spacing_source"] = frame["spacing_source"].replace(_FINGERPRINT_SPACING_SOURCE)
     return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
