@@ -91,7 +91,7 @@ def _chunk(text: str):
 
 
 def _add_read_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("reading images without metadata (PNG/JPEG/TIFF)")
+    group = parser.add_argument_group("reading images (PNG/JPEG/TIFF carry no polarity or spacing; --no-voi: DICOM)")
     group.add_argument("--invert", action="store_true",
                        help="PNG/JPEG/TIFF are stored white-is-zero (bone dark), e.g. the JSRT PNGs")
     group.add_argument("--pixel-spacing", type=_positive_mm, default=None, metavar="MM",
@@ -99,7 +99,8 @@ def _add_read_options(parser: argparse.ArgumentParser) -> None:
                             "'given'); without it 1.0 mm is assumed (spacing_source 'assumed', with a warning). "
                             "The plausibility check and the sizes in mm need the true value, e.g. 0.35 for the "
                             "JSRT PNGs")
-    group.add_argument("--no-voi", action="store_true", help="do not apply the DICOM VOI LUT / window")
+    group.add_argument("--no-voi", action="store_true",
+                       help="DICOM only: do not apply the file's VOI LUT / window (raw Modality LUT values)")
 
 
 def _read_options(args: argparse.Namespace):
@@ -492,7 +493,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     settings = PredictSettings(threshold=args.threshold, postprocess=not args.no_postprocess, tta=args.tta,
                                batch_size=args.batch_size, write_seg=not args.no_seg,
                                read_options=_read_options(args))
-    log.info("predicting %d files with %s (labels %s, %d px) on %s", len(files), model.uri,
+    log.info("predicting %d file(s) with %s (labels %s, %d px) on %s", len(files), model.uri,
              ", ".join(model.labels), model.size, device)
     table, failures = predict_files(files, model, settings, args.out, device, chunk=args.chunk,
                                     skipped=inputs.skipped)
@@ -761,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     from medseg.preprocessing.splits import SPLIT_SCHEMES
     from medseg.structures import SCR_STRUCTURES
 
-    parser = argparse.ArgumentParser(prog="medseg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="medseg", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"medseg {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -777,7 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="read images and print what the pipeline sees (JSON lines)")
     p.add_argument("inputs", nargs="+", help="files, folders (searched recursively), globs or list files (.txt)")
-    p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename")
+    p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename",
+                   help="case IDs (output names) from the file name (default) or, for DICOM, the SOP Instance UID")
     _add_read_options(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -789,7 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"source structures, comma-separated (default {','.join(SCR_STRUCTURES)})")
     p.add_argument("--label-values", type=_label_values,
                    help="for label images: VALUE=STRUCTURE,... e.g. 1=heart,2=left_lung")
-    p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename")
+    p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename",
+                   help="case IDs (output names) from the file name (default) or, for DICOM, the SOP Instance UID")
     p.add_argument("--size", type=_positive_int, default=256, help="square output side in pixels (default 256)")
     p.add_argument("--lower-percentile", type=float, default=0.5)
     p.add_argument("--upper-percentile", type=float, default=99.5)
@@ -854,9 +857,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="test-time augmentation (small shifts, no flips)")
     p.add_argument("--no-postprocess", action="store_true", help="keep all connected components and holes")
     p.add_argument("--no-seg", action="store_true", help="do not write DICOM SEG files")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="scans per forward pass (default 8)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when available, else CPU")
+    p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename",
+                   help="case IDs (output names) from the file name (default) or, for DICOM, the SOP Instance UID")
     p.add_argument("--chunk", type=_chunk, metavar="I/N",
                    help="predict only chunk I (0-based) of N near-equal parts of the inputs, as one of N parallel "
                         "jobs; then `medseg gather-predictions` writes the batch's tables")
@@ -912,7 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list-inputs", help="the files predict would read from folders/globs/lists, as a list file")
     p.add_argument("inputs", nargs="+", help="folders (recursive), globs, list files (.txt) or files")
-    p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename")
+    p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename",
+                   help="case IDs (output names) from the file name (default) or, for DICOM, the SOP Instance UID")
     p.add_argument("--out", required=True, help="list file to write (one line per input: absolute path, case ID "
                                                 "and name, tab-separated)")
     p.set_defaults(func=cmd_list_inputs)

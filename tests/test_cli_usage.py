@@ -143,6 +143,32 @@ def test_missing_file_in_a_list_file_is_that_input_s_failure(tmp_path, capsys, c
     assert "1 of 2 inputs failed" in text
 
 
+def test_text_notes_named_among_images_are_one_failure_not_echoed(tmp_path, capsys, caplog):
+    """`medseg ingest export/*` names a notes.txt from the export: it is not
+    a list of inputs (none of its lines is a file), so it fails once as not
+    an image and its lines (patient details, in a fresh user's trial) are
+    written nowhere; a broken link in a walked folder is an input's failure,
+    not a file that vanishes."""
+    import numpy as np
+    from PIL import Image
+
+    export = tmp_path / "export"
+    export.mkdir()
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(export / "a.png")
+    (export / "notes.txt").write_text("Patient: DOE^JANE\nMRN PID-SECRET-12345 DOB 19600101\n")
+    (export / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    argv = ["ingest", export / "a.png", export / "notes.txt", "--pixel-spacing", "0.2"]
+    rc, text = _run_in_process(argv, capsys, caplog)
+    assert rc == 1, text
+    assert f"{export / 'notes.txt'}: not an image" in text and "1 of 2 inputs failed" in text
+    assert "DOE" not in text and "PID-SECRET" not in text and "19600101" not in text
+    caplog.clear()
+    rc, text = _run_in_process(["ingest", export, "--pixel-spacing", "0.2"], capsys, caplog)
+    assert rc == 1, text
+    assert f"{export / 'broken.png'}: file not found" in text and "1 of 2 inputs failed" in text
+    assert "DOE" not in text
+
+
 EVALUATE_CASES = [
     (("--labels", "{lungs: [left_lung]}"),
      "argument --labels: not JSON (Expecting property name enclosed in double quotes at character 1)"),

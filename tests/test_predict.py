@@ -283,6 +283,34 @@ def test_png_exports_read_without_spacing_or_polarity_are_explained(model_and_sc
              "--pixel-spacing", "1.4")
     row = pd.read_csv(tmp_path / "inverted" / "results.csv", keep_default_na=False).iloc[0]
     assert not {"not_frontal_chest", "implausible_anatomy"} & set(row.qc_flags.split("|")), row.qc_reasons
+    # A given spacing 10x off: the batch "succeeds", so one warning must say so.
+    wrong = _predict(model, [inputs / "FINE.png"], tmp_path / "wrong", "--no-seg", "--pixel-spacing", "1.75")
+    row = pd.read_csv(tmp_path / "wrong" / "results.csv", keep_default_na=False).iloc[0]
+    assert "not_frontal_chest" in row.qc_flags and "as given (--pixel-spacing)" in row.qc_reasons
+    lines = [line for line in wrong.stderr.splitlines() if "failed a size rule" in line]
+    assert len(lines) == 1 and "WARNING" in lines[0] and "1 of 1 scan failed" in lines[0], wrong.stderr[-2000:]
+
+
+def test_rerun_with_other_settings_leaves_no_stale_outputs(model_and_scans, tmp_path):
+    """A scan predicted again with other settings keeps no output of the
+    earlier prediction (a SEG beside masks made without one), and a batch
+    with no finished scan leaves no earlier results.parquet beside its
+    header-only results.csv (found by a fresh user's trial)."""
+    model, scans = model_and_scans
+    dicom = sorted(scans.glob("*.dcm"))[0]
+    out = tmp_path / "out"
+    _predict(model, [dicom], out)
+    seg = out / dicom.stem / "seg.dcm"
+    assert seg.exists() and (out / "results.parquet").exists()
+    _predict(model, [dicom], out, "--no-seg")
+    assert not seg.exists()
+    assert pd.read_csv(out / "results.csv").dicom_seg.tolist() == [False]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    proc = _predict(model, [broken], out, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert (out / "results.csv").read_text() == "case_id\n" and not (out / "results.parquet").exists()
+    assert "1 scan folder(s)" in proc.stderr and "from earlier runs are not in it" in proc.stderr
 
 
 def test_interrupted_run_finishes_on_rerun(model_and_scans, tmp_path):

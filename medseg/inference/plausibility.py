@@ -559,6 +559,8 @@ _CUE_ROWS = (0.25, 0.75)
 # The start of the hint given when the polarity cue says "inverted" (so a
 # results table can be searched for it).
 INVERT_HINT = "the image looks inverted"
+# Likewise for a size rule failed with a spacing the user gave.
+GIVEN_SPACING_HINT = "as given"
 
 
 def middle_minus_sides(image: np.ndarray) -> float:
@@ -633,7 +635,8 @@ def reading_hints(check: AnatomyCheck, *, source_format: str, spacing_source: st
                      "(chest films are digitised at about 0.1-0.4 mm)")
         spacing_hinted = True
     elif check.size_reasons and spacing_source == SPACING_GIVEN:
-        hints.append(f"pixel spacing {spacing} mm as given (--pixel-spacing), not read from the file: check it")
+        hints.append(f"pixel spacing {spacing} mm {GIVEN_SPACING_HINT} (--pixel-spacing), not read from the file: "
+                     "check it")
         spacing_hinted = True
     if source_format == "raster":
         if polarity is not None and polarity < LOOKS_INVERTED_BELOW:
@@ -696,6 +699,7 @@ __all__ = [
     "anatomy_flags",
     "check_anatomy",
     "gate_ctr",
+    "GIVEN_SPACING_HINT",
     "INVERT_HINT",
     "LOOKS_INVERTED_BELOW",
     "is_non_frontal_view",

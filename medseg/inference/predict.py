@@ -319,6 +319,8 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
         except Exception as err:  # noqa: BLE001 - the masks stand without a SEG; say why there is none
             log.warning("predict %s: no DICOM SEG written (%s: %s); masks and tables are", prep.entry.name,
                         type(err).__name__, err)
+    if not seg_written:  # a SEG of an earlier prediction (other settings) must not sit beside these masks
+        (case_dir / "seg.dcm").unlink(missing_ok=True)
 
     pixel_area = spacing[0] * spacing[1]
     row = {
@@ -409,10 +411,13 @@ def reading_warnings(table: pd.DataFrame) -> list[str]:
     Returns:
         Sentences: how many scans had no pixel spacing (1.0 mm assumed, see
         :func:`medseg.ingest.types.assumed_spacing_warning`) and how many of
-        those were flagged ``not_frontal_chest``; how many flagged PNG / JPEG
-        / TIFF scans look inverted (``--invert``). [] when neither.
+        those were flagged ``not_frontal_chest``; how many scans failed a
+        size rule (thorax width, lung height in mm) with a pixel spacing the
+        user gave (a wrong ``--pixel-spacing``: no warning otherwise, the
+        batch "succeeds"); how many flagged PNG / JPEG / TIFF scans look
+        inverted (``--invert``). [] when none of these.
     """
-    from medseg.inference.plausibility import INVERT_HINT, NOT_FRONTAL_CHEST
+    from medseg.inference.plausibility import GIVEN_SPACING_HINT, INVERT_HINT, NOT_FRONTAL_CHEST
     from medseg.ingest.types import SPACING_ASSUMED, assumed_spacing_warning
 
     if table.empty or "spacing_source" not in table:
@@ -426,6 +431,11 @@ def reading_warnings(table: pd.DataFrame) -> list[str]:
         warnings.append(assumed_spacing_warning(int(assumed.sum()), len(table))
                         + (f"; {flagged} of them {'was' if flagged == 1 else 'were'} flagged {NOT_FRONTAL_CHEST}"
                            " (see qc_reasons in results.csv)" if flagged else ""))
+    given = int(reasons.str.contains(f"mm {GIVEN_SPACING_HINT} (--pixel-spacing)", regex=False).sum())
+    if given:
+        warnings.append(f"{given} of {len(table)} scan{'s' if len(table) != 1 else ''} failed a size rule (thorax "
+                        "width or lung height in mm) with the pixel spacing given by --pixel-spacing (not read "
+                        "from the file): check that it is these files' spacing; see qc_reasons in results.csv")
     inverted = int(reasons.str.contains(INVERT_HINT, regex=False).sum())
     if inverted:
         warnings.append(f"{inverted} PNG / JPEG / TIFF scan{'s' if inverted != 1 else ''} flagged "
@@ -759,11 +769,18 @@ def write_batch_tables(out_dir: Path, failures: Sequence[Failure], case_ids: Ite
     other scans an earlier run left in ``out_dir`` are not this batch's), the
     CTR histogram, the overlays' contact sheet, ``summary.txt`` and
     ``failures.csv``; returns the results table (full precision)."""
+    case_ids = list(case_ids)
     table = gather_results(out_dir, case_ids)
     _write_results_csv(out_dir / "results.csv", table)
     if not table.empty:
         with atomic_path(out_dir / "results.parquet") as tmp:
             round_results(table).to_parquet(tmp, index=False)  # the same table as results.csv
+    else:  # never a results.parquet of an earlier batch beside this batch's results.csv
+        (out_dir / "results.parquet").unlink(missing_ok=True)
+    earlier = sorted({p.parent.name for p in out_dir.glob("*/prediction.json")} - set(map(str, case_ids)))
+    if earlier:
+        log.info("results.csv lists this batch's %d scan(s); %d scan folder(s) in %s from earlier runs are not "
+                 "in it (e.g. %s)", len(table), len(earlier), out_dir, ", ".join(earlier[:3]))
     save_ctr_distribution(out_dir / "ctr_distribution.png", table)
     finished = table["case_id"].astype(str).tolist() if not table.empty else []
     shown = save_overlay_sheet(out_dir / "overlays.png", out_dir, finished, batch=out_dir.name)

@@ -39,7 +39,10 @@ told apart as in step 3, with a warning.
 List files (``.txt``) hold one input per line: ``PATH``, or
 ``PATH<TAB>CASE_ID<TAB>NAME`` as ``medseg list-inputs`` and ``medseg
 list-cases`` write them, so that chunk jobs and the workflow's prediction of
-a fold use exactly the IDs of the whole batch or of the manifest.
+a fold use exactly the IDs of the whole batch or of the manifest. A ``.txt``
+none of whose lines names an existing file is no list (notes a shell glob
+picked up): it is an input, and fails as "not an image" without its lines
+being echoed.
 
 While walking folders (and matching globs), files that are not images are
 skipped, not reported as failures, and counted in one informational line
@@ -337,7 +340,9 @@ def _walk(folder: str | Path) -> list[Path]:
                 continue
             kept.append(name)
         dirs[:] = kept
-        files += [here / name for name in names if (here / name).is_file()]
+        # A broken link is kept: it becomes that input's failure ("file not
+        # found"), not a file that silently vanishes from the batch.
+        files += [here / name for name in names if (here / name).is_file() or (here / name).is_symlink()]
     return sorted(files)
 
 
@@ -346,6 +351,26 @@ def _glob_root(pattern: str) -> Path:
     parts = Path(pattern).parts
     fixed = parts[: next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))]
     return Path(*fixed) if fixed else Path(".")
+
+
+def _names_an_input(path: Path) -> bool:
+    """Whether a ``.txt`` file is a list of inputs: it has no entries, or at
+    least one entry's path exists. A text file among images (notes from a
+    PACS export, a shell glob's ``notes.txt``) names none, and is then an
+    input that fails as "not an image" instead of a list whose every line
+    (patient details, perhaps) would be echoed as a missing file."""
+    entries = 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        entries += 1
+        entry = Path(line.rstrip("\r\n").split("\t")[0].strip())
+        try:
+            if os.path.lexists(entry if entry.is_absolute() else path.parent / entry):
+                return True
+        except (OSError, ValueError):  # a line no path can be made of (NUL bytes, too long)
+            continue
+    return entries == 0
 
 
 def _list_file_entries(path: Path) -> Iterable[tuple[InputFile, str | None]]:
@@ -416,7 +441,7 @@ def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename",
             for file in _walk(path):
                 found.append(InputFile(file, file.relative_to(path).as_posix()))
                 given_ids.append(None)
-        elif path.suffix.lower() == ".txt" and path.is_file():
+        elif path.suffix.lower() == ".txt" and path.is_file() and _names_an_input(path):
             for entry, case_id in _list_file_entries(path):
                 found.append(entry)
                 given_ids.append(case_id)
