@@ -15,12 +15,19 @@ import numpy as np
 from medseg.atomic import atomic_path
 
 
-def save_nifti_2d(path: str | Path, array: np.ndarray, spacing_mm: tuple[float, float]) -> None:
+def save_nifti_2d(path: str | Path, array: np.ndarray, spacing_mm: tuple[float, float],
+                  description: str = "") -> None:
     """Write ``array`` (H, W) or (H, W, C) atomically.
+
+    NIfTI's axes are x (columns), y (rows), z, t, then a vector axis, so the
+    file's shape is (W, H) or (W, H, 1, 1, C) with intent "vector" (NIfTI-1
+    intent code 1007); :func:`load_nifti_2d` gives back (H, W[, C]).
 
     Args:
         array: (H, W) or (H, W, C); channels go to NIfTI's 5th (vector) axis.
         spacing_mm: (row spacing, column spacing).
+        description: the header's ``descrip`` (at most 80 bytes, e.g. the
+            channels' label names); longer text is cut.
     """
     array = np.asarray(array)
     data = np.swapaxes(array, 0, 1)
@@ -29,6 +36,10 @@ def save_nifti_2d(path: str | Path, array: np.ndarray, spacing_mm: tuple[float, 
     affine = np.diag([float(spacing_mm[1]), float(spacing_mm[0]), 1.0, 1.0])
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm")
+    if data.ndim == 5:
+        img.header.set_intent("vector")
+    if description:
+        img.header["descrip"] = description.encode("utf-8")[:80]
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
 

@@ -179,6 +179,19 @@ def test_nifti_round_trip_keeps_orientation_and_spacing(tmp_path):
     assert np.array_equal(back, array)
     assert spacing == pytest.approx((0.7, 0.35))
     assert not list(tmp_path.glob(".tmp-*"))  # atomic write leaves no temp file
+    # A label stack: NIfTI's x = columns, y = rows, channels on the vector axis
+    # (what README says a viewer sees), label names in descrip.
+    import nibabel as nib
+
+    stack = np.zeros((3, 4, 2), dtype=np.uint8)
+    stack[0, 3, 1] = 1  # row 0, column 3, second label
+    save_nifti_2d(tmp_path / "s.nii.gz", stack, (0.7, 0.35), description="labels: heart,lungs")
+    img = nib.load(str(tmp_path / "s.nii.gz"))
+    assert img.shape == (4, 3, 1, 1, 2) and np.asarray(img.dataobj)[3, 0, 0, 0, 1] == 1
+    assert img.header.get_intent()[0] == "vector"
+    assert img.header["descrip"].tobytes().rstrip(b"\0") == b"labels: heart,lungs"
+    back, _ = load_nifti_2d(tmp_path / "s.nii.gz")
+    assert np.array_equal(back, stack)
 
 
 # --------------------------------------------------------------------------- what a folder walk reads

@@ -2,7 +2,9 @@
 
 Per scan, in ``<out_dir>/<case_id>/``:
 - ``masks/<label>.png``: 0/255 at the original size;
-- ``labels.nii.gz``: uint8 (H, W, C) label stack with the pixel spacing;
+- ``labels.nii.gz``: uint8 label stack with the pixel spacing: NIfTI shape
+  (W, H, 1, 1, C), intent "vector", label names in ``descrip``
+  (``medseg.nifti.load_nifti_2d`` reads it as (H, W, C));
 - ``overlay.png``: heart red, lungs green, clavicles blue, CTR lines (heart
   width yellow, thorax width magenta), with a band below giving the case ID,
   the CTR, the QC flags and the colour legend;
@@ -289,7 +291,7 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
     for name, mask in masks.items():
         _save_png(case_dir / "masks" / f"{name}.png", mask.astype(np.uint8) * 255)
     stack = np.stack([masks[n] for n in model.labels], axis=-1).astype(np.uint8)
-    save_nifti_2d(case_dir / "labels.nii.gz", stack, spacing)
+    save_nifti_2d(case_dir / "labels.nii.gz", stack, spacing, description="labels: " + ",".join(model.labels))
 
     ctr = None
     if "heart" in masks and "lungs" in masks:
