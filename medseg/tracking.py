@@ -270,6 +270,13 @@ def _fail_fast_http(timeout_s: float):
                 os.environ[key] = value
 
 
+def _timed_out(err: BaseException) -> bool:
+    """Whether an MLflow request failed by a read timeout (the server took the
+    connection but did not answer), as opposed to a refused connection."""
+    text = f"{type(err).__name__}: {err}"
+    return "ReadTimeout" in text or "Read timed out" in text
+
+
 def connect(tracking_uri: str, experiment: str, timeout_s: float = 10.0) -> str:
     """Point MLflow at ``tracking_uri`` and make sure ``experiment`` exists.
 
@@ -278,7 +285,10 @@ def connect(tracking_uri: str, experiment: str, timeout_s: float = 10.0) -> str:
 
     Raises:
         TrackingUnavailable: the store cannot be reached (fails in about
-            ``timeout_s``, not after MLflow's long retry schedule).
+            ``timeout_s``, not after MLflow's long retry schedule). A server
+            that accepts the connection but answers after ``timeout_s`` is
+            waited for once more under the run's retry settings
+            (``MLFLOW_HTTP_REQUEST_TIMEOUT``, default 30 s, 2 retries).
     """
     import mlflow
 
@@ -294,7 +304,17 @@ def connect(tracking_uri: str, experiment: str, timeout_s: float = 10.0) -> str:
                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
         os.environ.setdefault(key, value)
     try:
-        with _fail_fast_http(timeout_s):
+        try:
+            with _fail_fast_http(timeout_s):
+                found = client.get_experiment_by_name(experiment)
+        except Exception as err:  # noqa: BLE001 - see below
+            if not _timed_out(err):
+                raise  # refused, unknown host, bad answer: fail fast
+            # The server took the connection but did not answer in time (busy;
+            # a fresh server's first request loads its store): wait for it
+            # with the run's retry settings instead of failing the job.
+            log.warning("MLflow tracking store %s did not answer within %.0f s; waiting for it (up to %s s per "
+                        "request)", tracking_uri, timeout_s, os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT"))
             found = client.get_experiment_by_name(experiment)
         if found is not None:
             return found.experiment_id

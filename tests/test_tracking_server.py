@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,6 +217,44 @@ def test_two_trainings_logging_at_once_both_land_intact(stack, phantoms, tmp_pat
     assert seeds == {"1", "2"}
     losses = [pd.read_csv(out / "metrics.csv").train_loss.tolist() for out in outs]
     assert losses[0] != losses[1]  # the two jobs really differ, so the per-run comparisons above mean something
+
+
+def test_busy_server_is_waited_for_not_failed(stack, tmp_path, monkeypatch):
+    """A server that takes the connection but answers after the first
+    request's timeout (busy, or loading its store for its first request: a
+    parallel CI worker made this happen) is waited for, not reported
+    unusable; a refused connection still fails fast. The real server is
+    paused (SIGSTOP on its process group) and resumed 4 s later."""
+    import threading
+
+    from medseg.tracking import TrackingUnavailable, connect
+
+    for key in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(key, raising=False)
+    port = free_port()
+    server = start_mlflow_server(stack.postgres.uri("mlflow"), stack.root / "artifacts", port=port, workers=1,
+                                 log_file=tmp_path / "mlflow.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, 180, server, tmp_path / "mlflow.log")
+        os.killpg(server.pid, signal.SIGSTOP)
+        resume = threading.Timer(4.0, os.killpg, (server.pid, signal.SIGCONT))
+        resume.start()
+        started = time.monotonic()
+        try:
+            experiment_id = connect(url, "busy-server", timeout_s=1.0)
+        finally:
+            resume.join()
+        assert experiment_id and time.monotonic() - started >= 3.5
+        assert client_for(url).get_experiment(experiment_id).name == "busy-server"
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
+        stop_process_group(server)
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="cannot be used"):
+        connect(f"http://127.0.0.1:{free_port()}", "nobody-listens", timeout_s=1.0)
+    assert time.monotonic() - started < 10
 
 
 def test_mlflow_server_lost_mid_training_keeps_everything(stack, phantoms, tmp_path, repo_root):
