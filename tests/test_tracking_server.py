@@ -219,6 +219,20 @@ def test_two_trainings_logging_at_once_both_land_intact(stack, phantoms, tmp_pat
     assert losses[0] != losses[1]  # the two jobs really differ, so the per-run comparisons above mean something
 
 
+def _second_server(stack: Stack, log_file: Path):
+    """Another `mlflow server` on the stack's database, healthy: (process, URL)."""
+    port = free_port()
+    server = start_mlflow_server(stack.postgres.uri("mlflow"), stack.root / "artifacts", port=port, workers=1,
+                                 log_file=log_file)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, 180, server, log_file)
+    except BaseException:
+        stop_process_group(server)
+        raise
+    return server, url
+
+
 def test_busy_server_is_waited_for_not_failed(stack, tmp_path, monkeypatch):
     """A server that takes the connection but answers after the first
     request's timeout (busy, or loading its store for its first request: a
@@ -232,12 +246,8 @@ def test_busy_server_is_waited_for_not_failed(stack, tmp_path, monkeypatch):
     for key in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
         monkeypatch.delenv(key, raising=False)
-    port = free_port()
-    server = start_mlflow_server(stack.postgres.uri("mlflow"), stack.root / "artifacts", port=port, workers=1,
-                                 log_file=tmp_path / "mlflow.log")
+    server, url = _second_server(stack, tmp_path / "mlflow.log")
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, 180, server, tmp_path / "mlflow.log")
         os.killpg(server.pid, signal.SIGSTOP)
         resume = threading.Timer(4.0, os.killpg, (server.pid, signal.SIGCONT))
         resume.start()
@@ -263,12 +273,9 @@ def test_mlflow_server_lost_mid_training_keeps_everything(stack, phantoms, tmp_p
     database before stays there; `cv-finish` still summarises the fold."""
     manifest, splits = phantoms
     config = _config(repo_root, tmp_path, preset="cpu_tiny", epochs=12, samples_per_epoch=8, batch_size=4)
-    port = free_port()
-    server = start_mlflow_server(stack.postgres.uri("mlflow"), stack.root / "artifacts", port=port, workers=1,
-                                 log_file=tmp_path / "mlflow.log")
+    server, url = _second_server(stack, tmp_path / "mlflow.log")
+    port = int(url.rsplit(":", 1)[1])
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, 180, server, tmp_path / "mlflow.log")
         text = train_interrupted(config, manifest, splits, tmp_path / "out", url, epochs=12, at_epoch=3,
                                  interrupt=lambda: stop_process_group(server))
     finally:
