@@ -336,6 +336,10 @@ def markdown_table(rows: list[dict]) -> str:
                   f"{t['learning_rate']:g} {t['scheduler']}, {t['epochs']} epochs"
                   + (f" x {t['samples_per_epoch']}" if t.get("samples_per_epoch") else "")
                   + (f", EMA {t['ema_decay']:g}" if t.get("ema_decay") else "")
+                  + (f", patches {t['patch_size']} px" if t.get("patch_size") else "")
+                  + (", soft labels" if t.get("soft_labels") else "")
+                  + (f", clavicles x {w:g}" if (w := (t.get("label_weights") or {}).get("clavicles", 2.0)) != 2.0 else "")
+                  + (f", seed {t['seed']}" if t.get("seed") else "")
                   + (f", thresholds {row['model_thresholds']}" if row.get("model_thresholds") else "")
                   + (f", averaged with {', '.join(row['ensemble_with'])}" if row.get("ensemble_with") else "")
                   + (", TTA" if row["predict"].get("tta") else ""))

@@ -81,6 +81,52 @@ def labels_from_packed(
     return np.stack(channels).astype(np.float32)
 
 
+# Partial-volume fractions are stored as uint8 (share x 255): 1/510 of a
+# pixel's area is far below what any mask can resolve.
+FRACTION_SCALE = 255
+
+
+def fractions_to_uint8(fractions: np.ndarray) -> np.ndarray:
+    """Shares of a pixel covered, float in [0, 1] (any shape) -> uint8 (x 255, rounded)."""
+    return np.rint(np.clip(np.asarray(fractions, dtype=np.float32), 0.0, 1.0) * FRACTION_SCALE).astype(np.uint8)
+
+
+def labels_from_fractions(
+    fractions: np.ndarray,
+    structures: Sequence[str],
+    labels: Mapping[str, Sequence[str]] = DEFAULT_LABELS,
+) -> np.ndarray:
+    """Soft (partial-volume) training target from per-structure fractions.
+
+    Args:
+        fractions: uint8 (H, W, S) as :func:`fractions_to_uint8` stored them,
+            channel s = share of the pixel covered by ``structures[s]``.
+        structures: the channels' structure names.
+
+    Returns:
+        float32 (C, H, W) in [0, 1], C = len(labels): channel c = the sum of
+        its source structures' shares, capped at 1 (exact for the SCR
+        groups, whose members do not overlap: left + right lung, left +
+        right clavicle).
+
+    Raises:
+        ValueError: a label names a structure not stored, or the channel
+            count differs from ``structures``.
+    """
+    unknown = sorted({s for group in labels.values() for s in group} - set(structures))
+    if unknown:
+        raise ValueError(f"labels use structures not in the masks: {', '.join(unknown)}")
+    fractions = np.asarray(fractions)
+    if fractions.ndim == 2:
+        fractions = fractions[:, :, np.newaxis]
+    if fractions.shape[2] != len(structures):
+        raise ValueError(f"{fractions.shape[2]} fraction channels for {len(structures)} structures")
+    share = fractions.astype(np.float32) / FRACTION_SCALE
+    index = {name: i for i, name in enumerate(structures)}
+    channels = [np.minimum(1.0, share[:, :, [index[s] for s in group]].sum(axis=2)) for group in labels.values()]
+    return np.stack(channels).astype(np.float32)
+
+
 def label_masks(masks: Mapping[str, np.ndarray], labels: Mapping[str, Sequence[str]] = DEFAULT_LABELS
                 ) -> dict[str, np.ndarray]:
     """{label: bool (H, W)}, each the union of its source structures' masks."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -515,6 +516,7 @@ def test_settings_fingerprint_unchanged_by_settings_added_later():
     assert TrainSettings(preset="cpu_tiny", epochs=3).fingerprint() == "aa3ad205d407998f"
     assert TrainSettings(ema_decay=0.9).fingerprint() != TrainSettings().fingerprint()
     assert TrainSettings(patch_size=32).fingerprint() != TrainSettings().fingerprint()
+    assert TrainSettings(soft_labels=True).fingerprint() != TrainSettings().fingerprint()
 
 
 def test_patch_training_samples_patches_and_validates_whole_images(tmp_path):
@@ -545,6 +547,47 @@ def test_patch_training_samples_patches_and_validates_whole_images(tmp_path):
         TrainSettings(patch_size=40)
     with pytest.raises(ValueError, match="larger than the preprocessed size"):
         Trainer(TrainSettings(preset="cpu_tiny", patch_size=128), list(DEFAULT_LABELS), train, val, tmp_path / "x")
+
+
+def test_soft_labels_train_on_partial_volume_shares_and_validate_masks(tmp_path):
+    """train.soft_labels: the training targets are each pixel's share of a
+    structure (in [0, 1], interpolated bilinearly by the spatial
+    augmentation), the validation targets stay the thresholded masks, and a
+    manifest without the fractions is refused with what to do."""
+    from medseg.structures import DEFAULT_LABELS
+    from medseg.training.data import augmentation, load_cases
+    from medseg.training.settings import TrainSettings
+    from medseg.training.trainer import Trainer
+
+    manifest, splits = _dataset(tmp_path, n=8, size=64)
+    fold = json.loads(splits.read_text())["folds"][0]
+    binary = load_cases(manifest, fold["train"], DEFAULT_LABELS)
+    soft = load_cases(manifest, fold["train"], DEFAULT_LABELS, soft_labels=True)
+    assert set(torch.unique(binary.labels).tolist()) == {0.0, 1.0}
+    shares = soft.labels[(soft.labels > 0) & (soft.labels < 1)]
+    assert 0 < soft.labels.min() + 1e-6 and soft.labels.max() <= 1 and shares.numel() > 100
+    assert ((soft.labels >= 0.5) == (binary.labels == 1)).float().mean() > 0.999
+    torch.testing.assert_close(soft.images, binary.images)
+
+    augment = AugmentSettings(probability=1.0, elastic=False, intensity=False, noise_std=0.0, blur=False)
+    sample = {"image": soft.images[0], "label": binary.labels[0]}
+    for soft_labels, expect_shares in ((False, False), (True, True)):
+        out = augmentation(augment, 64, soft_labels=soft_labels).set_random_state(0)(dict(sample))["label"]
+        values = torch.as_tensor(out)
+        assert bool(((values > 0.01) & (values < 0.99)).any()) is expect_shares
+
+    val = load_cases(manifest, fold["val"], DEFAULT_LABELS)
+    settings = TrainSettings(preset="cpu_tiny", epochs=1, samples_per_epoch=8, soft_labels=True)
+    trainer = Trainer(settings, list(DEFAULT_LABELS), soft, val, tmp_path / "run")
+    trainer.fit()
+    best = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=False)
+    assert best["settings"]["soft_labels"] is True
+    assert set(torch.unique(trainer.val_cases.labels).tolist()) == {0.0, 1.0}
+
+    old = manifest.parent / "old-manifest.csv"
+    pd.read_csv(manifest).drop(columns=["label_fractions"]).to_csv(old, index=False)
+    with pytest.raises(ValueError, match="no label_fractions.*preprocess again"):
+        load_cases(old, fold["train"], DEFAULT_LABELS, soft_labels=True)
 
 
 def test_ensemble_of_registered_fold_models(trained):

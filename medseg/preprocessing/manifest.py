@@ -37,8 +37,9 @@ MANIFEST_COLUMNS = (
 
 # Written too, but not required of older manifests: the input's path
 # relative to the images folder (case IDs and mask keys derive from it), and
-# the plane its millimetres are measured at (medseg.ingest.types).
-OPTIONAL_COLUMNS = ("input_name", "spacing_plane")
+# the plane its millimetres are measured at (medseg.ingest.types), and the
+# masks' partial-volume fractions (training's soft labels).
+OPTIONAL_COLUMNS = ("input_name", "spacing_plane", "label_fractions")
 
 
 def write_manifest(path: str | Path, rows: Sequence[dict]) -> None:
@@ -52,7 +53,8 @@ def write_manifest(path: str | Path, rows: Sequence[dict]) -> None:
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a manifest; ``image``/``label`` stay relative to its folder."""
-    frame = pd.read_csv(path, dtype={"case_id": str, "label": str, "scr_fold": str}, keep_default_na=False)
+    frame = pd.read_csv(path, dtype={"case_id": str, "label": str, "label_fractions": str, "scr_fold": str},
+                        keep_default_na=False)
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: not a medseg manifest, missing columns {missing}")
@@ -70,8 +72,10 @@ _FINGERPRINT_SPACING_SOURCE = {"given": "config"}
 
 def manifest_fingerprint(path: str | Path) -> str:
     """SHA-256 of the manifest's content columns (not machine-specific paths;
-    renamed spacing_source values under their former names)."""
-    frame = read_manifest(path).drop(columns=["source", "mask_source"])
+    renamed spacing_source values under their former names; not the
+    ``label_fractions`` path, which derives from the same masks as ``label``
+    and came later: manifests keep the fingerprints checkpoints recorded)."""
+    frame = read_manifest(path).drop(columns=["source", "mask_source", "label_fractions"], errors="ignore")
     if "spacing_source" in frame:
         frame["spacing_source"] = frame["spacing_source"].replace(_FINGERPRINT_SPACING_SOURCE)
     return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()

@@ -27,7 +27,7 @@ from medseg.preprocessing.geometry import ResizePadGeometry, to_preprocessed
 from medseg.preprocessing.intensity import normalise_intensity
 from medseg.preprocessing.manifest import write_manifest
 from medseg.preprocessing.splits import scr_fold
-from medseg.structures import SCR_STRUCTURES, pack_masks
+from medseg.structures import SCR_STRUCTURES, fractions_to_uint8, pack_masks
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,10 @@ def preprocess_case(item: tuple[InputFile, Sequence[str]], spec: DatasetSpec, se
             under: ``medseg.ingest.inputs.lookup_keys``).
 
     Writes ``out_dir/images/<case_id>.nii.gz`` (float32, size x size, [0, 1])
-    and, with masks, ``out_dir/labels/<case_id>.nii.gz`` (uint8 bit field).
+    and, with masks, ``out_dir/labels/<case_id>.nii.gz`` (uint8 bit field)
+    and ``out_dir/label_fractions/<case_id>.nii.gz`` (uint8 (size, size, n
+    structures): the share of each preprocessed pixel a structure covers,
+    x 255; the partial-volume targets of ``train.soft_labels``).
 
     Raises:
         InputError: the image or its masks cannot be used.
@@ -132,12 +135,16 @@ def preprocess_case(item: tuple[InputFile, Sequence[str]], spec: DatasetSpec, se
         stacked = np.stack([masks[name] for name in spec.structures]).astype(np.float32)
         # Resample as fractions and threshold at half: smoother than nearest
         # neighbour and unbiased in area.
-        resampled = to_preprocessed(stacked, geometry) >= 0.5
-        packed = pack_masks(dict(zip(spec.structures, resampled)), spec.structures)
+        fractions = to_preprocessed(stacked, geometry)
+        packed = pack_masks(dict(zip(spec.structures, fractions >= 0.5)), spec.structures)
         label_path = f"labels/{case_id}.nii.gz"
         save_nifti_2d(out_dir / label_path, packed, geometry.preprocessed_spacing_mm)
+        fractions_path = f"label_fractions/{case_id}.nii.gz"
+        save_nifti_2d(out_dir / fractions_path, fractions_to_uint8(fractions).transpose(1, 2, 0),
+                      geometry.preprocessed_spacing_mm, description="|".join(spec.structures))
     else:
         mask_source = None
+        fractions_path = ""
 
     image_rel = f"images/{case_id}.nii.gz"
     save_nifti_2d(out_dir / image_rel, preprocessed.astype(np.float32), geometry.preprocessed_spacing_mm)
@@ -146,6 +153,7 @@ def preprocess_case(item: tuple[InputFile, Sequence[str]], spec: DatasetSpec, se
         "case_id": case_id,
         "image": image_rel,
         "label": label_path,
+        "label_fractions": fractions_path,
         "source": str(Path(image.source).resolve()),
         "input_name": entry.name,
         "source_format": image.source_format,

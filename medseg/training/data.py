@@ -30,7 +30,7 @@ from monai.transforms import (
 
 from medseg.nifti import load_nifti_2d
 from medseg.preprocessing.manifest import read_manifest
-from medseg.structures import labels_from_packed
+from medseg.structures import labels_from_fractions, labels_from_packed
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ class AugmentSettings:
     blur: bool = True
 
 
-def augmentation(settings: AugmentSettings, size: int, patch_size: int = 0) -> Compose | None:
+def augmentation(settings: AugmentSettings, size: int, patch_size: int = 0,
+                 soft_labels: bool = False) -> Compose | None:
     """Dict transform over {"image": (1, S, S), "label": (C, S, S)}; None when
     off and no patches are cut.
 
@@ -72,7 +73,12 @@ def augmentation(settings: AugmentSettings, size: int, patch_size: int = 0) -> C
             resolution whose whole images would cost too much per step. The
             patch is cut with a margin before the spatial transforms, which
             then see real pixels at its corners, and centred to P after them.
+        soft_labels: the labels are partial-volume shares in [0, 1]
+            (:func:`medseg.structures.labels_from_fractions`): spatial
+            transforms interpolate them bilinearly, as the image, instead of
+            taking the nearest label.
     """
+    label_mode = "bilinear" if soft_labels else "nearest"
     crops = 0 < patch_size < size
     if not settings.enabled:
         return Compose([RandSpatialCropd(keys=("image", "label"), roi_size=(patch_size, patch_size),
@@ -86,7 +92,7 @@ def augmentation(settings: AugmentSettings, size: int, patch_size: int = 0) -> C
     shift = settings.translate * size
     transforms += [
         RandAffined(
-            keys=("image", "label"), prob=p, mode=("bilinear", "nearest"), padding_mode="zeros",
+            keys=("image", "label"), prob=p, mode=("bilinear", label_mode), padding_mode="zeros",
             rotate_range=(np.deg2rad(settings.rotate_deg),),
             scale_range=(settings.scale, settings.scale),
             translate_range=(shift, shift),
@@ -95,7 +101,7 @@ def augmentation(settings: AugmentSettings, size: int, patch_size: int = 0) -> C
     if settings.elastic:
         transforms.append(Rand2DElasticd(
             keys=("image", "label"), prob=p / 2, spacing=(size // 4, size // 4), magnitude_range=(0.5, 1.5),
-            mode=("bilinear", "nearest"), padding_mode="zeros",
+            mode=("bilinear", label_mode), padding_mode="zeros",
         ))
     if settings.intensity:
         transforms += [
@@ -127,11 +133,19 @@ class CaseTensors:
     labels: torch.Tensor
 
 
-def load_cases(manifest_path: str | Path, case_ids: Sequence[str], labels: Mapping[str, Sequence[str]]) -> CaseTensors:
+def load_cases(manifest_path: str | Path, case_ids: Sequence[str], labels: Mapping[str, Sequence[str]],
+               soft_labels: bool = False) -> CaseTensors:
     """Read the preprocessed images and label channels of ``case_ids``.
 
+    Args:
+        soft_labels: the labels are the masks' partial-volume shares of each
+            pixel (float in [0, 1], from ``label_fractions``) instead of the
+            masks thresholded at half a pixel ({0, 1}, from ``label``).
+
     Raises:
-        ValueError: a case is not in the manifest or has no label file.
+        ValueError: a case is not in the manifest or has no label file (or,
+            with ``soft_labels``, no fractions file: a manifest written
+            before they were recorded needs preprocessing again).
     """
     manifest_path = Path(manifest_path)
     frame = read_manifest(manifest_path).set_index("case_id")
@@ -144,9 +158,17 @@ def load_cases(manifest_path: str | Path, case_ids: Sequence[str], labels: Mappi
         if not row["label"]:
             raise ValueError(f"{manifest_path}: case {case_id} has no labels; training needs masks")
         image, _ = load_nifti_2d(manifest_path.parent / row["image"])
-        packed, _ = load_nifti_2d(manifest_path.parent / row["label"])
         images.append(image[np.newaxis].astype(np.float32))
-        targets.append(labels_from_packed(packed, row["structures"].split("|"), labels))
+        structures = row["structures"].split("|")
+        if soft_labels:
+            if not row.get("label_fractions", ""):
+                raise ValueError(f"{manifest_path}: case {case_id} has no label_fractions (train.soft_labels); "
+                                 "the manifest predates them: preprocess again")
+            fractions, _ = load_nifti_2d(manifest_path.parent / row["label_fractions"])
+            targets.append(labels_from_fractions(fractions, structures, labels))
+        else:
+            packed, _ = load_nifti_2d(manifest_path.parent / row["label"])
+            targets.append(labels_from_packed(packed, structures, labels))
     return CaseTensors(
         case_ids=list(case_ids),
         images=torch.from_numpy(np.stack(images)) if images else torch.empty(0),

@@ -113,7 +113,8 @@ def describe_fold(settings: TrainSettings, labels: Sequence[str], fold: int | st
         f"- recipe: {settings.epochs} epochs x {settings.samples_per_epoch or n_train} samples, batch "
         f"{settings.batch_size}, {settings.optimizer} lr {settings.learning_rate:g} ({settings.scheduler}), "
         f"Dice x {settings.lambda_dice:g} + BCE x {settings.lambda_ce:g}, augmentation "
-        f"{'on' if settings.augment.enabled else 'off'}\n"
+        f"{'on' if settings.augment.enabled else 'off'}"
+        f"{', soft (partial-volume) labels' if settings.soft_labels else ''}\n"
         f"- preprocessing: {size} x {size} px square canvas, intensities scaled between the "
         f"{intensity.get('lower_percentile', 0.5):g}th and {intensity.get('upper_percentile', 99.5):g}th "
         "percentiles to [0, 1]\n"
@@ -230,8 +231,8 @@ def train_fold(
         raise ValueError(f"{splits}: fold {fold} does not exist (there are {len(folds)})")
     split = folds[fold]
     label_names = list(labels)
-    train_cases = load_cases(manifest, split["train"], labels)
-    val_cases = load_cases(manifest, split["val"], labels)
+    train_cases = load_cases(manifest, split["train"], labels, soft_labels=settings.soft_labels)
+    val_cases = load_cases(manifest, split["val"], labels)  # scored as masks, thresholded at half a pixel
     log.info("fold %d: %d training, %d validation cases", fold, len(train_cases.case_ids), len(val_cases.case_ids))
 
     dataset_fingerprint = manifest_fingerprint(manifest)

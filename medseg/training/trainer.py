@@ -251,7 +251,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.amp_dtype == torch.float16)
         if settings.patch_size > self.size:
             raise ValueError(f"train.patch_size {settings.patch_size} is larger than the preprocessed size {self.size}")
-        self.transform = augmentation(settings.augment, self.size, settings.patch_size)
+        self.transform = augmentation(settings.augment, self.size, settings.patch_size, settings.soft_labels)
         self.dataset = AugmentedCases(train_cases, self.transform, settings.samples_per_epoch)
         self.history: list[dict] = []
         self.best_mean_dice = -math.inf
