@@ -64,6 +64,7 @@ class TrainSettings:
             1024 px over SCR fold 1's first 40 cases; lungs and heart 0.990
             against 0.998): boundaries learnt from {0, 1} targets sit on the
             pixel grid. Validation still scores the thresholded masks.
+            Measured on JSRT at 256 px: no gain (docs/accuracy.md, s11).
     """
 
     network: str = "basic_unet"
