@@ -322,6 +322,16 @@ def ship(config: dict, args, pre, out: Path, target) -> None:
           f"trained {seconds / 60:.1f} min on {len(ids)} cases")
 
 
+def augment_text(augment: dict) -> str:
+    """", augmentation k=v ..." for the settings a row changed from the defaults ("" if none)."""
+    from medseg.training.data import AugmentSettings
+
+    default = dataclasses.asdict(AugmentSettings())
+    changed = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+               for k, v in augment.items() if k in default and v != default[k]]
+    return f", augmentation {' '.join(changed)}" if changed else ""
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The experiments table of docs/accuracy.md: one line per row of
     ``--table`` (config and overrides, held-out folds, Jaccard per structure,
@@ -340,6 +350,7 @@ def markdown_table(rows: list[dict]) -> str:
                   + (", soft labels" if t.get("soft_labels") else "")
                   + (f", clavicles x {w:g}" if (w := (t.get("label_weights") or {}).get("clavicles", 2.0)) != 2.0 else "")
                   + (f", seed {t['seed']}" if t.get("seed") else "")
+                  + augment_text(t.get("augment") or {})
                   + (f", thresholds {row['model_thresholds']}" if row.get("model_thresholds") else "")
                   + (f", averaged with {', '.join(row['ensemble_with'])}" if row.get("ensemble_with") else "")
                   + (", TTA" if row["predict"].get("tta") else ""))

@@ -286,6 +286,7 @@ def _train_settings(config: dict, args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from medseg.errors import InputError
     from medseg.tracking import TrackingUnavailable, flatten
     from medseg.training.run import train_fold
 
@@ -312,6 +313,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     except TrackingUnavailable as err:
         log.error("%s", err)
+        return EXIT_USAGE
+    except InputError as err:  # the manifest cannot give this fold's cases
+        log.error("cannot train: %s", err)
         return EXIT_USAGE
     log.info("fold %d done: best epoch %d, %s; model %s", args.fold, summary["best_epoch"],
              ", ".join(f"{k} {v:.3f}" for k, v in summary["best_metrics"].items()), summary["model_uri"])
@@ -799,7 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=1, help="processes (default 1)")
     p.add_argument("--tolerate-failures", action="store_true",
                    help="exit 0 even if some inputs failed (they are still listed in failures.csv)")
-    p.add_argument("--out", required=True, help="output folder (images/, labels/, manifest.csv, failures.csv)")
+    p.add_argument("--out", required=True, help="output folder (images/, labels/, label_fractions/, manifest.csv, failures.csv, skipped.csv)")
     _add_read_options(p)
     p.set_defaults(func=cmd_preprocess)
 

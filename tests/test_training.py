@@ -286,6 +286,10 @@ def test_resume_after_outside_kills_matches_uninterrupted_run(tmp_path, repo_roo
         ({"upsample": "magic"}, "unknown upsampling 'magic'"),
         ({"epochs": 0}, "epochs must be at least 1"),
         ({"optimiser": "adamw"}, "unknown train setting(s): optimiser"),
+        # A quoted "false" is text (and text is truthy): refused, not trained with.
+        ({"soft_labels": "false"}, "train.soft_labels must be true or false, got 'false'"),
+        ({"epochs": "10"}, "train.epochs must be a whole number, got '10'"),
+        ({"augment": {"elastic": 1}}, "train.augment.elastic must be true or false, got 1"),
     ],
 )
 def test_config_errors_refused_before_any_work(tmp_path, repo_root, override, message, caplog):
@@ -554,6 +558,7 @@ def test_soft_labels_train_on_partial_volume_shares_and_validate_masks(tmp_path)
     structure (in [0, 1], interpolated bilinearly by the spatial
     augmentation), the validation targets stay the thresholded masks, and a
     manifest without the fractions is refused with what to do."""
+    from medseg.errors import InputError
     from medseg.structures import DEFAULT_LABELS
     from medseg.training.data import augmentation, load_cases
     from medseg.training.settings import TrainSettings
@@ -586,7 +591,7 @@ def test_soft_labels_train_on_partial_volume_shares_and_validate_masks(tmp_path)
 
     old = manifest.parent / "old-manifest.csv"
     pd.read_csv(manifest).drop(columns=["label_fractions"]).to_csv(old, index=False)
-    with pytest.raises(ValueError, match="no label_fractions.*preprocess again"):
+    with pytest.raises(InputError, match="no label_fractions.*preprocess again.*--forcerun preprocess"):
         load_cases(old, fold["train"], DEFAULT_LABELS, soft_labels=True)
 
 

@@ -160,7 +160,10 @@ def read_raster_pixels(path: str | Path, what: RasterKind = "radiograph") -> Ras
             array = np.asarray(img)
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except UnidentifiedImageError as err:  # its text is Pillow's file object's repr
+        raise InputError(path, f"unreadable image: not an image file Pillow can decode "
+                               f"(PNG, JPEG, TIFF, GIF, BMP) despite its name") from err
+    except (OSError, ValueError, SyntaxError) as err:
         raise InputError(path, f"unreadable image: {err}") from err
     if array.ndim != 2:
         raise InputError(path, f"expected a 2-D greyscale {what}, got shape {array.shape}")

@@ -28,6 +28,7 @@ from monai.transforms import (
     RandSpatialCropd,
 )
 
+from medseg.errors import InputError
 from medseg.nifti import load_nifti_2d
 from medseg.preprocessing.manifest import read_manifest
 from medseg.structures import labels_from_fractions, labels_from_packed
@@ -143,27 +144,29 @@ def load_cases(manifest_path: str | Path, case_ids: Sequence[str], labels: Mappi
             masks thresholded at half a pixel ({0, 1}, from ``label``).
 
     Raises:
-        ValueError: a case is not in the manifest or has no label file (or,
-            with ``soft_labels``, no fractions file: a manifest written
-            before they were recorded needs preprocessing again).
+        medseg.errors.InputError: (naming the manifest) a case is not in the
+            manifest or has no label file (or, with ``soft_labels``, no
+            fractions file: a manifest written before they were recorded
+            needs preprocessing again).
     """
     manifest_path = Path(manifest_path)
     frame = read_manifest(manifest_path).set_index("case_id")
     missing = [c for c in case_ids if c not in frame.index]
     if missing:
-        raise ValueError(f"{manifest_path}: cases not in the manifest: {', '.join(missing[:5])}")
+        raise InputError(manifest_path, f"cases not in the manifest: {', '.join(missing[:5])}")
     images, targets = [], []
     for case_id in case_ids:
         row = frame.loc[case_id]
         if not row["label"]:
-            raise ValueError(f"{manifest_path}: case {case_id} has no labels; training needs masks")
+            raise InputError(manifest_path, f"case {case_id} has no labels; training needs masks")
         image, _ = load_nifti_2d(manifest_path.parent / row["image"])
         images.append(image[np.newaxis].astype(np.float32))
         structures = row["structures"].split("|")
         if soft_labels:
             if not row.get("label_fractions", ""):
-                raise ValueError(f"{manifest_path}: case {case_id} has no label_fractions (train.soft_labels); "
-                                 "the manifest predates them: preprocess again")
+                raise InputError(manifest_path, f"case {case_id} has no label_fractions, which train.soft_labels "
+                                 "needs: the manifest predates them; preprocess again (in the workflow: "
+                                 "snakemake ... --forcerun preprocess)")
             fractions, _ = load_nifti_2d(manifest_path.parent / row["label_fractions"])
             targets.append(labels_from_fractions(fractions, structures, labels))
         else:

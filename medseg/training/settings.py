@@ -22,6 +22,37 @@ DEVICES = ("auto", "cpu", "cuda")
 _ADDED_LATER: dict[str, Any] = {"ema_decay": 0.0, "patch_size": 0, "soft_labels": False}
 
 
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def check_value_types(settings: Any, section: str) -> None:
+    """Refuse values of the wrong type for a settings dataclass's plain fields
+    (YAML's quoted ``"false"`` is text, and text is truthy).
+
+    The expected type is the field default's: bool, int (not bool), float
+    (int accepted) or str. Other fields are left to their own checks.
+
+    Raises:
+        ValueError: naming ``section.field``, what it must be and the value.
+    """
+    for item in dataclasses.fields(settings):
+        default = item.default
+        kind = next((t for t in (bool, int, float, str) if isinstance(default, t)), None)
+        if kind is None:
+            continue
+        value = getattr(settings, item.name)
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise ValueError(f"{section}.{item.name} must be {_TYPE_NAMES[kind]}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything that decides a training run's result.
@@ -93,6 +124,9 @@ class TrainSettings:
     soft_labels: bool = False
 
     def __post_init__(self) -> None:
+        check_value_types(self, "train")
+        if isinstance(self.augment, AugmentSettings):
+            check_value_types(self.augment, "train.augment")
         NetworkSpec(self.network, self.preset, self.upsample)  # raises on bad names
         checks = [
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
