@@ -58,6 +58,13 @@ def unpack_masks(packed: np.ndarray, structures: Sequence[str]) -> dict[str, np.
     return {name: ((packed >> bit) & 1).astype(bool) for bit, name in enumerate(structures)}
 
 
+def check_label_sources(labels: Mapping[str, Sequence[str]], structures: Sequence[str]) -> None:
+    """Raise ValueError naming the structures ``labels`` draw on that ``structures`` lack."""
+    unknown = sorted({s for group in labels.values() for s in group} - set(structures))
+    if unknown:
+        raise ValueError(f"labels use structures not in the masks: {', '.join(unknown)}")
+
+
 def labels_from_packed(
     packed: np.ndarray,
     structures: Sequence[str],
@@ -69,9 +76,7 @@ def labels_from_packed(
         float32 array (C, H, W), C = len(labels), channel c = union of the
         source structures listed for label c.
     """
-    unknown = sorted({s for group in labels.values() for s in group} - set(structures))
-    if unknown:
-        raise ValueError(f"labels use structures not in the masks: {', '.join(unknown)}")
+    check_label_sources(labels, structures)
     packed = np.asarray(packed).astype(np.uint8)
     bit_of = {name: bit for bit, name in enumerate(structures)}
     channels = []
@@ -113,9 +118,7 @@ def labels_from_fractions(
         ValueError: a label names a structure not stored, or the channel
             count differs from ``structures``.
     """
-    unknown = sorted({s for group in labels.values() for s in group} - set(structures))
-    if unknown:
-        raise ValueError(f"labels use structures not in the masks: {', '.join(unknown)}")
+    check_label_sources(labels, structures)
     fractions = np.asarray(fractions)
     if fractions.ndim == 2:
         fractions = fractions[:, :, np.newaxis]
