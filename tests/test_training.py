@@ -290,6 +290,8 @@ def test_resume_after_outside_kills_matches_uninterrupted_run(tmp_path, repo_roo
         ({"soft_labels": "false"}, "train.soft_labels must be true or false, got 'false'"),
         ({"epochs": "10"}, "train.epochs must be a whole number, got '10'"),
         ({"augment": {"elastic": 1}}, "train.augment.elastic must be true or false, got 1"),
+        ({"learning_rate": "1e-3"}, "train.learning_rate must be a number, got '1e-3' (YAML reads"),
+        ({"augment": "no"}, "train.augment must be a mapping of settings, got 'no'"),
     ],
 )
 def test_config_errors_refused_before_any_work(tmp_path, repo_root, override, message, caplog):

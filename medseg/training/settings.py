@@ -50,7 +50,18 @@ def check_value_types(settings: Any, section: str) -> None:
         else:
             ok = isinstance(value, str)
         if not ok:
-            raise ValueError(f"{section}.{item.name} must be {_TYPE_NAMES[kind]}, got {value!r}")
+            hint = ""
+            if kind is float and isinstance(value, str) and _parses_as_float(value):
+                hint = " (YAML reads a number like 1e-3 as text: write 1.0e-3 or 0.001)"
+            raise ValueError(f"{section}.{item.name} must be {_TYPE_NAMES[kind]}, got {value!r}{hint}")
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,8 @@ class TrainSettings:
             raise ValueError(f"unknown train setting(s): {', '.join(unknown)}")
         values = dict(values)
         if "augment" in values:
+            if not isinstance(values["augment"], Mapping):
+                raise ValueError(f"train.augment must be a mapping of settings, got {values['augment']!r}")
             aug_known = {f.name for f in dataclasses.fields(AugmentSettings)}
             aug_unknown = sorted(set(values["augment"]) - aug_known)
             if aug_unknown:
