@@ -97,7 +97,7 @@ def truth_ctr(masks_root: Path, case_id: str) -> float:
 
 def run_fold(config: dict, fold: int, pre, splits_path: Path, out: Path, target, data_root: Path,
              model_thresholds: dict[str, float] | None = None, sweep: list[float] | None = None,
-             ensemble_with: list[Path] | None = None) -> dict:
+             ensemble_with: list[Path] | None = None, tags: dict[str, str] | None = None) -> dict:
     """Train, predict and score one held-out fold; returns its tables and times."""
     import torch
 
@@ -116,7 +116,7 @@ def run_fold(config: dict, fold: int, pre, splits_path: Path, out: Path, target,
     started = time.perf_counter()
     summary = train_fold(settings=settings, labels=labels, manifest=pre.manifest_path, splits=splits_path,
                          fold=fold, out_dir=fold_dir / "model", target=target,
-                         params={"benchmark": "jsrt", "fold": str(fold)},
+                         params={"benchmark": "jsrt", "fold": str(fold)}, tags=tags,
                          intensity={"lower_percentile": config["preprocess"]["lower_percentile"],
                                     "upper_percentile": config["preprocess"]["upper_percentile"]})
     train_seconds = time.perf_counter() - started
@@ -451,6 +451,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", nargs="+", metavar="ROW",
                         help="write one row (named --label) that pools the per-case tables of these earlier rows "
                              "of the same --name (e.g. held-out folds scored one at a time) and exit")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                        help="MLflow tag on the training and benchmark runs (repeatable; e.g. a comparison's "
+                             "name, by which the MLflow UI groups runs)")
     parser.add_argument("--markdown", action="store_true",
                         help="print the experiments table of --table as Markdown (docs/accuracy.md) and exit")
     args = parser.parse_args(argv)
@@ -504,8 +507,10 @@ def main(argv: list[str] | None = None) -> None:
         ship(config, args, pre, out, target)
         return
     thresholds = parse_thresholds(args.model_thresholds) if args.model_thresholds else {}
+    tags = dict(t.split("=", 1) for t in args.tag)
     folds = [run_fold(config, k, pre, out / "splits.json", out, target, args.data_root, thresholds,
-                      args.sweep_thresholds, [args.work / n for n in args.ensemble_with]) for k in args.folds]
+                      args.sweep_thresholds, [args.work / n for n in args.ensemble_with], tags)
+             for k in args.folds]
     sweep: dict[str, dict[str, float]] = {}
     if args.sweep_thresholds:  # case-weighted mean over the folds
         n = [f["n_test"] for f in folds]
@@ -548,7 +553,8 @@ def main(argv: list[str] | None = None) -> None:
 
     mlflow.set_tracking_uri(tracking)
     mlflow.set_experiment("jsrt-benchmark")
-    with mlflow.start_run(run_name=row_name, tags={"benchmark": "jsrt", "folds": " ".join(map(str, args.folds))}):
+    with mlflow.start_run(run_name=row_name, tags={"benchmark": "jsrt", "folds": " ".join(map(str, args.folds)),
+                                                   **tags}):
         from medseg.tracking import flatten
 
         mlflow.log_params({k: v for k, v in flatten(config["train"], "train").items()})

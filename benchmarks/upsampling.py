@@ -1,10 +1,12 @@
-"""Decoder upsampling: transposed conv vs resize-conv vs pixel shuffle.
+"""Decoder upsampling inside BasicUNet, on phantoms: every choice BasicUNet takes.
 
 Trains the same network with each upsampling on the same phantoms (same seed,
-same epochs) and prints validation Dice, training speed, parameters and a
-checkerboard score: the share of the predicted probability maps' spectral
-energy at the Nyquist frequencies (period-2 patterns that transposed
-convolutions are known to leave; Odena et al. 2016).
+same epochs) and prints validation Dice, training speed, parameters and two
+checkerboard scores (medseg.evaluation.checkerboard): the share of the
+predicted probability maps' spectral energy at the Nyquist frequencies and the
+period-2 peak ratio (period-2 patterns that transposed convolutions are known
+to leave; Odena et al. 2016). The JSRT comparison of every network and
+decoder is benchmarks/methods.py (docs/methods.md).
 
     .venv/bin/python benchmarks/upsampling.py [--size 128 --epochs 12 --preset cpu_tiny]
 """
@@ -20,19 +22,11 @@ import torch
 
 from phantom_cases import phantom_cases
 
+from medseg.evaluation.checkerboard import checkerboard_score, nyquist_share
 from medseg.structures import DEFAULT_LABELS
-from medseg.training.network import UPSAMPLING, count_parameters
+from medseg.training.network import NETWORK_UPSAMPLING, count_parameters
 from medseg.training.settings import TrainSettings
 from medseg.training.trainer import Trainer
-
-
-def checkerboard_score(probabilities: np.ndarray) -> float:
-    """Energy at the period-2 (Nyquist) frequencies relative to all non-DC
-    energy, averaged over maps; (N, C, H, W) -> scalar (x 1e-4 printed)."""
-    spectrum = np.abs(np.fft.fft2(probabilities - probabilities.mean(axis=(-2, -1), keepdims=True))) ** 2
-    h, w = spectrum.shape[-2:]
-    nyquist = spectrum[..., h // 2, :].sum(-1) + spectrum[..., :, w // 2].sum(-1) - spectrum[..., h // 2, w // 2]
-    return float(np.mean(nyquist / spectrum.sum(axis=(-2, -1)).clip(1e-12)))
 
 
 def main() -> None:
@@ -53,9 +47,9 @@ def main() -> None:
     print(f"{args.n} phantoms at {args.size}px, preset {args.preset}, {args.epochs} epochs x "
           f"{args.samples_per_epoch} samples, {len(val.case_ids)} validation cases, {args.seeds} seed(s)")
     print(f"{'upsampling':<16} {'params':>8} {'img/s':>7} {'Dice heart':>10} {'lungs':>6} {'clavicles':>9} "
-          f"{'mean':>6} {'checkerboard x1e-4':>19}")
-    for mode in UPSAMPLING:
-        dice, rates, boards = [], [], []
+          f"{'mean':>6} {'Nyquist share x1e-4':>19} {'peak ratio':>10}")
+    for mode in NETWORK_UPSAMPLING["basic_unet"]:
+        dice, rates, boards, peaks = [], [], [], []
         for seed in range(args.seeds):
             settings = TrainSettings(preset=args.preset, upsample=mode, epochs=args.epochs, seed=seed,
                                      samples_per_epoch=args.samples_per_epoch, label_weights={"clavicles": 2.0})
@@ -66,10 +60,11 @@ def main() -> None:
             last = result.history[-1]
             dice.append([last[f"val_dice_{n}"] for n in DEFAULT_LABELS])
             probabilities = torch.sigmoid(trainer.predict_logits(val.images)).numpy()
-            boards.append(checkerboard_score(probabilities))
+            boards.append(nyquist_share(probabilities))
+            peaks.append(checkerboard_score(probabilities))
         d = np.mean(dice, axis=0)
         print(f"{mode:<16} {count_parameters(trainer.model):>8} {np.mean(rates):>7.1f} {d[0]:>10.3f} {d[1]:>6.3f} "
-              f"{d[2]:>9.3f} {d.mean():>6.3f} {1e4 * np.mean(boards):>19.2f}")
+              f"{d[2]:>9.3f} {d.mean():>6.3f} {1e4 * np.mean(boards):>19.2f} {np.mean(peaks):>10.2f}")
 
 
 if __name__ == "__main__":

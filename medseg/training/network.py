@@ -1,11 +1,21 @@
-"""Networks: MONAI U-Nets with a configurable decoder upsampling.
+"""Networks (``train.network``) and what each can use as decoder upsampling
+(``train.upsample``, :mod:`medseg.training.upsampling`).
 
-Upsampling choices (decoder, each level x2):
-- ``transposed``: transposed convolution (learned; can leave checkerboard
-  artifacts when kernel size is not divisible by the stride).
-- ``resize_nearest`` / ``resize_bilinear``: resize, then convolution
-  ("resize-convolution", Odena et al. 2016): no checkerboard by construction.
-- ``pixel_shuffle``: sub-pixel convolution (Shi et al. 2016) with ICNR init.
+- ``basic_unet``: MONAI BasicUNet (U-Net, Ronneberger et al. 2015); every
+  upsampling but ``max_unpool``.
+- ``unet``: MONAI UNet (residual units); its decoder is MONAI's transposed
+  convolution with kernel 3, stride 2, so ``transposed`` only.
+- ``segnet``: SegNet/DeconvNet-style encoder-decoder without skips
+  (:mod:`medseg.training.segnet`); every upsampling, ``max_unpool`` included.
+- ``fcn8s``: FCN-8s (:mod:`medseg.training.fcn`); ``transposed`` (learnable,
+  bilinear-initialised, as Long et al.) or ``resize_bilinear`` (fixed).
+- ``deeplabv3``: DeepLabV3 (:mod:`medseg.training.deeplab`);
+  ``resize_bilinear`` (its x16 bilinear upsampling) only.
+
+torchvision's ``fcn_resnet50`` / ``deeplabv3_resnet50`` are not used: the only
+torchvision wheels on the package index are linked against CUDA torch and
+fail to import with the CPU build (``operator torchvision::nms does not
+exist``); FCN-8s and DeepLabV3 are built from MONAI's ResNet and SimpleASPP.
 """
 
 from __future__ import annotations
@@ -18,8 +28,20 @@ from monai.networks.nets import BasicUNet, UNet
 from monai.networks.nets.basic_unet import UpCat
 from torch import nn
 
-NETWORKS = ("basic_unet", "unet")
-UPSAMPLING = ("transposed", "resize_nearest", "resize_bilinear", "pixel_shuffle")
+from medseg.training.deeplab import DeepLabV3
+from medseg.training.fcn import FCN8s
+from medseg.training.segnet import SegNet
+from medseg.training.upsampling import UPSAMPLING, Upsample2x
+
+NETWORKS = ("basic_unet", "unet", "segnet", "fcn8s", "deeplabv3")
+# What each network's decoder can use.
+NETWORK_UPSAMPLING: dict[str, tuple[str, ...]] = {
+    "basic_unet": tuple(u for u in UPSAMPLING if u != "max_unpool"),
+    "unet": ("transposed",),
+    "segnet": UPSAMPLING,
+    "fcn8s": ("transposed", "resize_bilinear"),
+    "deeplabv3": ("resize_bilinear",),
+}
 
 # Feature widths (BasicUNet: 5 encoder levels + final decoder width).
 PRESETS: dict[str, tuple[int, ...]] = {
@@ -37,9 +59,10 @@ class NetworkSpec:
     """What to build.
 
     Attributes:
-        name: "basic_unet" (MONAI BasicUNet) or "unet" (MONAI UNet, residual units).
-        preset: a key of :data:`PRESETS`.
-        upsample: a member of :data:`UPSAMPLING`.
+        name: a member of :data:`NETWORKS`.
+        preset: a key of :data:`PRESETS` (widths; the ResNet encoders of
+            fcn8s and deeplabv3 take entries 1-4 as their stage widths).
+        upsample: a member of :data:`NETWORK_UPSAMPLING` ``[name]``.
         in_channels: 1 for radiographs.
         out_channels: one sigmoid channel per label.
     """
@@ -57,9 +80,11 @@ class NetworkSpec:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         if self.upsample not in UPSAMPLING:
             raise ValueError(f"unknown upsampling {self.upsample!r}; choose from {', '.join(UPSAMPLING)}")
-        if self.name == "unet" and self.upsample != "transposed":
-            raise ValueError("network 'unet' (MONAI UNet) only has transposed-convolution upsampling; "
-                             "use basic_unet for resize or pixel-shuffle decoders")
+        if self.upsample not in NETWORK_UPSAMPLING[self.name]:
+            others = [n for n, modes in NETWORK_UPSAMPLING.items() if self.upsample in modes]
+            raise ValueError(f"network {self.name!r} cannot use upsample {self.upsample!r}: it takes "
+                             f"{', '.join(NETWORK_UPSAMPLING[self.name])}; {self.upsample!r} works with "
+                             f"{', '.join(others)}")
         if self.out_channels < 1:
             raise ValueError("out_channels must be at least 1")
 
@@ -69,14 +94,31 @@ _MONAI_UPSAMPLE = {"transposed": "deconv", "resize_nearest": "nontrainable",
 
 
 def build_network(spec: NetworkSpec) -> nn.Module:
-    """Build the network; input (N, in_channels, H, W) -> logits (N, out_channels, H, W).
+    """Build the network, randomly initialised; input (N, in_channels, H, W)
+    float -> logits (N, out_channels, H, W).
 
-    H and W must be divisible by 16 (four poolings).
+    Raises:
+        ValueError: from :class:`NetworkSpec` for unknown or unsupported choices.
     """
     features = PRESETS[spec.preset]
+    if spec.name == "segnet":
+        return SegNet(spec.in_channels, spec.out_channels, features[:5], spec.upsample)
+    if spec.name == "fcn8s":
+        return FCN8s(spec.in_channels, spec.out_channels, features[1:5],
+                     learnable_upsampling=spec.upsample == "transposed")
+    if spec.name == "deeplabv3":
+        return DeepLabV3(spec.in_channels, spec.out_channels, features[1:5], aspp_channels=features[3])
     if spec.name == "unet":
         return UNet(spatial_dims=2, in_channels=spec.in_channels, out_channels=spec.out_channels,
                     channels=features[:5], strides=(2, 2, 2, 2), num_res_units=2, norm="instance")
+    if spec.upsample in ("transposed_k3s2", "bed_of_nails"):
+        # Same channels as BasicUNet's own transposed convolution; own step.
+        net = BasicUNet(spatial_dims=2, in_channels=spec.in_channels, out_channels=spec.out_channels,
+                        features=features, upsample="deconv")
+        for module in [m for m in net.modules() if isinstance(m, UpCat)]:
+            deconv = module.upsample.deconv
+            module.upsample = Upsample2x(spec.upsample, deconv.in_channels, deconv.out_channels)
+        return net
     net = BasicUNet(spatial_dims=2, in_channels=spec.in_channels, out_channels=spec.out_channels,
                     features=features, upsample=_MONAI_UPSAMPLE[spec.upsample])
     if spec.upsample == "resize_nearest":

@@ -200,6 +200,7 @@ def train_fold(
     config: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
     intensity: Mapping[str, float] | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> dict:
     """Train one fold, tracked in MLflow; resumes from ``out_dir/last.pt``.
 
@@ -215,6 +216,8 @@ def train_fold(
         parent_run_id: cross-validation parent run.
         intensity: the preprocessing's lower/upper percentiles, recorded
             with the model so that prediction normalises alike.
+        tags: extra MLflow run tags (e.g. a comparison's name, by which the
+            UI groups runs).
 
     Returns:
         The summary written to ``out_dir/model.json``.
@@ -258,6 +261,9 @@ def train_fold(
         "dataset.fingerprint": dataset_fingerprint,
         "device": trainer.device.name,
         "fold": str(fold),
+        "medseg.network": settings.network,
+        "medseg.upsample": settings.upsample,
+        **(tags or {}),
     }
     description = describe_fold(settings, label_names, fold, len(train_cases.case_ids), len(val_cases.case_ids),
                                 target.experiment, trainer.size, intensity)

@@ -1,0 +1,265 @@
+"""``benchmarks/methods.py report``: the methods table and figures in docs/methods.md.
+
+Reads the rows ``methods.py train`` appended (the newest row per method),
+loads each method's trained fold-0 model, and measures on this CPU, one core
+(``torch.set_num_threads(1)``), with nothing else running:
+
+- parameters; training images/s (AdamW steps on batches of 8 at the
+  training size, forward + backward); prediction scans/s (the product's
+  ``predict_files`` on held-out radiographs: read the 1024x1024 PNG,
+  preprocess, predict, post-process, write the masks);
+- the checkerboard score (:func:`medseg.evaluation.checkerboard.checkerboard_score`)
+  of the output probabilities and of the gradient of their sum with respect
+  to the input, at initialisation (the method's network built with the
+  training seed) and after training, over the held-out preprocessed
+  radiographs of fold 0 (geometric mean over scans and channels);
+- two figures on one held-out radiograph: each method's outputs at
+  initialisation and after training, and its input gradients.
+
+Writes the block between the markers in docs/methods.md, the figures in
+docs/figures/, and logs the figures and scores as an MLflow run (experiment
+``jsrt-benchmark``, tag ``medseg.comparison=methods``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from methods import COMPARISON, DOC, FIGURES, METHODS, ROOT, WORK, method_name
+
+BEGIN, END = "<!-- methods:begin (benchmarks/methods.py report writes this block) -->", "<!-- methods:end -->"
+STRUCTURES = ("lungs", "heart", "clavicles")
+N_PREDICT = 8  # scans timed per method
+
+
+def _rows(table: Path) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    for line in table.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["name"]] = row  # the newest wins
+    return rows
+
+
+def _train_rate(net: torch.nn.Module, size: int, channels: int, seconds: float = 6.0) -> float:
+    net.train()
+    optimiser = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.rand(8, 1, size, size)
+    y = (torch.rand(8, channels, size, size) > 0.5).float()
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or steps < 2:
+        optimiser.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(net(x), y).backward()
+        optimiser.step()
+        steps += 1
+    return 8 * steps / (time.perf_counter() - started)
+
+
+def _scores(net: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
+    from medseg.evaluation.checkerboard import checkerboard_score, input_gradient
+
+    net.eval()
+    with torch.no_grad():
+        probabilities = torch.sigmoid(net(images)).numpy()
+    gradients = np.concatenate([input_gradient(net, images[i:i + 1]) for i in range(len(images))])
+    return {"output": checkerboard_score(probabilities), "gradient": checkerboard_score(gradients),
+            "probabilities": probabilities[0], "gradient_map": gradients[0, 0]}
+
+
+def _stretch(a: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(a, [1, 99])
+    return np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1)
+
+
+def _composite(probabilities: np.ndarray, stretch: bool) -> np.ndarray:
+    """(3, H, W) heart, lungs, clavicles -> RGB (H, W, 3): red, green, blue."""
+    channels = [_stretch(p) if stretch else p for p in probabilities[:3]]
+    return np.stack(channels, axis=-1)
+
+
+def _figures(results: list[dict], out: Path) -> tuple[Path, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    crop = (slice(96, 144), slice(40, 88))  # 48 x 48 px of the right lung, heart border
+    n = len(results)
+
+    fig, axes = plt.subplots(n, 4, figsize=(9.6, 2.45 * n), constrained_layout=True)
+    for row, r in zip(axes, results):
+        init, trained = r["init"]["probabilities"], r["trained"]["probabilities"]
+        panels = [(_composite(init, True), f"init, score {r['init']['output']:.1f}"),
+                  (_composite(init, True)[crop], "init, 48 px zoom"),
+                  (_composite(trained, False), f"trained, score {r['trained']['output']:.1f}"),
+                  (_composite(trained, False)[crop], "trained, 48 px zoom")]
+        for ax, (image, title) in zip(row, panels):
+            ax.imshow(image, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(f"{r['network']}\n{r['upsample']}", fontsize=8)
+    fig.suptitle("Output probabilities on one held-out JSRT radiograph (256 px): red heart, green lungs, "
+                 "blue clavicles.\nAt initialisation each channel is contrast-stretched (1st-99th percentile); "
+                 "scores: checkerboard peak ratio (1 = none)", fontsize=9)
+    outputs = out / "methods-outputs.png"
+    fig.savefig(outputs, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(n, 4, figsize=(9.6, 2.45 * n), constrained_layout=True)
+    for row, r in zip(axes, results):
+        panels = [(r["init"]["gradient_map"], f"init, score {r['init']['gradient']:.1f}"),
+                  (r["init"]["gradient_map"][crop], "init, 48 px zoom"),
+                  (r["trained"]["gradient_map"], f"trained, score {r['trained']['gradient']:.1f}"),
+                  (r["trained"]["gradient_map"][crop], "trained, 48 px zoom")]
+        for ax, (image, title) in zip(row, panels):
+            limit = float(np.percentile(np.abs(image), 99)) or 1.0
+            ax.imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(f"{r['network']}\n{r['upsample']}", fontsize=8)
+    fig.suptitle("Gradient of the summed output probabilities with respect to the input, same radiograph "
+                 "(red positive, blue negative,\nsymmetric scale at the 99th percentile of |gradient|); "
+                 "scores: checkerboard peak ratio (1 = none)", fontsize=9)
+    gradients = out / "methods-gradients.png"
+    fig.savefig(gradients, dpi=110)
+    plt.close(fig)
+    return outputs, gradients
+
+
+def _table(results: list[dict]) -> str:
+    head = ("| network | upsample | parameters | train img/s | predict scans/s | Jaccard lungs | heart | clavicles "
+            "| Dice lungs | heart | clavicles | HD95 mm lungs / heart / clavicles "
+            "| checkerboard output init → trained | gradient init → trained |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        f = r["figures"]
+        jac = " | ".join(f"{f[f'jaccard/{s}']:.3f}" for s in STRUCTURES)
+        dice = " | ".join(f"{f[f'dice/{s}']:.3f}" for s in STRUCTURES)
+        hd = " / ".join(f"{f[f'hd95_mm/{s}']:.1f}" for s in STRUCTURES)
+        lines.append(f"| {r['network']} | {r['upsample']} | {r['parameters']:,} | {r['train_rate']:.1f} "
+                     f"| {r['predict_rate']:.2f} | {jac} | {dice} | {hd} "
+                     f"| {r['init']['output']:.1f} → {r['trained']['output']:.1f} "
+                     f"| {r['init']['gradient']:.1f} → {r['trained']['gradient']:.1f} |")
+    return "\n".join(lines)
+
+
+def report(table: Path) -> None:
+    import mlflow
+
+    from medseg.inference.model import load_model
+    from medseg.inference.predict import PredictSettings, predict_files
+    from medseg.ingest import ReadOptions
+    from medseg.ingest.inputs import InputFile
+    from medseg.preprocessing.splits import read_splits
+    from medseg.training.data import load_cases
+    from medseg.training.network import NetworkSpec, build_network, count_parameters
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    rows = _rows(table)
+    results = []
+    for network, upsample in METHODS:
+        name = method_name(network, upsample)
+        if name not in rows:
+            print(f"{name}: no row in {table}; skipped (run `methods.py train --only {name}`)")
+            continue
+        row = rows[name]
+        config = row["train"]
+        labels = {"heart": ["heart"], "lungs": ["left_lung", "right_lung"],
+                  "clavicles": ["left_clavicle", "right_clavicle"]}
+        pre = row["preprocess"]
+        manifest = WORK / f"pre-{pre['size']}-{pre['lower_percentile']}-{pre['upper_percentile']}" / "manifest.csv"
+        test_ids = read_splits(WORK / name / "splits.json")["folds"][0]["test"]
+        images = torch.from_numpy(load_cases(manifest, test_ids, labels).images)
+        started = time.perf_counter()
+        torch.manual_seed(config["seed"])
+        fresh = build_network(NetworkSpec(network, config["preset"], upsample, out_channels=len(labels)))
+        model = load_model(str(WORK / name / "fold0" / "model" / "best.pt"))
+        trained = model.module.net
+        result = {"network": network, "upsample": upsample, "figures": row["figures"],
+                  "parameters": count_parameters(trained),
+                  "init": _scores(fresh, images), "trained": _scores(trained, images),
+                  "train_rate": _train_rate(build_network(NetworkSpec(network, config["preset"], upsample,
+                                                                      out_channels=len(labels))),
+                                            pre["size"], len(labels))}
+        manifest_rows = pd.read_csv(manifest).set_index("case_id")
+        files = [InputFile(Path(manifest_rows.loc[c, "source"]), Path(manifest_rows.loc[c, "source"]).name, c)
+                 for c in test_ids[:N_PREDICT]]
+        settings = PredictSettings(write_seg=False, read_options=ReadOptions(invert=True, pixel_spacing_mm=0.35))
+        with tempfile.TemporaryDirectory() as folder:
+            begin = time.perf_counter()
+            _, failures = predict_files(files, model, settings, Path(folder), device=torch.device("cpu"))
+            result["predict_rate"] = len(files) / (time.perf_counter() - begin)
+        if failures:
+            raise SystemExit(f"{name}: prediction failed: {failures}")
+        results.append(result)
+        print(f"{name}: output {result['init']['output']:.2f} -> {result['trained']['output']:.2f}, gradient "
+              f"{result['init']['gradient']:.2f} -> {result['trained']['gradient']:.2f}, "
+              f"{result['train_rate']:.1f} img/s, {result['predict_rate']:.2f} scans/s "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+    outputs, gradients = _figures(results, FIGURES)
+    first = rows[method_name(*METHODS[0])]
+    n_cases = first["n_cases"]
+    block = "\n".join([
+        BEGIN,
+        "",
+        f"Held-out fold 0 ({n_cases} radiographs), each method trained with the same budget: "
+        f"{first['train']['epochs']} epochs over the same ~84 training cases at {first['preprocess']['size']} px, "
+        f"preset `{first['train']['preset']}`, the CPU recipe's optimiser otherwise (`config/jsrt-cpu.yaml`: "
+        f"AdamW {first['train']['learning_rate']}, cosine, EMA {first['train']['ema_decay']}). Jaccard, Dice and "
+        "HD95 scored at the masks' 1024x1024 (0.35 mm). Speeds on one core of this CPU (2-core machine, "
+        "nothing else running). Checkerboard: peak ratio at the period-2 frequencies (1 = none; "
+        "`medseg.evaluation.checkerboard`), geometric mean over the held-out scans and channels.",
+        "",
+        _table(results),
+        "",
+        f"![outputs]({outputs.relative_to(DOC.parent).as_posix()})",
+        "",
+        "*Figure 1. Each method's output probabilities on the same held-out radiograph at initialisation "
+        "(contrast-stretched) and after training, with a 48-pixel zoom where the period-2 pattern shows.*",
+        "",
+        f"![gradients]({gradients.relative_to(DOC.parent).as_posix()})",
+        "",
+        "*Figure 2. The gradient of the summed output probabilities with respect to the input image, "
+        "at initialisation and after training.*",
+        "",
+        f"Regenerate: `.venv/bin/python benchmarks/methods.py train --jobs 2` "
+        f"(rows in `{table.relative_to(ROOT).as_posix()}`), then `.venv/bin/python benchmarks/methods.py report`.",
+        "",
+        END,
+    ])
+    text = DOC.read_text() if DOC.exists() else f"# Methods\n\n{BEGIN}\n{END}\n"
+    before, _, rest = text.partition(BEGIN)
+    _, _, after = rest.partition(END)
+    DOC.write_text(before + block + after)
+    print(f"wrote {DOC}, {outputs}, {gradients}")
+
+    mlflow.set_tracking_uri(f"sqlite:///{(WORK / 'mlflow.db').resolve()}")
+    mlflow.set_experiment("jsrt-benchmark")
+    with mlflow.start_run(run_name="methods-report", tags={"benchmark": "jsrt", "medseg.comparison": COMPARISON}):
+        for r in results:
+            key = f"{r['network']}.{r['upsample']}"
+            mlflow.log_metrics({f"checkerboard_output_init/{key}": r["init"]["output"],
+                                f"checkerboard_output_trained/{key}": r["trained"]["output"],
+                                f"checkerboard_gradient_init/{key}": r["init"]["gradient"],
+                                f"checkerboard_gradient_trained/{key}": r["trained"]["gradient"],
+                                f"train_images_per_s/{key}": r["train_rate"],
+                                f"predict_scans_per_s/{key}": r["predict_rate"]})
+        mlflow.log_artifact(str(outputs))
+        mlflow.log_artifact(str(gradients))
+        mlflow.log_artifact(str(DOC))
+    if any(not math.isfinite(r["trained"]["output"]) for r in results):
+        raise SystemExit("a checkerboard score is not finite")
