@@ -554,7 +554,8 @@ def main(argv: list[str] | None = None) -> None:
     mlflow.set_tracking_uri(tracking)
     mlflow.set_experiment("jsrt-benchmark")
     with mlflow.start_run(run_name=row_name, tags={"benchmark": "jsrt", "folds": " ".join(map(str, args.folds)),
-                                                   **tags}):
+                                                   "medseg.network": config["train"]["network"],
+                                                   "medseg.upsample": config["train"]["upsample"], **tags}):
         from medseg.tracking import flatten
 
         mlflow.log_params({k: v for k, v in flatten(config["train"], "train").items()})

@@ -64,6 +64,16 @@ def _train_rate(net: torch.nn.Module, size: int, channels: int, seconds: float =
     return 8 * steps / (time.perf_counter() - started)
 
 
+def _forward_seconds(net: torch.nn.Module, side: int = 1539) -> float:
+    """One forward pass on a side x side image (the lecture's DeepLab demo size)."""
+    net.eval()
+    x = torch.rand(1, 1, side, side)
+    with torch.no_grad():
+        started = time.perf_counter()
+        net(x)
+    return time.perf_counter() - started
+
+
 def _scores(net: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
     from medseg.evaluation.checkerboard import checkerboard_score, input_gradient
 
@@ -83,7 +93,7 @@ def _stretch(a: np.ndarray) -> np.ndarray:
 def _composite(probabilities: np.ndarray, stretch: bool) -> np.ndarray:
     """(3, H, W) heart, lungs, clavicles -> RGB (H, W, 3): red, green, blue."""
     channels = [_stretch(p) if stretch else p for p in probabilities[:3]]
-    return np.stack(channels, axis=-1)
+    return np.clip(np.stack(channels, axis=-1), 0, 1)
 
 
 def _figures(results: list[dict], out: Path) -> tuple[Path, Path]:
@@ -99,19 +109,20 @@ def _figures(results: list[dict], out: Path) -> tuple[Path, Path]:
     fig, axes = plt.subplots(n, 4, figsize=(9.6, 2.45 * n), constrained_layout=True)
     for row, r in zip(axes, results):
         init, trained = r["init"]["probabilities"], r["trained"]["probabilities"]
-        panels = [(_composite(init, True), f"init, score {r['init']['output']:.1f}"),
-                  (_composite(init, True)[crop], "init, 48 px zoom"),
+        lungs = _stretch(init[1])
+        panels = [(lungs, f"init (lungs), score {r['init']['output']:.1f}"),
+                  (lungs[crop], "init, 48 px zoom"),
                   (_composite(trained, False), f"trained, score {r['trained']['output']:.1f}"),
                   (_composite(trained, False)[crop], "trained, 48 px zoom")]
         for ax, (image, title) in zip(row, panels):
-            ax.imshow(image, interpolation="nearest")
+            ax.imshow(image, interpolation="nearest", cmap="gray" if image.ndim == 2 else None)
             ax.set_title(title, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
         row[0].set_ylabel(f"{r['network']}\n{r['upsample']}", fontsize=8)
-    fig.suptitle("Output probabilities on one held-out JSRT radiograph (256 px): red heart, green lungs, "
-                 "blue clavicles.\nAt initialisation each channel is contrast-stretched (1st-99th percentile); "
-                 "scores: checkerboard peak ratio (1 = none)", fontsize=9)
+    fig.suptitle("Output probabilities on one held-out JSRT radiograph (256 px). At initialisation: the lungs "
+                 "channel, contrast-stretched\n(1st-99th percentile); trained: red heart, green lungs, blue "
+                 "clavicles. Scores: checkerboard peak ratio over all channels (1 = none)", fontsize=9)
     outputs = out / "methods-outputs.png"
     fig.savefig(outputs, dpi=110)
     plt.close(fig)
@@ -140,7 +151,7 @@ def _figures(results: list[dict], out: Path) -> tuple[Path, Path]:
 
 def _table(results: list[dict]) -> str:
     head = ("| network | upsample | parameters | train img/s | predict scans/s | Jaccard lungs | heart | clavicles "
-            "| Dice lungs | heart | clavicles | HD95 mm lungs / heart / clavicles "
+            "| Dice lungs | heart | clavicles | HD95 mm lungs / heart / clavicles | s per 1539 px image "
             "| checkerboard output init → trained | gradient init → trained |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -149,7 +160,7 @@ def _table(results: list[dict]) -> str:
         dice = " | ".join(f"{f[f'dice/{s}']:.3f}" for s in STRUCTURES)
         hd = " / ".join(f"{f[f'hd95_mm/{s}']:.1f}" for s in STRUCTURES)
         lines.append(f"| {r['network']} | {r['upsample']} | {r['parameters']:,} | {r['train_rate']:.1f} "
-                     f"| {r['predict_rate']:.2f} | {jac} | {dice} | {hd} "
+                     f"| {r['predict_rate']:.2f} | {jac} | {dice} | {hd} | {r['forward_1539']:.1f} "
                      f"| {r['init']['output']:.1f} → {r['trained']['output']:.1f} "
                      f"| {r['init']['gradient']:.1f} → {r['trained']['gradient']:.1f} |")
     return "\n".join(lines)
@@ -182,7 +193,7 @@ def report(table: Path) -> None:
         pre = row["preprocess"]
         manifest = WORK / f"pre-{pre['size']}-{pre['lower_percentile']}-{pre['upper_percentile']}" / "manifest.csv"
         test_ids = read_splits(WORK / name / "splits.json")["folds"][0]["test"]
-        images = torch.from_numpy(load_cases(manifest, test_ids, labels).images)
+        images = torch.as_tensor(load_cases(manifest, test_ids, labels).images, dtype=torch.float32)
         started = time.perf_counter()
         torch.manual_seed(config["seed"])
         fresh = build_network(NetworkSpec(network, config["preset"], upsample, out_channels=len(labels)))
@@ -191,6 +202,7 @@ def report(table: Path) -> None:
         result = {"network": network, "upsample": upsample, "figures": row["figures"],
                   "parameters": count_parameters(trained),
                   "init": _scores(fresh, images), "trained": _scores(trained, images),
+                  "forward_1539": _forward_seconds(trained),
                   "train_rate": _train_rate(build_network(NetworkSpec(network, config["preset"], upsample,
                                                                       out_channels=len(labels))),
                                             pre["size"], len(labels))}
@@ -221,7 +233,9 @@ def report(table: Path) -> None:
         f"preset `{first['train']['preset']}`, the CPU recipe's optimiser otherwise (`config/jsrt-cpu.yaml`: "
         f"AdamW {first['train']['learning_rate']}, cosine, EMA {first['train']['ema_decay']}). Jaccard, Dice and "
         "HD95 scored at the masks' 1024x1024 (0.35 mm). Speeds on one core of this CPU (2-core machine, "
-        "nothing else running). Checkerboard: peak ratio at the period-2 frequencies (1 = none; "
+        "nothing else running): training images/s (batches of 8, forward, backward, AdamW step), prediction "
+        "scans/s end to end (`predict_files`: read the 1024 px PNG, preprocess, predict, post-process, write), "
+        "and one forward pass at 1539x1539 px (the lecture's DeepLab road-scene demo size). Checkerboard: peak ratio at the period-2 frequencies (1 = none; "
         "`medseg.evaluation.checkerboard`), geometric mean over the held-out scans and channels.",
         "",
         _table(results),
@@ -249,6 +263,13 @@ def report(table: Path) -> None:
 
     mlflow.set_tracking_uri(f"sqlite:///{(WORK / 'mlflow.db').resolve()}")
     mlflow.set_experiment("jsrt-benchmark")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("jsrt-benchmark")
+    for run in client.search_runs([experiment.experiment_id], f"tags.`medseg.comparison` = '{COMPARISON}'"):
+        # Rows logged before jsrt.py tagged them: network and upsample from the params.
+        for key in ("network", "upsample"):
+            if f"medseg.{key}" not in run.data.tags and f"train.{key}" in run.data.params:
+                client.set_tag(run.info.run_id, f"medseg.{key}", run.data.params[f"train.{key}"])
     with mlflow.start_run(run_name="methods-report", tags={"benchmark": "jsrt", "medseg.comparison": COMPARISON}):
         for r in results:
             key = f"{r['network']}.{r['upsample']}"
@@ -257,7 +278,8 @@ def report(table: Path) -> None:
                                 f"checkerboard_gradient_init/{key}": r["init"]["gradient"],
                                 f"checkerboard_gradient_trained/{key}": r["trained"]["gradient"],
                                 f"train_images_per_s/{key}": r["train_rate"],
-                                f"predict_scans_per_s/{key}": r["predict_rate"]})
+                                f"predict_scans_per_s/{key}": r["predict_rate"],
+                                f"forward_seconds_1539px/{key}": r["forward_1539"]})
         mlflow.log_artifact(str(outputs))
         mlflow.log_artifact(str(gradients))
         mlflow.log_artifact(str(DOC))
