@@ -286,7 +286,7 @@ def _train_settings(config: dict, args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from medseg.errors import InputError
+    from medseg.errors import InputError, SettingsMismatch
     from medseg.tracking import TrackingUnavailable, flatten
     from medseg.training.run import train_fold
 
@@ -314,8 +314,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrackingUnavailable as err:
         log.error("%s", err)
         return EXIT_USAGE
-    except InputError as err:  # the manifest cannot give this fold's cases
-        log.error("cannot train: %s", err)
+    except (InputError, SettingsMismatch) as err:  # the manifest cannot give this fold's cases, or they
+        log.error("cannot train: %s", err)        # do not fit the settings
         return EXIT_USAGE
     log.info("fold %d done: best epoch %d, %s; model %s", args.fold, summary["best_epoch"],
              ", ".join(f"{k} {v:.3f}" for k, v in summary["best_metrics"].items()), summary["model_uri"])

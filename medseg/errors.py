@@ -21,3 +21,9 @@ class InputError(Exception):
 class DeviceUnavailable(RuntimeError):
     """The device asked for (e.g. ``cuda``) does not exist on this machine:
     a usage error (exit 2 from the CLI), not a crash."""
+
+
+class SettingsMismatch(ValueError):
+    """Training settings that do not fit the preprocessed data (e.g. a
+    patch larger than the images, or a network that needs the image side to
+    be a multiple it is not): a usage error (exit 2 from the CLI)."""

@@ -194,3 +194,36 @@ def test_every_network_trains_through_medseg_train(tiny_dataset, repo_root, tmp_
         run = __import__("mlflow").MlflowClient(uri).get_run(summary["run_id"])
         assert run.data.tags["medseg.network"] == network and run.data.tags["medseg.upsample"] == upsample
         assert run.data.params["train.upsample"] == upsample
+
+
+def test_a_size_the_network_cannot_take_is_refused_by_medseg_train(tmp_path, repo_root, caplog):
+    """MONAI UNet needs a multiple of 16 (it crashed mid-forward with a
+    tensor-size error); the other networks take any size."""
+    from medseg.cli import main
+    from medseg.errors import SettingsMismatch
+    from medseg.training.data import CaseTensors
+    from medseg.training.settings import TrainSettings
+    from medseg.training.trainer import Trainer
+
+    write_phantom_dataset(tmp_path / "raw", n=4, seed=3, shape=(128, 112))
+    result = preprocess_dataset(DatasetSpec(images=tmp_path / "raw" / "images", masks_root=tmp_path / "raw" / "masks"),
+                                PreprocessSettings(size=72), tmp_path / "pre", workers=1)
+    splits = tmp_path / "splits.json"
+    write_splits(splits, make_splits([r["case_id"] for r in result.rows], "kfold", k=2, seed=0, val_fraction=0.2))
+    config = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())
+    config["train"].update(network="unet", upsample="transposed", preset="cpu_tiny", epochs=1)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level("ERROR", logger="medseg"):
+        rc = main(["train", "--config", str(path), "--manifest", str(result.manifest_path), "--splits", str(splits),
+                   "--fold", "0", "--out", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert rc == 2
+    assert "cannot train: network 'unet' needs preprocess.size to be a multiple of 16, got 72" in caplog.text
+    cases = CaseTensors(["a"], torch.rand(1, 1, 72, 72), torch.zeros(1, 3, 72, 72))
+    for network, upsample in (("segnet", "max_unpool"), ("fcn8s", "transposed"), ("deeplabv3", "resize_bilinear")):
+        trainer = Trainer(TrainSettings(network=network, upsample=upsample, preset="cpu_tiny", epochs=1),
+                          list(DEFAULT_LABELS), cases, cases, tmp_path / network)
+        with torch.no_grad():
+            assert trainer.model(cases.images).shape == (1, 3, 72, 72)
+    with pytest.raises(SettingsMismatch, match="patch_size 80 is larger than the preprocessed size 72"):
+        Trainer(TrainSettings(preset="cpu_tiny", patch_size=80), list(DEFAULT_LABELS), cases, cases, tmp_path / "p")

@@ -43,6 +43,10 @@ NETWORK_UPSAMPLING: dict[str, tuple[str, ...]] = {
     "deeplabv3": ("resize_bilinear",),
 }
 
+# Networks that need the image side to be a multiple of this (MONAI UNet's
+# four stride-2 convolutions and concatenations); the others pad inside.
+INPUT_MULTIPLE: dict[str, int] = {"unet": 16}
+
 # Feature widths (BasicUNet: 5 encoder levels + final decoder width).
 PRESETS: dict[str, tuple[int, ...]] = {
     "cpu_tiny": (8, 8, 16, 32, 64, 8),  # tests and CI
@@ -132,6 +136,21 @@ def build_network(spec: NetworkSpec) -> nn.Module:
                 mode="nontrainable", pre_conv="default" if conv else None,
                 interp_mode="nearest", align_corners=None)
     return net
+
+
+def check_input_size(spec: NetworkSpec, size: int) -> None:
+    """Refuse an image side the network cannot take.
+
+    Raises:
+        medseg.errors.SettingsMismatch: ``size`` (pixels) is not a multiple of
+            what the network needs (:data:`INPUT_MULTIPLE`).
+    """
+    from medseg.errors import SettingsMismatch
+
+    multiple = INPUT_MULTIPLE.get(spec.name, 1)
+    if size % multiple:
+        raise SettingsMismatch(f"network {spec.name!r} needs preprocess.size to be a multiple of {multiple}, "
+                               f"got {size} (the other networks take any size)")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -33,11 +33,11 @@ from monai.metrics import DiceMetric, MeanIoU
 from monai.utils import set_determinism
 
 from medseg.atomic import atomic_path, write_text_atomic
-from medseg.errors import DeviceUnavailable
+from medseg.errors import DeviceUnavailable, SettingsMismatch
 from medseg.preprocessing.intensity import DEFAULT_INTENSITY
 from medseg.training.data import AugmentedCases, CaseTensors, augmentation, epoch_seed
 from medseg.training.loss import MultiLabelDiceCELoss, label_weight_tensor
-from medseg.training.network import NetworkSpec, build_network
+from medseg.training.network import NetworkSpec, build_network, check_input_size
 from medseg.training.settings import TrainSettings
 from medseg.visualise import legend_text, overlay_rgb, save_contact_sheet, save_figure, subplots
 
@@ -234,9 +234,11 @@ class Trainer:
         self.device = pick_device(settings.device, settings.amp)
         self.size = int(train_cases.images.shape[-1])
 
+        spec = NetworkSpec(settings.network, settings.preset, settings.upsample, in_channels=1,
+                           out_channels=len(self.labels))
+        check_input_size(spec, self.size)
         set_determinism(seed=settings.seed)
-        self.model = build_network(NetworkSpec(settings.network, settings.preset, settings.upsample,
-                                               in_channels=1, out_channels=len(self.labels)))
+        self.model = build_network(spec)
         self.model.to(self.device.torch_device)
         self.ema = None
         if settings.ema_decay > 0:
@@ -250,7 +252,8 @@ class Trainer:
         self.scheduler = build_scheduler(settings, self.optimizer)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.amp_dtype == torch.float16)
         if settings.patch_size > self.size:
-            raise ValueError(f"train.patch_size {settings.patch_size} is larger than the preprocessed size {self.size}")
+            raise SettingsMismatch(f"train.patch_size {settings.patch_size} is larger than the preprocessed "
+                                   f"size {self.size}")
         self.transform = augmentation(settings.augment, self.size, settings.patch_size, settings.soft_labels)
         self.dataset = AugmentedCases(train_cases, self.transform, settings.samples_per_epoch)
         self.history: list[dict] = []
