@@ -691,6 +691,9 @@ def _plan_evaluation_run(args: argparse.Namespace, config: dict, labels: dict):
         params.update({f"predict.{k}": str(v) for k, v in settings[0].items()
                        if k in ("threshold", "tta", "postprocess", "model_weights_sha256")})
     tags = {"medseg.version": __version__, "git.commit": git_commit()}
+    # The architecture, so that evaluations of several networks in one
+    # experiment filter and group by it as their training runs do.
+    tags.update({k: training[k] for k in ("medseg.network", "medseg.upsample") if k in training})
     return target, link, params, tags
 
 

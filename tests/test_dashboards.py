@@ -13,7 +13,7 @@ import pytest
 
 from medseg.tracking import DESCRIPTION_TAG, client_for
 
-SAME_TAGS = ("medseg.version", "git.commit", "dataset.fingerprint", "fold")
+SAME_TAGS = ("medseg.version", "git.commit", "dataset.fingerprint", "fold", "medseg.network", "medseg.upsample")
 
 
 @pytest.fixture(scope="module")

@@ -154,15 +154,29 @@ def test_checkerboard_measures_on_known_patterns():
         checkerboard_score(np.zeros((7, 8)))
     with pytest.raises(ValueError, match="even H, W"):
         checkerboard_score(np.zeros((9, 9)))
+    # Found by a fresh user: NaN read as "no checkerboard", a constant map
+    # halving the score, an empty stack's raw numpy error.
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        checkerboard_score(np.where(disc > 0, np.nan, 0.0))
+    with pytest.raises(ValueError, match="no maps"):
+        checkerboard_score(np.zeros((0, 64, 64)))
+    assert checkerboard_score(np.stack([np.ones((64, 64)), disc])) == pytest.approx(checkerboard_score(disc))
+    assert checkerboard_score(1e200 * board) == pytest.approx(checkerboard_score(board))
+    assert checkerboard_score((yy + xx) % 2) == np.inf and checkerboard_score(np.ones((64, 64))) == 0.0
 
 
 def test_input_gradient_has_the_input_shape_and_shows_strided_encoders():
     x = _radiograph(64)
     torch.manual_seed(0)
-    net = build_network(NetworkSpec("fcn8s", "cpu_tiny", "resize_bilinear", out_channels=3)).eval()
-    gradient = input_gradient(net, x)
+    net = build_network(NetworkSpec("fcn8s", "cpu_tiny", "resize_bilinear", out_channels=3))
+    net.train()
+    running = net.backbone.resnet.bn1.running_mean.clone()
+    with torch.no_grad():  # works there too
+        gradient = input_gradient(net, x)
     assert gradient.shape == (1, 1, 64, 64) and np.abs(gradient).sum() > 0
-    assert not net.training
+    # Left as found: training mode, batch-norm statistics, no parameter gradients.
+    assert net.training and torch.equal(net.backbone.resnet.bn1.running_mean, running)
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_every_network_trains_through_medseg_train(tiny_dataset, repo_root, tmp_path):
@@ -227,3 +241,16 @@ def test_a_size_the_network_cannot_take_is_refused_by_medseg_train(tmp_path, rep
             assert trainer.model(cases.images).shape == (1, 3, 72, 72)
     with pytest.raises(SettingsMismatch, match="patch_size 80 is larger than the preprocessed size 72"):
         Trainer(TrainSettings(preset="cpu_tiny", patch_size=80), list(DEFAULT_LABELS), cases, cases, tmp_path / "p")
+
+
+def test_resnet_networks_need_64_px():
+    """At 32 px their deepest features are 1x1, and batch normalisation of a
+    last batch of one image failed mid-epoch."""
+    from medseg.errors import SettingsMismatch
+    from medseg.training.network import check_input_size
+
+    for network in ("fcn8s", "deeplabv3"):
+        with pytest.raises(SettingsMismatch, match=f"'{network}' needs preprocess.size of at least 64, got 32"):
+            check_input_size(NetworkSpec(network, "cpu_tiny", "resize_bilinear"), 32)
+        check_input_size(NetworkSpec(network, "cpu_tiny", "resize_bilinear"), 64)
+    check_input_size(NetworkSpec("segnet", "cpu_tiny", "max_unpool"), 36)

@@ -68,6 +68,21 @@ def test_labels_must_use_known_structures(workdir):
     assert "labels.lungs" in out and "spleen" in out
 
 
+@pytest.mark.parametrize("overrides, named", [
+    # Only the network set: the default upsample (resize_bilinear) does not fit MONAI UNet.
+    (["train={'network': 'unet'}"], "config key train: network 'unet' cannot use upsample 'resize_bilinear'"),
+    (["train={'network': 'fcn8s'}", "preprocess={'size': 32}"],
+     "network 'fcn8s' needs preprocess.size of at least 64, got 32"),
+])
+def test_network_that_cannot_run_is_refused_before_any_job(workdir, overrides, named):
+    """Found by a fresh user: such configs passed the dry run and failed at the
+    train job, after preprocessing, leaving a cross-validation run RUNNING."""
+    proc = run_snakemake(workdir, "-n", "--config", *overrides, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and named in out, out[-2000:]
+    assert not (workdir / "results").exists()
+
+
 def test_end_to_end_on_phantoms(local_workflow_run, workflow_report):
     workdir = local_workflow_run
     results = workdir / "results" / "e2e"

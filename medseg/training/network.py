@@ -31,21 +31,9 @@ from torch import nn
 from medseg.training.deeplab import DeepLabV3
 from medseg.training.fcn import FCN8s
 from medseg.training.segnet import SegNet
-from medseg.training.upsampling import UPSAMPLING, Upsample2x
-
-NETWORKS = ("basic_unet", "unet", "segnet", "fcn8s", "deeplabv3")
-# What each network's decoder can use.
-NETWORK_UPSAMPLING: dict[str, tuple[str, ...]] = {
-    "basic_unet": tuple(u for u in UPSAMPLING if u != "max_unpool"),
-    "unet": ("transposed",),
-    "segnet": UPSAMPLING,
-    "fcn8s": ("transposed", "resize_bilinear"),
-    "deeplabv3": ("resize_bilinear",),
-}
-
-# Networks that need the image side to be a multiple of this (MONAI UNet's
-# four stride-2 convolutions and concatenations); the others pad inside.
-INPUT_MULTIPLE: dict[str, int] = {"unet": 16}
+# NETWORKS, UPSAMPLING and NETWORK_UPSAMPLING are re-exported from here.
+from medseg.training.choices import NETWORK_UPSAMPLING, NETWORKS, UPSAMPLING, check_network_choice, size_problem
+from medseg.training.upsampling import Upsample2x
 
 # Feature widths (BasicUNet: 5 encoder levels + final decoder width).
 PRESETS: dict[str, tuple[int, ...]] = {
@@ -65,7 +53,9 @@ class NetworkSpec:
     Attributes:
         name: a member of :data:`NETWORKS`.
         preset: a key of :data:`PRESETS` (widths; the ResNet encoders of
-            fcn8s and deeplabv3 take entries 1-4 as their stage widths).
+            fcn8s and deeplabv3 take entries 1-4 as their stage widths, so
+            for them cpu_medium builds the same network as gpu_medium, and
+            gpu_large the same as gpu_wide).
         upsample: a member of :data:`NETWORK_UPSAMPLING` ``[name]``.
         in_channels: 1 for radiographs.
         out_channels: one sigmoid channel per label.
@@ -78,17 +68,9 @@ class NetworkSpec:
     out_channels: int = 3
 
     def __post_init__(self) -> None:
-        if self.name not in NETWORKS:
-            raise ValueError(f"unknown network {self.name!r}; choose from {', '.join(NETWORKS)}")
+        check_network_choice(self.name, self.upsample)
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
-        if self.upsample not in UPSAMPLING:
-            raise ValueError(f"unknown upsampling {self.upsample!r}; choose from {', '.join(UPSAMPLING)}")
-        if self.upsample not in NETWORK_UPSAMPLING[self.name]:
-            others = [n for n, modes in NETWORK_UPSAMPLING.items() if self.upsample in modes]
-            raise ValueError(f"network {self.name!r} cannot use upsample {self.upsample!r}: it takes "
-                             f"{', '.join(NETWORK_UPSAMPLING[self.name])}; {self.upsample!r} works with "
-                             f"{', '.join(others)}")
         if self.out_channels < 1:
             raise ValueError("out_channels must be at least 1")
 
@@ -139,18 +121,17 @@ def build_network(spec: NetworkSpec) -> nn.Module:
 
 
 def check_input_size(spec: NetworkSpec, size: int) -> None:
-    """Refuse an image side the network cannot take.
+    """Refuse an image side the network cannot take
+    (:func:`medseg.training.choices.size_problem`).
 
     Raises:
-        medseg.errors.SettingsMismatch: ``size`` (pixels) is not a multiple of
-            what the network needs (:data:`INPUT_MULTIPLE`).
+        medseg.errors.SettingsMismatch: naming the network, the need and ``size`` (pixels).
     """
     from medseg.errors import SettingsMismatch
 
-    multiple = INPUT_MULTIPLE.get(spec.name, 1)
-    if size % multiple:
-        raise SettingsMismatch(f"network {spec.name!r} needs preprocess.size to be a multiple of {multiple}, "
-                               f"got {size} (the other networks take any size)")
+    problem = size_problem(spec.name, size)
+    if problem:
+        raise SettingsMismatch(problem)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -32,9 +32,7 @@ import torch
 from monai.networks.blocks import UpSample
 from torch import nn
 
-UPSAMPLING = ("transposed", "resize_nearest", "resize_bilinear", "pixel_shuffle",
-              "transposed_k3s2", "bed_of_nails", "max_unpool")
-NEEDS_POOLING_INDICES = ("max_unpool",)
+from medseg.training.choices import UPSAMPLING
 
 
 class BedOfNails(nn.Module):
@@ -93,4 +91,4 @@ class Upsample2x(nn.Module):
         return self.up(x)
 
 
-__all__ = ["UPSAMPLING", "NEEDS_POOLING_INDICES", "BedOfNails", "Upsample2x"]
+__all__ = ["UPSAMPLING", "BedOfNails", "Upsample2x"]

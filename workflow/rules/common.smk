@@ -44,6 +44,18 @@ def _check_config_consistency(cfg):
         missing = sorted(structures - set(cfg.get("label_values", {}).values()))
         if missing:
             raise ValueError(f"config key label_values: no pixel value for structures {', '.join(missing)}")
+    # Before any job runs (the train job would refuse them only after
+    # preprocessing). medseg.training.choices imports no torch.
+    from medseg.training.choices import check_network_choice, size_problem
+
+    train = cfg["train"]
+    try:
+        check_network_choice(train["network"], train["upsample"])
+    except ValueError as err:
+        raise ValueError(f"config key train: {err}") from None
+    problem = size_problem(train["network"], cfg["preprocess"]["size"])
+    if problem:
+        raise ValueError(f"config keys train.network, preprocess.size: {problem}")
 
 
 _check_config_consistency(config)
