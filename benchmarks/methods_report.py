@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 import math
 import tempfile
 import time
@@ -85,8 +86,8 @@ def _scores(net: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
             "probabilities": probabilities[0], "gradient_map": gradients[0, 0]}
 
 
-def _stretch(a: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(a, [1, 99])
+def _stretch(a: np.ndarray, low: float = 1, high: float = 99) -> np.ndarray:
+    lo, hi = np.percentile(a, [low, high])
     return np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1)
 
 
@@ -96,57 +97,81 @@ def _composite(probabilities: np.ndarray, stretch: bool) -> np.ndarray:
     return np.clip(np.stack(channels, axis=-1), 0, 1)
 
 
-def _figures(results: list[dict], out: Path) -> tuple[Path, Path]:
+def _grid(rows: list[tuple[str, list[tuple[np.ndarray, str, str | None]]]], title: str, path: Path) -> Path:
+    """One row per method: (label, [(image, panel title, colormap or None for RGB)])."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    crop = (slice(96, 144), slice(40, 88))  # 48 x 48 px of the right lung, heart border
-    n = len(results)
-
-    fig, axes = plt.subplots(n, 4, figsize=(9.6, 2.45 * n), constrained_layout=True)
-    for row, r in zip(axes, results):
-        init, trained = r["init"]["probabilities"], r["trained"]["probabilities"]
-        lungs = _stretch(init[1])
-        panels = [(lungs, f"init (lungs), score {r['init']['output']:.1f}"),
-                  (lungs[crop], "init, 48 px zoom"),
-                  (_composite(trained, False), f"trained, score {r['trained']['output']:.1f}"),
-                  (_composite(trained, False)[crop], "trained, 48 px zoom")]
-        for ax, (image, title) in zip(row, panels):
-            ax.imshow(image, interpolation="nearest", cmap="gray" if image.ndim == 2 else None)
-            ax.set_title(title, fontsize=8)
+    columns = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.4 * columns + 0.6, 2.45 * len(rows)),
+                             constrained_layout=True, squeeze=False)
+    for axes_row, (label, panels) in zip(axes, rows):
+        for ax, (image, panel_title, cmap) in zip(axes_row, panels):
+            if cmap == "RdBu_r":
+                limit = float(np.percentile(np.abs(image), 99)) or 1.0
+                ax.imshow(image, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+            else:
+                ax.imshow(image, cmap=cmap, interpolation="nearest")
+            ax.set_title(panel_title, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].set_ylabel(f"{r['network']}\n{r['upsample']}", fontsize=8)
-    fig.suptitle("Output probabilities on one held-out JSRT radiograph (256 px). At initialisation: the lungs "
-                 "channel, contrast-stretched\n(1st-99th percentile); trained: red heart, green lungs, blue "
-                 "clavicles. Scores: checkerboard peak ratio over all channels (1 = none)", fontsize=9)
-    outputs = out / "methods-outputs.png"
-    fig.savefig(outputs, dpi=110)
+        axes_row[0].set_ylabel(label, fontsize=8)
+    fig.suptitle(textwrap.fill(title.replace("\n", " "), width=int(34 * columns + 10)), fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 
-    fig, axes = plt.subplots(n, 4, figsize=(9.6, 2.45 * n), constrained_layout=True)
-    for row, r in zip(axes, results):
-        panels = [(r["init"]["gradient_map"], f"init, score {r['init']['gradient']:.1f}"),
-                  (r["init"]["gradient_map"][crop], "init, 48 px zoom"),
-                  (r["trained"]["gradient_map"], f"trained, score {r['trained']['gradient']:.1f}"),
-                  (r["trained"]["gradient_map"][crop], "trained, 48 px zoom")]
-        for ax, (image, title) in zip(row, panels):
-            limit = float(np.percentile(np.abs(image), 99)) or 1.0
-            ax.imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
-            ax.set_title(title, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        row[0].set_ylabel(f"{r['network']}\n{r['upsample']}", fontsize=8)
-    fig.suptitle("Gradient of the summed output probabilities with respect to the input, same radiograph "
-                 "(red positive, blue negative,\nsymmetric scale at the 99th percentile of |gradient|); "
-                 "scores: checkerboard peak ratio (1 = none)", fontsize=9)
-    gradients = out / "methods-gradients.png"
-    fig.savefig(gradients, dpi=110)
-    plt.close(fig)
-    return outputs, gradients
+
+CROP = (slice(96, 144), slice(40, 88))  # 48 x 48 px at 256 px: right lung field and its lateral border
+
+
+def _figures(results: list[dict], docs: Path, local: Path) -> dict[str, Path]:
+    """Zoomed crops (docs/figures, committed: no whole radiograph, which JSRT's
+    terms keep out of the repository) and whole-image versions (``local``,
+    under results/, not committed)."""
+    outputs_title = ("Output probabilities on one held-out JSRT radiograph (256 px). At initialisation: the lungs "
+                     "channel, contrast-stretched (1st-99th percentile); trained: red heart, green lungs, blue "
+                     "clavicles. Scores: checkerboard peak ratio over all scans and channels (1 = none).")
+    outputs_crop_title = ("Output probabilities (lungs channel) on one held-out JSRT radiograph at 256 px: "
+                          "48 x 48 px crops of the right lung field and its lateral border, contrast-stretched "
+                          "within the crop (initialisation 1st-99th percentile, trained 10th-90th, so that ripples "
+                          "on the near-1 interior show). Scores: checkerboard peak ratio over all held-out scans "
+                          "and channels (1 = none).")
+    gradients_title = ("Gradient of the summed output probabilities with respect to the input, same radiograph "
+                       "(red positive, blue negative,\nsymmetric scale at the 99th percentile of |gradient|); "
+                       "scores: checkerboard peak ratio (1 = none)")
+    zoom = "48 x 48 px"
+    paths = {}
+    for whole, folder, suffix in ((False, docs, ""), (True, local, "-whole")):
+        output_rows, gradient_rows = [], []
+        for r in results:
+            label = f"{r['network']}\n{r['upsample']}"
+            lungs = _stretch(r["init"]["probabilities"][1])
+            trained = _composite(r["trained"]["probabilities"], False)
+            g0, g1 = r["init"]["gradient_map"], r["trained"]["gradient_map"]
+            o_init, o_trained = f"init, score {r['init']['output']:.1f}", f"trained, score {r['trained']['output']:.1f}"
+            d_init, d_trained = (f"init, score {r['init']['gradient']:.1f}",
+                                 f"trained, score {r['trained']['gradient']:.1f}")
+            if whole:
+                output_rows.append((label, [(lungs, o_init, "gray"), (lungs[CROP], f"init, {zoom}", "gray"),
+                                            (trained, o_trained, None), (trained[CROP], f"trained, {zoom}", None)]))
+                gradient_rows.append((label, [(g0, d_init, "RdBu_r"), (g0[CROP], f"init, {zoom}", "RdBu_r"),
+                                              (g1, d_trained, "RdBu_r"), (g1[CROP], f"trained, {zoom}", "RdBu_r")]))
+            else:
+                trained_lungs = _stretch(r["trained"]["probabilities"][1][CROP], 10, 90)
+                output_rows.append((label, [(lungs[CROP], f"{o_init}\n({zoom})", "gray"),
+                                            (trained_lungs, f"{o_trained}\n({zoom})", "gray")]))
+                gradient_rows.append((label, [(g0[CROP], f"{d_init}\n({zoom})", "RdBu_r"),
+                                              (g1[CROP], f"{d_trained}\n({zoom})", "RdBu_r")]))
+        paths[f"outputs{suffix}"] = _grid(output_rows, outputs_title if whole else outputs_crop_title,
+                                          folder / f"methods-outputs{suffix}.png")
+        gradient_note = "" if whole else " Crops: 48 x 48 px of the right lung field and its lateral border."
+        paths[f"gradients{suffix}"] = _grid(gradient_rows, gradients_title + gradient_note,
+                                            folder / f"methods-gradients{suffix}.png")
+    return paths
 
 
 def _table(results: list[dict]) -> str:
@@ -166,7 +191,7 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(table: Path) -> None:
+def report(table: Path, only: list[str] | None = None) -> None:
     import mlflow
 
     from medseg.inference.model import load_model
@@ -183,6 +208,8 @@ def report(table: Path) -> None:
     results = []
     for network, upsample in METHODS:
         name = method_name(network, upsample)
+        if only and name not in only and network not in only:
+            continue
         if name not in rows:
             print(f"{name}: no row in {table}; skipped (run `methods.py train --only {name}`)")
             continue
@@ -222,7 +249,8 @@ def report(table: Path) -> None:
               f"{result['train_rate']:.1f} img/s, {result['predict_rate']:.2f} scans/s "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
 
-    outputs, gradients = _figures(results, FIGURES)
+    figures = _figures(results, FIGURES, WORK / "methods-figures")
+    outputs, gradients = figures["outputs"], figures["gradients"]
     first = rows[method_name(*METHODS[0])]
     n_cases = first["n_cases"]
     block = "\n".join([
@@ -235,20 +263,23 @@ def report(table: Path) -> None:
         "HD95 scored at the masks' 1024x1024 (0.35 mm). Speeds on one core of this CPU (2-core machine, "
         "nothing else running): training images/s (batches of 8, forward, backward, AdamW step), prediction "
         "scans/s end to end (`predict_files`: read the 1024 px PNG, preprocess, predict, post-process, write), "
-        "and one forward pass at 1539x1539 px (the lecture's DeepLab road-scene demo size). Checkerboard: peak ratio at the period-2 frequencies (1 = none; "
-        "`medseg.evaluation.checkerboard`), geometric mean over the held-out scans and channels.",
+        "and one forward pass at 1539x1539 px (the lecture's DeepLab road-scene demo size). Checkerboard: peak ratio at the period-2 frequencies (1 = none, "
+        "hard-edged masks up to ~2.4; `medseg.evaluation.checkerboard`) over the held-out scans and channels.",
         "",
         _table(results),
         "",
         f"![outputs]({outputs.relative_to(DOC.parent).as_posix()})",
         "",
         "*Figure 1. Each method's output probabilities on the same held-out radiograph at initialisation "
-        "(contrast-stretched) and after training, with a 48-pixel zoom where the period-2 pattern shows.*",
+        "(lungs channel, contrast-stretched) and after training (heart red, lungs green, clavicles blue), as "
+        "48 x 48 px crops of the right lung field, where a period-2 pattern shows. The whole-image versions "
+        "are written to `results/jsrt-benchmark/methods-figures/` (not committed: JSRT's terms keep its "
+        "radiographs, and pictures that show them, out of the repository).*",
         "",
         f"![gradients]({gradients.relative_to(DOC.parent).as_posix()})",
         "",
         "*Figure 2. The gradient of the summed output probabilities with respect to the input image, "
-        "at initialisation and after training.*",
+        "at initialisation and after training, same crops (red positive, blue negative).*",
         "",
         f"Regenerate: `.venv/bin/python benchmarks/methods.py train --jobs 2` "
         f"(rows in `{table.relative_to(ROOT).as_posix()}`), then `.venv/bin/python benchmarks/methods.py report`.",
@@ -280,8 +311,8 @@ def report(table: Path) -> None:
                                 f"train_images_per_s/{key}": r["train_rate"],
                                 f"predict_scans_per_s/{key}": r["predict_rate"],
                                 f"forward_seconds_1539px/{key}": r["forward_1539"]})
-        mlflow.log_artifact(str(outputs))
-        mlflow.log_artifact(str(gradients))
+        for path in figures.values():
+            mlflow.log_artifact(str(path), "figures")
         mlflow.log_artifact(str(DOC))
     if any(not math.isfinite(r["trained"]["output"]) for r in results):
         raise SystemExit("a checkerboard score is not finite")
