@@ -101,13 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     p_report = sub.add_parser("report", help="write docs/methods.md and its figures")
     p_report.add_argument("--table", type=Path, default=TABLE)
     p_report.add_argument("--only", nargs="+", help="method names or networks to report (default: all)")
+    p_report.add_argument("--reuse", action="store_true",
+                          help="redraw figures and text from the last report's measurements")
     args = parser.parse_args(argv)
     if args.command == "train":
         train(args)
     else:
         from methods_report import report  # noqa: PLC0415  (heavy imports only here)
 
-        report(args.table, args.only)
+        report(args.table, args.only, args.reuse)
 
 
 if __name__ == "__main__":

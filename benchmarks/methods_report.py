@@ -65,8 +65,13 @@ def _train_rate(net: torch.nn.Module, size: int, channels: int, seconds: float =
     return 8 * steps / (time.perf_counter() - started)
 
 
-def _forward_seconds(net: torch.nn.Module, side: int = 1539) -> float:
-    """One forward pass on a side x side image (the lecture's DeepLab demo size)."""
+def _forward_seconds(net: torch.nn.Module, network: str, side: int = 1539) -> float:
+    """One forward pass on a side x side image (the lecture's DeepLab demo
+    size), padded up to what the network needs (MONAI UNet: 1552)."""
+    from medseg.training.choices import INPUT_MULTIPLE
+
+    multiple = INPUT_MULTIPLE.get(network, 1)
+    side = -(-side // multiple) * multiple
     net.eval()
     x = torch.rand(1, 1, side, side)
     with torch.no_grad():
@@ -105,7 +110,7 @@ def _grid(rows: list[tuple[str, list[tuple[np.ndarray, str, str | None]]]], titl
     import matplotlib.pyplot as plt
 
     columns = len(rows[0][1])
-    fig, axes = plt.subplots(len(rows), columns, figsize=(2.4 * columns + 0.6, 2.45 * len(rows)),
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.75 * columns + 0.6, 2.0 * len(rows) + 0.8),
                              constrained_layout=True, squeeze=False)
     for axes_row, (label, panels) in zip(axes, rows):
         for ax, (image, panel_title, cmap) in zip(axes_row, panels):
@@ -114,11 +119,11 @@ def _grid(rows: list[tuple[str, list[tuple[np.ndarray, str, str | None]]]], titl
                 ax.imshow(image, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
             else:
                 ax.imshow(image, cmap=cmap, interpolation="nearest")
-            ax.set_title(panel_title, fontsize=8)
+            ax.set_title(panel_title, fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
         axes_row[0].set_ylabel(label, fontsize=8)
-    fig.suptitle(textwrap.fill(title.replace("\n", " "), width=int(34 * columns + 10)), fontsize=9)
+    fig.suptitle(textwrap.fill(title.replace("\n", " "), width=int(26 * columns + 10)), fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -142,7 +147,7 @@ def _figures(results: list[dict], docs: Path, local: Path) -> dict[str, Path]:
                           "and channels (1 = none).")
     gradients_title = ("Gradient of the summed output probabilities with respect to the input, same radiograph "
                        "(red positive, blue negative,\nsymmetric scale at the 99th percentile of |gradient|); "
-                       "scores: checkerboard peak ratio (1 = none)")
+                       "scores: checkerboard peak ratio (1 = none).")
     zoom = "48 x 48 px"
     paths = {}
     for whole, folder, suffix in ((False, docs, ""), (True, local, "-whole")):
@@ -160,12 +165,16 @@ def _figures(results: list[dict], docs: Path, local: Path) -> dict[str, Path]:
                                             (trained, o_trained, None), (trained[CROP], f"trained, {zoom}", None)]))
                 gradient_rows.append((label, [(g0, d_init, "RdBu_r"), (g0[CROP], f"init, {zoom}", "RdBu_r"),
                                               (g1, d_trained, "RdBu_r"), (g1[CROP], f"trained, {zoom}", "RdBu_r")]))
-            else:
+            else:  # side by side: one column per method, initialisation above, trained below
+                name = f"{r['network']}\n{r['upsample']}"
                 trained_lungs = _stretch(r["trained"]["probabilities"][1][CROP], 10, 90)
-                output_rows.append((label, [(lungs[CROP], f"{o_init}\n({zoom})", "gray"),
-                                            (trained_lungs, f"{o_trained}\n({zoom})", "gray")]))
-                gradient_rows.append((label, [(g0[CROP], f"{d_init}\n({zoom})", "RdBu_r"),
-                                              (g1[CROP], f"{d_trained}\n({zoom})", "RdBu_r")]))
+                output_rows.append((lungs[CROP], f"{name}\n{o_init}", trained_lungs, o_trained))
+                gradient_rows.append((g0[CROP], f"{name}\n{d_init}", g1[CROP], d_trained))
+        if not whole:
+            output_rows = [("initialisation", [(a, t, "gray") for a, t, _, _ in output_rows]),
+                           ("trained", [(b, u, "gray") for _, _, b, u in output_rows])]
+            gradient_rows = [("initialisation", [(a, t, "RdBu_r") for a, t, _, _ in gradient_rows]),
+                             ("trained", [(b, u, "RdBu_r") for _, _, b, u in gradient_rows])]
         paths[f"outputs{suffix}"] = _grid(output_rows, outputs_title if whole else outputs_crop_title,
                                           folder / f"methods-outputs{suffix}.png")
         gradient_note = "" if whole else " Crops: 48 x 48 px of the right lung field and its lateral border."
@@ -191,7 +200,7 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(table: Path, only: list[str] | None = None) -> None:
+def report(table: Path, only: list[str] | None = None, reuse: bool = False) -> None:
     import mlflow
 
     from medseg.inference.model import load_model
@@ -206,7 +215,8 @@ def report(table: Path, only: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     rows = _rows(table)
     results = []
-    for network, upsample in METHODS:
+    cache = WORK / "methods-report.pt"  # the measurements, for --reuse (figures and text only)
+    for network, upsample in ([] if reuse else METHODS):
         name = method_name(network, upsample)
         if only and name not in only and network not in only:
             continue
@@ -229,7 +239,7 @@ def report(table: Path, only: list[str] | None = None) -> None:
         result = {"network": network, "upsample": upsample, "figures": row["figures"],
                   "parameters": count_parameters(trained),
                   "init": _scores(fresh, images), "trained": _scores(trained, images),
-                  "forward_1539": _forward_seconds(trained),
+                  "forward_1539": _forward_seconds(trained, network),
                   "train_rate": _train_rate(build_network(NetworkSpec(network, config["preset"], upsample,
                                                                       out_channels=len(labels))),
                                             pre["size"], len(labels))}
@@ -249,6 +259,10 @@ def report(table: Path, only: list[str] | None = None) -> None:
               f"{result['train_rate']:.1f} img/s, {result['predict_rate']:.2f} scans/s "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
 
+    if reuse:
+        results = torch.load(cache, weights_only=False)
+    else:
+        torch.save(results, cache)
     figures = _figures(results, FIGURES, WORK / "methods-figures")
     outputs, gradients = figures["outputs"], figures["gradients"]
     first = rows[method_name(*METHODS[0])]
@@ -270,16 +284,17 @@ def report(table: Path, only: list[str] | None = None) -> None:
         "",
         f"![outputs]({outputs.relative_to(DOC.parent).as_posix()})",
         "",
-        "*Figure 1. Each method's output probabilities on the same held-out radiograph at initialisation "
-        "(lungs channel, contrast-stretched) and after training (heart red, lungs green, clavicles blue), as "
-        "48 x 48 px crops of the right lung field, where a period-2 pattern shows. The whole-image versions "
+        "*Figure 1. Each method's output probabilities (lungs channel) on the same held-out radiograph at "
+        "initialisation (top) and after training (bottom), as 48 x 48 px crops of the right lung field and its "
+        "lateral border, contrast-stretched within each crop so that a period-2 pattern shows. The whole-image "
+        "versions "
         "are written to `results/jsrt-benchmark/methods-figures/` (not committed: JSRT's terms keep its "
         "radiographs, and pictures that show them, out of the repository).*",
         "",
         f"![gradients]({gradients.relative_to(DOC.parent).as_posix()})",
         "",
         "*Figure 2. The gradient of the summed output probabilities with respect to the input image, "
-        "at initialisation and after training, same crops (red positive, blue negative).*",
+        "at initialisation (top) and after training (bottom), same crops (red positive, blue negative).*",
         "",
         f"Regenerate: `.venv/bin/python benchmarks/methods.py train --jobs 2` "
         f"(rows in `{table.relative_to(ROOT).as_posix()}`), then `.venv/bin/python benchmarks/methods.py report`.",
@@ -292,6 +307,8 @@ def report(table: Path, only: list[str] | None = None) -> None:
     DOC.write_text(before + block + after)
     print(f"wrote {DOC}, {outputs}, {gradients}")
 
+    if reuse:  # the measurements' MLflow run was logged when they were made
+        return
     mlflow.set_tracking_uri(f"sqlite:///{(WORK / 'mlflow.db').resolve()}")
     mlflow.set_experiment("jsrt-benchmark")
     client = mlflow.MlflowClient()
