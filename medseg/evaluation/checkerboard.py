@@ -59,8 +59,10 @@ def _normalised_spectra(maps) -> np.ndarray:
     return spectrum / spectrum.sum(axis=(-2, -1), keepdims=True)
 
 
-def _line(spectrum: np.ndarray, row: int | None = None, col: int | None = None) -> np.ndarray:
-    return spectrum[..., row, :].sum(-1) if row is not None else spectrum[..., :, col].sum(-1)
+def _cross(spectrum: np.ndarray, offset: int = 0) -> np.ndarray:
+    """Energy of the row ky = H/2 + offset plus the column kx = W/2 + offset, per map."""
+    h, w = spectrum.shape[-2:]
+    return spectrum[..., h // 2 + offset, :].sum(-1) + spectrum[..., :, w // 2 + offset].sum(-1)
 
 
 def nyquist_share(maps) -> float:
@@ -80,8 +82,7 @@ def nyquist_share(maps) -> float:
     if not len(spectrum):
         return 0.0
     h, w = spectrum.shape[-2:]
-    nyquist = _line(spectrum, row=h // 2) + _line(spectrum, col=w // 2) - spectrum[..., h // 2, w // 2]
-    return float(nyquist.mean())
+    return float((_cross(spectrum) - spectrum[..., h // 2, w // 2]).mean())
 
 
 def checkerboard_score(maps) -> float:
@@ -107,11 +108,8 @@ def checkerboard_score(maps) -> float:
     spectrum = _normalised_spectra(maps)
     if not len(spectrum):
         return 0.0
-    h, w = spectrum.shape[-2:]
-    peak = float((_line(spectrum, row=h // 2) + _line(spectrum, col=w // 2)).mean())
-    band = [d for d in range(-_BAND, _BAND + 1) if d]
-    side = float(np.mean([(_line(spectrum, row=h // 2 + d) + _line(spectrum, col=w // 2 + d)).mean()
-                          for d in band]))
+    peak = float(_cross(spectrum).mean())
+    side = float(np.mean([_cross(spectrum, d).mean() for d in range(-_BAND, _BAND + 1) if d]))
     if side <= 0:
         return math.inf if peak > 0 else 0.0
     return peak / side
