@@ -20,7 +20,7 @@ Two measures, both from :func:`numpy.fft.fft2` of each map minus its mean:
   (ratio about 1 or below; hard-edged discs 0.06-2.4 over 200 random ones
   at 64 px, the highest for discs centred exactly on a pixel; the phantoms'
   masks 0.6-1.1); a period-2 pattern is a peak on the Nyquist lines alone
-  (ratio >> 1; untrained kernel-3 stride-2 decoders: 7-22). Using a
+  (ratio >> 1; untrained kernel-3 stride-2 decoders: 6.9-25). Using a
   band rather than the adjacent lines only averages out the ringing of sharp
   shapes' spectra (a hard-edged disc of radius r rings with a period of
   about H/r bins). Scale-free, so maps at initialisation (probabilities near
