@@ -12,7 +12,7 @@ loads each method's trained fold-0 model, and measures on this CPU, one core
   of the output probabilities and of the gradient of their sum with respect
   to the input, at initialisation (the method's network built with the
   training seed) and after training, over the held-out preprocessed
-  radiographs of fold 0 (geometric mean over scans and channels);
+  radiographs of fold 0 (one score over all scans and channels);
 - two figures on one held-out radiograph: each method's outputs at
   initialisation and after training, and its input gradients.
 

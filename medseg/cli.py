@@ -333,6 +333,8 @@ def cmd_cv_start(args: argparse.Namespace) -> int:
     target = _tracking_target(config, args.tracking_uri)
     tags = {"medseg.version": __version__, "git.commit": git_commit(),
             "dataset.fingerprint": manifest_fingerprint(args.manifest)}
+    train = config.get("train") or {}
+    tags.update({f"medseg.{k}": str(train[k]) for k in ("network", "upsample") if k in train})
     try:
         run_id = start_cv_run(target, args.name, flatten(config), tags, _describe_cv(config))
     except TrackingUnavailable as err:

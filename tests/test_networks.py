@@ -163,6 +163,13 @@ def test_checkerboard_measures_on_known_patterns():
     assert checkerboard_score(np.stack([np.ones((64, 64)), disc])) == pytest.approx(checkerboard_score(disc))
     assert checkerboard_score(1e200 * board) == pytest.approx(checkerboard_score(board))
     assert checkerboard_score((yy + xx) % 2) == np.inf and checkerboard_score(np.ones((64, 64))) == 0.0
+    # Second trial: values near 1e308 overflowed (0.0 or nan), a 10 x 10
+    # checkerboard read 3.8e33, bfloat16 tensors were refused.
+    assert checkerboard_score(1e308 * ((yy + xx) % 2)) == np.inf
+    assert checkerboard_score(np.full((64, 64), 1.7e308)) == 0.0
+    small = np.add.outer(np.arange(10), np.arange(10)) % 2
+    assert checkerboard_score(small) == np.inf
+    assert checkerboard_score(torch.as_tensor(board, dtype=torch.bfloat16)) > 10
 
 
 def test_input_gradient_has_the_input_shape_and_shows_strided_encoders():
@@ -241,6 +248,10 @@ def test_a_size_the_network_cannot_take_is_refused_by_medseg_train(tmp_path, rep
             assert trainer.model(cases.images).shape == (1, 3, 72, 72)
     with pytest.raises(SettingsMismatch, match="patch_size 80 is larger than the preprocessed size 72"):
         Trainer(TrainSettings(preset="cpu_tiny", patch_size=80), list(DEFAULT_LABELS), cases, cases, tmp_path / "p")
+    # Second trial: fcn8s on 32 px patches of 72 px images died on batch norm mid-epoch.
+    with pytest.raises(SettingsMismatch, match="'fcn8s' needs train.patch_size of at least 64, got 32"):
+        Trainer(TrainSettings(network="fcn8s", upsample="transposed", preset="cpu_tiny", patch_size=32),
+                list(DEFAULT_LABELS), cases, cases, tmp_path / "q")
 
 
 def test_resnet_networks_need_64_px():

@@ -71,8 +71,8 @@ def test_labels_must_use_known_structures(workdir):
 @pytest.mark.parametrize("overrides, named", [
     # Only the network set: the default upsample (resize_bilinear) does not fit MONAI UNet.
     (["train={'network': 'unet'}"], "config key train: network 'unet' cannot use upsample 'resize_bilinear'"),
-    (["train={'network': 'fcn8s'}", "preprocess={'size': 32}"],
-     "network 'fcn8s' needs preprocess.size of at least 64, got 32"),
+    (["train={'network': 'fcn8s', 'patch_size': 32}"],
+     "network 'fcn8s' needs train.patch_size of at least 64, got 32"),
 ])
 def test_network_that_cannot_run_is_refused_before_any_job(workdir, overrides, named):
     """Found by a fresh user: such configs passed the dry run and failed at the

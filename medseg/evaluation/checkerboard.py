@@ -42,7 +42,7 @@ def _normalised_spectra(maps) -> np.ndarray:
     """(..., H, W) -> (M, H, W) spectra of the M non-constant maps, each
     divided by its non-DC energy (so every map weighs the same)."""
     if isinstance(maps, torch.Tensor):
-        maps = maps.detach().cpu().numpy()
+        maps = maps.detach().cpu().float().numpy()  # float(): numpy has no bfloat16
     maps = np.asarray(maps, dtype=np.float64)
     if maps.ndim < 2 or min(maps.shape[-2:]) < 2 * _BAND + 2 or maps.shape[-2] % 2 or maps.shape[-1] % 2:
         raise ValueError(f"maps must be (..., H, W) with even H, W >= {2 * _BAND + 2}, got shape {maps.shape}")
@@ -51,10 +51,13 @@ def _normalised_spectra(maps) -> np.ndarray:
     if not np.isfinite(maps).all():
         raise ValueError("maps contain NaN or infinite values")
     maps = maps.reshape(-1, *maps.shape[-2:])
+    # Scaled to at most 1 before anything is summed: no overflow near 1e308.
+    largest = np.abs(maps).max(axis=(-2, -1), keepdims=True)
+    maps = maps / np.where(largest > 0, largest, 1.0)
     centred = maps - maps.mean(axis=(-2, -1), keepdims=True)
     scale = np.abs(centred).max(axis=(-2, -1))
-    varying = scale > 0
-    centred = centred[varying] / scale[varying, None, None]  # scale-free; no overflow for huge values
+    varying = scale > 1e-12  # constant up to rounding
+    centred = centred[varying] / scale[varying, None, None]
     spectrum = np.abs(np.fft.fft2(centred)) ** 2
     return spectrum / spectrum.sum(axis=(-2, -1), keepdims=True)
 
@@ -110,9 +113,9 @@ def checkerboard_score(maps) -> float:
         return 0.0
     peak = float(_cross(spectrum).mean())
     side = float(np.mean([_cross(spectrum, d).mean() for d in range(-_BAND, _BAND + 1) if d]))
-    if side <= 0:
-        return math.inf if peak > 0 else 0.0
-    return peak / side
+    if peak > 0 and side <= 1e-12 * peak:  # FFT rounding only: a pure checkerboard
+        return math.inf
+    return peak / side if side > 0 else 0.0
 
 
 def input_gradient(model: nn.Module, images: torch.Tensor) -> np.ndarray:
@@ -120,7 +123,7 @@ def input_gradient(model: nn.Module, images: torch.Tensor) -> np.ndarray:
 
     Args:
         model: logits network, (N, 1, H, W) -> (N, C, H, W).
-        images: (N, 1, H, W) float (computed in float32).
+        images: (N, 1, H, W) float (computed in the model's parameter dtype).
 
     Returns:
         (N, 1, H, W) float32 array, d sum(sigmoid(logits)) / d input, with
@@ -132,7 +135,8 @@ def input_gradient(model: nn.Module, images: torch.Tensor) -> np.ndarray:
     model.eval()
     try:
         with torch.enable_grad():
-            x = images.detach().to(torch.float32).clone().requires_grad_(True)
+            dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+            x = images.detach().to(dtype).clone().requires_grad_(True)
             (gradient,) = torch.autograd.grad(torch.sigmoid(model(x)).sum(), x)
     finally:
         model.train(was_training)

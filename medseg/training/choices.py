@@ -42,15 +42,17 @@ def check_network_choice(network: str, upsample: str) -> None:
                          f"{', '.join(NETWORK_UPSAMPLING[network])}; {upsample!r} works with {', '.join(others)}")
 
 
-def size_problem(network: str, size: int) -> str | None:
-    """Why ``network`` cannot take square images of side ``size`` px, or None."""
+def size_problem(network: str, size: int, key: str = "preprocess.size") -> str | None:
+    """Why ``network`` cannot take square inputs of side ``size`` px, or
+    None; ``key`` names the setting in the message (``train.patch_size``
+    for patch training)."""
     multiple = INPUT_MULTIPLE.get(network, 1)
     if size % multiple:
-        return (f"network {network!r} needs preprocess.size to be a multiple of {multiple}, got {size} "
+        return (f"network {network!r} needs {key} to be a multiple of {multiple}, got {size} "
                 "(basic_unet, segnet, fcn8s and deeplabv3 take any size)")
     minimum = MIN_SIZE.get(network, 0)
     if size < minimum:
-        return f"network {network!r} needs preprocess.size of at least {minimum}, got {size}"
+        return f"network {network!r} needs {key} of at least {minimum}, got {size}"
     return None
 
 

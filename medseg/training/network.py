@@ -120,7 +120,7 @@ def build_network(spec: NetworkSpec) -> nn.Module:
     return net
 
 
-def check_input_size(spec: NetworkSpec, size: int) -> None:
+def check_input_size(spec: NetworkSpec, size: int, key: str = "preprocess.size") -> None:
     """Refuse an image side the network cannot take
     (:func:`medseg.training.choices.size_problem`).
 
@@ -129,7 +129,7 @@ def check_input_size(spec: NetworkSpec, size: int) -> None:
     """
     from medseg.errors import SettingsMismatch
 
-    problem = size_problem(spec.name, size)
+    problem = size_problem(spec.name, size, key)
     if problem:
         raise SettingsMismatch(problem)
 

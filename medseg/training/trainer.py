@@ -237,6 +237,8 @@ class Trainer:
         spec = NetworkSpec(settings.network, settings.preset, settings.upsample, in_channels=1,
                            out_channels=len(self.labels))
         check_input_size(spec, self.size)
+        if settings.patch_size and settings.patch_size <= self.size:
+            check_input_size(spec, settings.patch_size, "train.patch_size")  # what the network trains on
         set_determinism(seed=settings.seed)
         self.model = build_network(spec)
         self.model.to(self.device.torch_device)

@@ -54,8 +54,10 @@ def _check_config_consistency(cfg):
     except ValueError as err:
         raise ValueError(f"config key train: {err}") from None
     problem = size_problem(train["network"], cfg["preprocess"]["size"])
+    if not problem and train.get("patch_size"):
+        problem = size_problem(train["network"], train["patch_size"], "train.patch_size")
     if problem:
-        raise ValueError(f"config keys train.network, preprocess.size: {problem}")
+        raise ValueError(f"config key train.network: {problem}")
 
 
 _check_config_consistency(config)
