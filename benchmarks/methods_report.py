@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from methods import COMPARISON, DOC, FIGURES, METHODS, ROOT, WORK, method_name
 
@@ -225,8 +226,8 @@ def report(table: Path, only: list[str] | None = None, reuse: bool = False) -> N
             continue
         row = rows[name]
         config = row["train"]
-        labels = {"heart": ["heart"], "lungs": ["left_lung", "right_lung"],
-                  "clavicles": ["left_clavicle", "right_clavicle"]}
+        run_config = yaml.safe_load((WORK / name / "config.yaml").read_text())  # what jsrt.py ran with
+        labels = run_config["labels"]
         pre = row["preprocess"]
         manifest = WORK / f"pre-{pre['size']}-{pre['lower_percentile']}-{pre['upper_percentile']}" / "manifest.csv"
         test_ids = read_splits(WORK / name / "splits.json")["folds"][0]["test"]
@@ -246,7 +247,9 @@ def report(table: Path, only: list[str] | None = None, reuse: bool = False) -> N
         manifest_rows = pd.read_csv(manifest).set_index("case_id")
         files = [InputFile(Path(manifest_rows.loc[c, "source"]), Path(manifest_rows.loc[c, "source"]).name, c)
                  for c in test_ids[:N_PREDICT]]
-        settings = PredictSettings(write_seg=False, read_options=ReadOptions(invert=True, pixel_spacing_mm=0.35))
+        read = run_config["read"]
+        settings = PredictSettings(write_seg=False, read_options=ReadOptions(invert=read["invert"],
+                                                                             pixel_spacing_mm=read["pixel_spacing_mm"]))
         with tempfile.TemporaryDirectory() as folder:
             begin = time.perf_counter()
             _, failures = predict_files(files, model, settings, Path(folder), device=torch.device("cpu"))

@@ -135,7 +135,7 @@ def input_gradient(model: nn.Module, images: torch.Tensor) -> np.ndarray:
     model.eval()
     try:
         with torch.enable_grad():
-            dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+            dtype = next(model.parameters(), torch.empty(0)).dtype  # float32 for a parameter-free model
             x = images.detach().to(dtype).clone().requires_grad_(True)
             (gradient,) = torch.autograd.grad(torch.sigmoid(model(x)).sum(), x)
     finally:

@@ -237,7 +237,10 @@ class Trainer:
         spec = NetworkSpec(settings.network, settings.preset, settings.upsample, in_channels=1,
                            out_channels=len(self.labels))
         check_input_size(spec, self.size)
-        if settings.patch_size and settings.patch_size <= self.size:
+        if settings.patch_size > self.size:
+            raise SettingsMismatch(f"train.patch_size {settings.patch_size} is larger than the preprocessed "
+                                   f"size {self.size}")
+        if settings.patch_size:
             check_input_size(spec, settings.patch_size, "train.patch_size")  # what the network trains on
         set_determinism(seed=settings.seed)
         self.model = build_network(spec)
@@ -253,9 +256,6 @@ class Trainer:
         self.optimizer = build_optimizer(settings, self.model.parameters())
         self.scheduler = build_scheduler(settings, self.optimizer)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.amp_dtype == torch.float16)
-        if settings.patch_size > self.size:
-            raise SettingsMismatch(f"train.patch_size {settings.patch_size} is larger than the preprocessed "
-                                   f"size {self.size}")
         self.transform = augmentation(settings.augment, self.size, settings.patch_size, settings.soft_labels)
         self.dataset = AugmentedCases(train_cases, self.transform, settings.samples_per_epoch)
         self.history: list[dict] = []
