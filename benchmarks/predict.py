@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg.ingest.inputs import collect_inputs
 from medseg.inference.model import load_model
 from medseg.inference.predict import PredictSettings, _prepare, predict_files, predict_probabilities
 from medseg.phantoms.write import write_phantom_dataset
@@ -74,7 +75,7 @@ def main() -> None:
         scans.mkdir()
         for i in range(max(args.n, args.large)):
             os.link(sources[i % len(sources)], scans / f"SCAN{i:05d}.dcm")
-        files = sorted(scans.iterdir())
+        files = collect_inputs([scans]).files
         settings = PredictSettings()
 
         # Forward pass alone on the same scans, preprocessed beforehand.
@@ -94,7 +95,7 @@ def main() -> None:
         memory = {}
         for count in (args.small, args.large):
             listing = tmp / f"list{count}.txt"
-            listing.write_text("".join(f"{f}\n" for f in files[:count]))
+            listing.write_text("".join(f"{f.path}\n" for f in files[:count]))
             out = tmp / f"mem{count}"
             memory[count] = peak_rss_mb([sys.executable, "-m", "medseg", "-q", "predict", str(listing),
                                          "--model", model_ref, "--out", str(out), "--device", args.device])

@@ -67,6 +67,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:  # also refuses nan
@@ -498,7 +505,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     settings = PredictSettings(threshold=args.threshold, postprocess=not args.no_postprocess, tta=args.tta,
                                batch_size=args.batch_size, write_seg=not args.no_seg,
-                               read_options=_read_options(args))
+                               read_options=_read_options(args), workers=args.workers)
     log.info("predicting %d file(s) with %s (labels %s, %d px) on %s", len(files), model.uri,
              ", ".join(model.labels), model.size, device)
     table, failures = predict_files(files, model, settings, args.out, device, chunk=args.chunk,
@@ -867,6 +874,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-postprocess", action="store_true", help="keep all connected components and holes")
     p.add_argument("--no-seg", action="store_true", help="do not write DICOM SEG files")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="scans per forward pass (default 8)")
+    p.add_argument("--workers", type=_non_negative_int,
+                   help="threads reading scans ahead of the forward pass and, as many, writing results behind it "
+                        "(default: 2 when there is more than one batch; 0: read, predict and write one after the "
+                        "other)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available, else CPU")
     p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename",

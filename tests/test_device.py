@@ -304,3 +304,21 @@ def test_predict_on_cuda_matches_cpu(model_and_scans, tmp_path):
     equal = sum(int((masks["cpu"][k] == masks["cuda"][k]).sum()) for k in masks["cpu"])
     total = sum(m.size for m in masks["cpu"].values())
     assert equal / total > 0.995, equal / total
+
+
+@pytest.mark.parametrize(("amp", "bf16", "expected"), [
+    ("auto", True, torch.bfloat16), ("auto", False, torch.float16), ("bf16", False, torch.bfloat16),
+    ("fp16", True, torch.float16), ("off", True, None)])
+def test_cuda_amp_dtype_follows_the_setting(amp, bf16, expected):
+    """Training and prediction autocast by the same rule (issue 14: AMP
+    honoured from the model's settings; "off" predicts in float32)."""
+    from medseg.training.trainer import cuda_amp_dtype
+
+    assert cuda_amp_dtype(amp, bf16) is expected
+
+
+def test_cuda_amp_dtype_refuses_unknown_settings():
+    from medseg.training.trainer import cuda_amp_dtype
+
+    with pytest.raises(ValueError, match="unknown amp 'fp8'"):
+        cuda_amp_dtype("fp8", True)

@@ -185,3 +185,23 @@ def test_structures_info_override(tmp_path):
     assert seg.SegmentSequence[0].SegmentLabel == "cardiac"
     assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "80891009"
     np.testing.assert_array_equal(read_dicom_seg(out)["cardiac"], mask)
+
+
+def test_memoised_iod_lookup_answers_as_highdicom():
+    """The cache put on highdicom's ``is_attribute_in_iod`` (issue 14) gives
+    the function's own answers, lists as exclusions included, and is what
+    highdicom's modules call."""
+    import highdicom.base
+    from highdicom import _standard_utils
+
+    import medseg.inference.dicom_seg  # noqa: F401 - installs the cache
+
+    cached = _standard_utils.is_attribute_in_iod
+    original = cached.__wrapped__
+    assert highdicom.base.is_attribute_in_iod is cached
+    seg, cr = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.1"
+    for args in [("ContentDate", seg), ("NumberOfFrames", seg), ("NumberOfFrames", cr), ("PixelData", cr),
+                 ("SegmentSequence", cr), ("PixelData", cr, ["IconImageSequence"])]:
+        assert cached(*args) == original(*args), args
+        assert cached(*args) == original(*args), args  # the cached answer too
+    assert cached.cache_info().hits >= 6

@@ -141,3 +141,19 @@ def test_model_thresholds_and_qc_threshold_come_from_the_checkpoint(model_and_sc
     assert recorded["settings"]["threshold"] == {"heart": 0.95, "lungs": 0.5, "clavicles": 0.5}
     overridden = run(strict, "overridden", threshold=0.5)  # --threshold 0.5: every label at 0.5
     pd.testing.assert_series_equal(overridden["area_mm2_heart"], plain["area_mm2_heart"])
+
+
+def test_model_carries_its_training_precision(model_and_scans, tmp_path):
+    """Prediction on CUDA autocasts as the model was trained (issue 14): the
+    checkpoint's ``amp`` reaches the loaded model; an ensemble of models
+    trained at different precisions runs in full precision."""
+    state = _checkpoint(model_and_scans)
+    paths = {}
+    for amp in ("off", "bf16"):
+        state["settings"] = {**state["settings"], "amp": amp}
+        paths[amp] = tmp_path / f"{amp}.pt"
+        torch.save(state, paths[amp])
+    assert load_model(str(paths["off"])).amp == "off"
+    assert load_model(str(paths["bf16"])).amp == "bf16"
+    assert load_model([str(paths["bf16"]), str(paths["bf16"])]).amp == "bf16"
+    assert load_model([str(paths["off"]), str(paths["bf16"])]).amp == "off"

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from medseg.inference.ctr import (
     CtrResult,
@@ -277,3 +278,41 @@ def test_draw_ctr_lines_thicker_on_large_images_and_skips_missing():
     assert rows == {299, 300, 301}
     with pytest.raises(ValueError):
         draw_ctr_lines(np.zeros((10, 10)), result)
+
+
+def _random_masks(seed: int, shape=(97, 83)) -> list[np.ndarray]:
+    """Blobby masks with holes, islands, masks touching the image edge, empty and full ones."""
+    rng = np.random.default_rng(seed)
+    masks = [ndimage.gaussian_filter(rng.random(shape), sigma) > level
+             for sigma, level in ((1.5, 0.5), (3, 0.5), (4, 0.52), (2, 0.45))]
+    edge = np.zeros(shape, bool)
+    edge[:30, :20] = True
+    edge[10:15, 5:10] = False  # a hole in a mask touching the corner
+    return [*masks, edge, np.zeros(shape, bool), np.ones(shape, bool)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cropped_morphology_equals_whole_image_scipy(seed):
+    """Hole filling, component selection and the boundary band work on the
+    masks' bounding boxes (issue 14's speed-up): the results must be the
+    whole-image scipy operations', pixel for pixel."""
+    from medseg.inference.ctr import band_radius, boundary_confidence
+    from medseg.inference.postprocess import fill_mask_holes, keep_largest_components
+
+    rng = np.random.default_rng(100 + seed)
+    for mask in _random_masks(seed):
+        assert np.array_equal(fill_mask_holes(mask), ndimage.binary_fill_holes(mask))
+        for n in (1, 2):
+            labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
+            sizes = np.bincount(labelled.ravel())[1:]
+            expected = mask if count <= n else np.isin(labelled, np.argsort(-sizes, kind="stable")[:n] + 1)
+            assert np.array_equal(keep_largest_components(mask, n), expected)
+        prob = rng.random(mask.shape)
+        got = boundary_confidence({"x": mask}, {"x": prob})
+        conf = np.maximum(prob, 1 - prob)
+        if mask.any() and not mask.all():
+            boundary = mask & ~ndimage.binary_erosion(mask, border_value=1)
+            band = ndimage.binary_dilation(boundary, iterations=band_radius(mask.shape))
+            assert got == pytest.approx(conf[band].mean(), rel=1e-12)
+        else:  # no contour: the whole image
+            assert got == pytest.approx(conf.mean(), rel=1e-12)

@@ -339,6 +339,58 @@ def test_interrupted_run_finishes_on_rerun(model_and_scans, tmp_path):
         assert (out / case / "seg.dcm").is_file() and (out / case / "labels.nii.gz").is_file()
 
 
+def test_pipelined_run_killed_mid_write_reruns_to_complete_results(model_and_scans, tmp_path):
+    """Issue 14: reading ahead and writing behind in threads must keep a run
+    resumable. Killed while scans are being written (a folder without its
+    prediction.json), the rerun predicts exactly the unfinished scans,
+    leaves the finished ones untouched, and ends with every scan once,
+    each output complete and readable, and no temporary file."""
+    from medseg.inference.dicom_seg import read_dicom_seg
+    from medseg.nifti import load_nifti_2d
+
+    model, scans = model_and_scans
+    many = tmp_path / "many"
+    many.mkdir()
+    sources = sorted(scans.glob("*.dcm"))
+    for i in range(48):  # distinct files (the phantoms cycle)
+        (many / f"SCAN{i:03d}.dcm").write_bytes(sources[i % len(sources)].read_bytes())
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*MEDSEG, "predict", str(many), "--model", str(model), "--out", str(out),
+                             "--batch-size", "4", "--workers", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def partial() -> list[Path]:
+        return [d for d in out.glob("SCAN*") if d.is_dir() and not (d / "prediction.json").exists()]
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(out.glob("*/prediction.json"))) >= 4 and partial():
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {d.parent.name: d.stat().st_mtime_ns for d in out.glob("*/prediction.json")}
+    assert 4 <= len(finished) < 48 and partial(), "not killed while a scan was being written"
+
+    rerun = _predict(model, [many], out, "--batch-size", "4", "--workers", "2")
+    assert f"{len(finished)} already done" in rerun.stderr
+    assert f"{48 - len(finished)} new" in rerun.stderr
+    table = pd.read_csv(out / "results.csv")
+    assert sorted(table.case_id) == [f"SCAN{i:03d}" for i in range(48)]  # each once
+    assert not list(out.rglob(".tmp-*")) and not partial()
+    for case in table.case_id:
+        case_dir = out / case
+        meta = json.loads((case_dir / "prediction.json").read_text())
+        assert meta["source"] == str((many / f"{case}.dcm").resolve())  # its own scan, not another's
+        for label in DEFAULT_LABELS:
+            with Image.open(case_dir / "masks" / f"{label}.png") as png:
+                png.load()
+        assert load_nifti_2d(case_dir / "labels.nii.gz")[0].shape[-1] == len(DEFAULT_LABELS)
+        assert set(read_dicom_seg(case_dir / "seg.dcm")) == set(DEFAULT_LABELS)
+        if case in finished:  # finished before the kill: not predicted again
+            assert (case_dir / "prediction.json").stat().st_mtime_ns == finished[case]
+
+
 def test_real_legacy_cr_end_to_end(model_and_scans, tmp_path):
     """The real ACR-NEMA CR (no preamble, MONOCHROME1, 10-bit) goes all the way through."""
     from conftest import shared_data_dir

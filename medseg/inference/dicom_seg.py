@@ -68,6 +68,44 @@ _SEG_MANUFACTURER = "medseg"
 _DEVICE_SERIAL = "0"
 
 
+def _memoise_iod_lookups() -> None:
+    """Cache highdicom's ``is_attribute_in_iod`` (whether an attribute
+    belongs to an IOD: a pure function of the standard's tables).
+
+    Why: highdicom 0.28 walks every module of the IOD for each of its ~6
+    calls per SEG, ~5 ms each, which made it the largest cost of writing a
+    SEG (issue 14). The cache wraps the function where highdicom's modules
+    hold it, so their calls go through it; results are the function's own.
+    A highdicom without the function is left as it is.
+    """
+    import functools
+    import sys
+
+    from highdicom import _standard_utils
+
+    original = getattr(_standard_utils, "is_attribute_in_iod", None)
+    if original is None or hasattr(original, "cache_info"):
+        return
+
+    @functools.lru_cache(maxsize=1024)
+    def cached(attribute: str, sop_class_uid: str, exclude: tuple[str, ...] | None) -> bool:
+        return original(attribute, sop_class_uid, list(exclude) if exclude is not None else None)
+
+    @functools.wraps(original)
+    def is_attribute_in_iod(attribute, sop_class_uid, exclude_path_elements=None):
+        exclude = None if exclude_path_elements is None else tuple(exclude_path_elements)
+        return cached(attribute, str(sop_class_uid), exclude)
+
+    is_attribute_in_iod.cache_info = cached.cache_info  # marks the wrapper (no double wrapping)
+    for name, module in list(sys.modules.items()):
+        if (name == "highdicom" or name.startswith("highdicom.")) and \
+                getattr(module, "is_attribute_in_iod", None) is original:
+            module.is_attribute_in_iod = is_attribute_in_iod
+
+
+_memoise_iod_lookups()
+
+
 def _sct(keyword: str) -> hd.sr.CodedConcept:
     """A SNOMED CT code from pydicom's code dictionary, by keyword."""
     try:

@@ -33,6 +33,9 @@ class LoadedModel:
             calibrated on cross-validation when the model records one.
         thresholds: {label: probability threshold} chosen on cross-validation,
             when the model records them; labels missing here use 0.5.
+        amp: mixed precision of its training ("auto", "bf16", "fp16",
+            "off"); prediction on CUDA autocasts the same way (a model
+            trained in full precision is predicted in full precision).
     """
 
     module: torch.nn.Module
@@ -42,6 +45,7 @@ class LoadedModel:
     uri: str = ""
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     thresholds: dict = field(default_factory=dict)
+    amp: str = "auto"
 
     def fingerprint(self) -> str:
         """SHA-256 of the weights (state dict tensors in order) plus the
@@ -111,7 +115,9 @@ def ensemble(models: Sequence[LoadedModel], uri: str = "") -> LoadedModel:
                        dict(first.intensity), uri or "ensemble(" + ", ".join(m.uri for m in models) + ")",
                        min(m.min_confidence for m in models),
                        # Thresholds were chosen per member; the ensemble's own would need its own CV.
-                       {})
+                       {},
+                       # Members trained at different precisions: full precision serves each.
+                       first.amp if all(m.amp == first.amp for m in models) else "off")
 
 
 def checkpoint_contract(state: Mapping, path: Path) -> tuple[list[str], int, dict]:
@@ -159,7 +165,7 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()})
     return LoadedModel(SigmoidHead(net).eval(), labels, size, intensity, str(path.resolve()),
                        float(state.get("qc", {}).get("min_confidence", DEFAULT_MIN_CONFIDENCE)),
-                       dict(state.get("thresholds") or {}))
+                       dict(state.get("thresholds") or {}), str(settings.get("amp", "auto")))
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
@@ -186,7 +192,7 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
     return LoadedModel(module, list(metadata["labels"]), int(metadata["size"]),
                        dict(metadata.get("intensity") or DEFAULT_INTENSITY), uri,
                        float((metadata.get("qc") or {}).get("min_confidence", DEFAULT_MIN_CONFIDENCE)),
-                       dict(metadata.get("thresholds") or {}))
+                       dict(metadata.get("thresholds") or {}), str(metadata.get("amp", "auto")))
 
 
 def _from_summary(path: Path, tracking_uri: str | None) -> LoadedModel:

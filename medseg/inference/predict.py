@@ -28,6 +28,7 @@ batches and only the small results rows are kept.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ from medseg.ingest import ReadOptions, load_image
 from medseg.ingest.inputs import InputFile, Skipped
 from medseg.ingest.types import IngestedImage
 from medseg.inference.model import LoadedModel
+from medseg.inference.pipeline import Outcome, WriteBehind, read_ahead
 from medseg.nifti import save_nifti_2d
 from medseg.preprocessing.geometry import ResizePadGeometry, to_original
 from medseg.preprocessing.preprocess import canonical_image
@@ -85,6 +87,10 @@ class PredictSettings:
         batch_size: scans per forward pass.
         write_seg: write a DICOM SEG for DICOM inputs.
         read_options: polarity / spacing for inputs without metadata.
+        workers: threads reading scans ahead of the forward pass and
+            writing results behind it (:mod:`medseg.inference.pipeline`);
+            0: one stage after the other in the calling thread; None:
+            :func:`default_workers`.
     """
 
     threshold: float | None = None
@@ -93,6 +99,17 @@ class PredictSettings:
     batch_size: int = 8
     write_seg: bool = True
     read_options: ReadOptions = ReadOptions()
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: no threads), got {self.workers}")
+
+
+def default_workers(scans: int, batch_size: int) -> int:
+    """Threads each for reading ahead and writing behind: none when the
+    scans fit one forward pass (nothing to overlap), else 2."""
+    return 0 if scans <= batch_size else 2
 
 
 @dataclass
@@ -220,11 +237,24 @@ def _zoom_back(p: torch.Tensor, scale: float) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_probabilities(model: LoadedModel, batch: np.ndarray, tta: bool, device: torch.device) -> np.ndarray:
-    """(N, 1, S, S) preprocessed images -> (N, C, S, S) probabilities,
-    averaged over :data:`TTA_SHIFTS` and :data:`TTA_SCALES` when ``tta``."""
-    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    """(N, 1, S, S) preprocessed images -> (N, C, S, S) float32 probabilities,
+    averaged over :data:`TTA_SHIFTS` and :data:`TTA_SCALES` when ``tta``.
+
+    On CUDA the forward pass autocasts as the model was trained
+    (``model.amp``: :func:`medseg.training.trainer.cuda_amp_dtype`; "off":
+    float32); on the CPU it runs in float32.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+    if device.type == "cuda":
+        from medseg.training.trainer import cuda_amp_dtype
+
+        # Pinned memory: the copy runs asynchronously, the CPU goes on.
+        x = x.pin_memory().to(device, non_blocking=True)
+        dtype = cuda_amp_dtype(model.amp, torch.cuda.is_bf16_supported())
+        autocast = torch.autocast("cuda", dtype=dtype) if dtype is not None else torch.autocast("cuda", enabled=False)
+    else:
+        x = x.to(device)
+        autocast = torch.autocast("cpu", enabled=False)
 
     def run(inputs: torch.Tensor) -> torch.Tensor:
         with autocast:
@@ -270,8 +300,11 @@ def overlay_legend(labels: Sequence[str], ctr) -> list[LegendEntry]:
 
 
 def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel, settings: PredictSettings,
-                 out_dir: Path, forward_seconds: float, started: float, run_settings: dict) -> dict:
-    """Map one scan's probabilities back, clean, measure and write outputs."""
+                 out_dir: Path, forward_seconds: float, run_settings: dict) -> dict:
+    """Map one scan's probabilities back, clean, measure and write outputs
+    (``seconds`` in its row: ``forward_seconds``, its share of the batch's
+    forward pass, plus this)."""
+    started = time.perf_counter()
     from medseg.inference.ctr import boundary_confidence, cardiothoracic_ratio, draw_ctr_lines, qc_flags
     from medseg.inference.plausibility import check_anatomy, gate_ctr
     from medseg.inference.postprocess import clean_masks
@@ -624,9 +657,18 @@ def chunk_table_paths(out_dir: Path, chunk: Chunk) -> tuple[Path, Path]:
     return out_dir / f"results.{chunk.name}.csv", out_dir / f"failures.{chunk.name}.csv"
 
 
-def _batches(files: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for i in range(0, len(files), size):
-        yield files[i:i + size]
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last may be shorter), read lazily."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _log_progress(counts: Counter, failed: int, total: int, start: float) -> None:
+    handled = counts["done"] + counts["already"] + failed
+    elapsed = time.perf_counter() - start
+    log.info("predict %d/%d scans (%d new, %d already done, %d failed) %.1f scans/s", handled, total,
+             counts["done"], counts["already"], failed, counts["done"] / elapsed if elapsed else 0.0)
 
 
 def gather_results(out_dir: Path, case_ids: Iterable[str] | None = None) -> pd.DataFrame:
@@ -678,50 +720,68 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
     run_settings = _run_settings(model, settings)
     failures: list[Failure] = []
     case_ids: list[str] = []  # of this run's inputs (finished now or before)
-    done = already_done = 0
+    counts = Counter()  # "done", "already"
     start = time.perf_counter()
-    for batch_files in _batches(files, settings.batch_size):
-        prepared: list[_Prepared] = []
-        for entry in batch_files:
+
+    def fail(path, problem: str, name: str) -> None:
+        failures.append(Failure(str(path), problem))
+        log.warning("predict %s FAILED: %s", name, problem)
+
+    def to_predict() -> Iterator[InputFile]:
+        """The inputs not finished by an earlier run (read lazily, as the reader gets to them)."""
+        for entry in files:
             owner = finished_by(out_dir, entry, run_settings)
             if owner:
-                failures.append(Failure(str(entry.path), f"its output folder {out_dir / entry.case_id} holds the "
-                                        f"results of {owner} from an earlier run; predict into a new --out folder"))
-                log.warning("predict %s FAILED: %s", entry.name, failures[-1].problem)
-                continue
-            if owner == "":
+                fail(entry.path, f"its output folder {out_dir / entry.case_id} holds the results of {owner} from "
+                     "an earlier run; predict into a new --out folder", entry.name)
+            elif owner == "":
                 case_ids.append(entry.case_id)
-                already_done += 1
-                continue
-            try:
-                prep = _prepare(entry, model, settings)
-            except InputError as err:
-                failures.append(Failure(err.path, err.problem))
-                log.warning("predict %s FAILED: %s", entry.name, err.problem)
-                continue
-            except Exception as err:  # noqa: BLE001 - one bad file must not stop the batch
-                failures.append(Failure(str(entry.path), f"{type(err).__name__}: {err}"))
-                log.warning("predict %s FAILED: %s", entry.name, err)
-                continue
-            case_ids.append(prep.case_id)
-            prepared.append(prep)
-        if prepared:
-            t0 = time.perf_counter()
-            probabilities = predict_probabilities(model, np.stack([p.tensor for p in prepared]), settings.tta, device)
-            per_scan = (time.perf_counter() - t0) / len(prepared)
-            for prep, prob in zip(prepared, probabilities):
-                try:
-                    # seconds: this scan's share of the forward pass + its own
-                    # mapping back, measuring and writing.
-                    _finish_scan(prep, prob, model, settings, out_dir, per_scan, time.perf_counter(), run_settings)
-                    done += 1
-                except Exception as err:  # noqa: BLE001
-                    failures.append(Failure(str(prep.path), f"{type(err).__name__}: {err}"))
-                    log.warning("predict %s FAILED: %s", prep.entry.name, failures[-1].problem)
-        handled = done + already_done + len(failures)
-        elapsed = time.perf_counter() - start
-        log.info("predict %d/%d scans (%d new, %d already done, %d failed) %.1f scans/s", handled, len(files),
-                 done, already_done, len(failures), done / elapsed if elapsed else 0.0)
+                counts["already"] += 1
+            else:
+                yield entry
+
+    def finish(job: tuple[_Prepared, np.ndarray, float]) -> dict:
+        prep, probabilities, forward_seconds = job
+        return _finish_scan(prep, probabilities, model, settings, out_dir, forward_seconds, run_settings)
+
+    def collect(outcomes: Iterable[Outcome]) -> None:
+        for outcome in outcomes:
+            if outcome.error is None:
+                counts["done"] += 1
+            else:
+                err = outcome.error
+                fail(outcome.item[0].path, f"{type(err).__name__}: {err}", outcome.item[0].entry.name)
+
+    workers = settings.workers if settings.workers is not None else default_workers(len(files), settings.batch_size)
+    # One batch read ahead and one written behind: the forward pass never
+    # waits for a whole batch to be read, memory holds about three batches.
+    read = read_ahead(to_predict(), lambda entry: _prepare(entry, model, settings), workers=workers,
+                      ahead=settings.batch_size)
+    with WriteBehind(finish, workers=workers, in_flight=settings.batch_size) as writer:
+        for outcomes in _batches(read, settings.batch_size):
+            prepared: list[_Prepared] = []
+            for outcome in outcomes:
+                if isinstance(outcome.error, InputError):
+                    fail(outcome.error.path, outcome.error.problem, outcome.item.name)
+                elif outcome.error is not None:  # one bad file must not stop the batch
+                    fail(outcome.item.path, f"{type(outcome.error).__name__}: {outcome.error}", outcome.item.name)
+                else:
+                    case_ids.append(outcome.item.case_id)
+                    prepared.append(outcome.result)
+            if prepared:
+                t0 = time.perf_counter()
+                probabilities = predict_probabilities(model, np.stack([p.tensor for p in prepared]), settings.tta,
+                                                      device)
+                per_scan = (time.perf_counter() - t0) / len(prepared)
+                for prep, prob in zip(prepared, probabilities):
+                    collect(writer.submit((prep, prob, per_scan)))
+            _log_progress(counts, len(failures), len(files), start)
+        collect(writer.drain())
+    if counts["done"]:
+        _log_progress(counts, len(failures), len(files), start)
+    # In input order, as a sequential run lists them (reading and writing failures interleave otherwise).
+    order = {str(entry.path): index for index, entry in enumerate(files)}
+    failures.sort(key=lambda failure: order.get(failure.file, len(order)))
     write_skipped(out_dir / "skipped.csv", skipped)  # the same list from every chunk job
     if chunk is None:
         table = write_batch_tables(out_dir, failures, case_ids)

@@ -328,6 +328,7 @@ def train_fold(
                        "shape": [-1, len(label_names), trainer.size, trainer.size],
                        "channels": label_names, "meaning": "sigmoid probability per label (multi-label)"},
             "network": {"network": settings.network, "preset": settings.preset, "upsample": settings.upsample},
+            "amp": settings.amp,  # prediction on CUDA autocasts as training did
             "dataset_fingerprint": dataset_fingerprint,
             "fold": int(fold),
         }

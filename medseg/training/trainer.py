@@ -38,7 +38,7 @@ from medseg.preprocessing.intensity import DEFAULT_INTENSITY
 from medseg.training.data import AugmentedCases, CaseTensors, augmentation, epoch_seed
 from medseg.training.loss import MultiLabelDiceCELoss, label_weight_tensor
 from medseg.training.network import NetworkSpec, build_network, check_input_size
-from medseg.training.settings import TrainSettings
+from medseg.training.settings import AMP_MODES, TrainSettings
 from medseg.visualise import legend_text, overlay_rgb, save_contact_sheet, save_figure, subplots
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,25 @@ def pick_device(setting: str, amp: str) -> Device:
     if not use_cuda:
         torch.set_num_threads(usable_cpus())
         return Device(torch.device("cpu"), None)
-    dtype = None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
-        dtype = torch.bfloat16
-    elif amp in ("fp16", "auto"):
-        dtype = torch.float16
     torch.backends.cudnn.benchmark = False
-    return Device(torch.device("cuda"), dtype)
+    return Device(torch.device("cuda"), cuda_amp_dtype(amp, torch.cuda.is_bf16_supported()))
+
+
+def cuda_amp_dtype(amp: str, bf16_supported: bool) -> torch.dtype | None:
+    """The autocast dtype of an ``amp`` setting on CUDA ("auto": bfloat16
+    where the GPU supports it, else float16; "bf16", "fp16"; "off": None,
+    full precision).
+
+    Raises:
+        ValueError: an unknown setting.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"unknown amp {amp!r}; choose from {', '.join(AMP_MODES)}")
+    if amp == "bf16" or (amp == "auto" and bf16_supported):
+        return torch.bfloat16
+    if amp in ("fp16", "auto"):
+        return torch.float16
+    return None
 
 
 def build_optimizer(settings: TrainSettings, params) -> torch.optim.Optimizer:
