@@ -322,3 +322,24 @@ def test_cuda_amp_dtype_refuses_unknown_settings():
 
     with pytest.raises(ValueError, match="unknown amp 'fp8'"):
         cuda_amp_dtype("fp8", True)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_prediction_autocasts_as_the_model_was_trained(model_and_scans):
+    """A model trained in full precision (amp "off") predicts on CUDA in
+    float32, the CPU's probabilities to 1e-4; one trained in bf16 predicts
+    in bf16 (further from the CPU's)."""
+    from medseg.inference.model import load_model
+    from medseg.inference.predict import predict_probabilities
+
+    model_path, _ = model_and_scans
+    batch = np.random.default_rng(0).random((4, 1, 64, 64), dtype=np.float32)
+    model = load_model(str(model_path))
+    cpu = predict_probabilities(model, batch, False, torch.device("cpu"))
+    differences = {}
+    model.module.to("cuda")
+    for amp in ("off", "bf16"):
+        model.amp = amp
+        differences[amp] = float(np.abs(predict_probabilities(model, batch, False, torch.device("cuda")) - cpu).max())
+    assert differences["off"] < 1e-4 < differences["bf16"], differences
