@@ -450,9 +450,26 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _model_reference_problem(references: Sequence[str]) -> str | None:
+    """Why a model reference cannot be loaded, found without loading it
+    (a folder, a file that does not exist); None when each may be."""
+    from medseg.models import shipped_models
+
+    names = {m.name for m in shipped_models()}
+    for reference in references:
+        if Path(reference).is_dir() and not (Path(reference) / "MLmodel").is_file():
+            return (f"model {reference} is a folder; give its best.pt, model.json or summary.json (or an MLflow "
+                    "model folder, which holds an MLmodel file)")
+        if not reference.startswith(("models:/", "runs:/")) and not Path(reference).exists() and reference not in names:
+            return (f"model {reference}: file not found (give a best.pt, a model.json, models/summary.json, an "
+                    f"MLflow models:/ or runs:/ URI, a .onnx file from `medseg export`, or a shipped model: "
+                    f"{', '.join(sorted(names)) or 'none'})")
+    return None
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     # Bad usage is refused before torch is imported or any input is read.
-    from medseg.models import default_model, shipped_models
+    from medseg.models import default_model
 
     out = Path(args.out)
     if not args.model:
@@ -463,18 +480,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.model = [default_model()]
         log.info("--model not given: using %s, shipped with medseg (`medseg models` shows its figures and the "
                  "terms of its training data)", args.model[0])
-    names = {m.name for m in shipped_models()}
     if len(set(args.model)) < len(args.model):
         log.warning("--model names the same model more than once: it is averaged with itself (no gain, more time)")
-    for reference in args.model:
-        if Path(reference).is_dir() and not (Path(reference) / "MLmodel").is_file():
-            log.error("model %s is a folder; give its best.pt, model.json or summary.json (or an MLflow model "
-                      "folder, which holds an MLmodel file)", reference)
-            return EXIT_USAGE
-        if not reference.startswith(("models:/", "runs:/")) and not Path(reference).exists() and reference not in names:
-            log.error("model %s: file not found (give a best.pt, a model.json, models/summary.json, an MLflow "
-                      "models:/ or runs:/ URI, or a shipped model: %s)", reference, ", ".join(sorted(names)) or "none")
-            return EXIT_USAGE
+    problem = _model_reference_problem(args.model)
+    if problem:
+        log.error("%s", problem)
+        return EXIT_USAGE
+    from medseg.inference.backend import is_onnx_reference, resolve_backend
+
+    try:
+        resolve_backend(args.backend, args.model)  # refuses --backend pytorch with a .onnx model
+    except ValueError as err:
+        log.error("%s", err)
+        return EXIT_USAGE
     if out.exists() and not out.is_dir():
         log.error("--out %s is a file; give a folder for the results", out)
         return EXIT_USAGE
@@ -490,7 +508,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                   f" ({len(inputs.skipped)} files that are not images skipped)" if inputs.skipped else "")
         return EXIT_USAGE
 
-    from medseg.inference.model import load_model
+    from medseg.inference.model import load_for_backend
     from medseg.inference.predict import PredictSettings, predict_files
     from medseg.training.trainer import pick_device
 
@@ -498,16 +516,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         log.info("chunk %d of %d (0-based) of %d files", args.chunk.index, args.chunk.count, len(files))
         files = args.chunk.select(files)
     device = pick_device(args.device, "auto").torch_device
+    backend = resolve_backend(args.backend, args.model, device.type)
+    if backend == "onnxruntime" and not all(is_onnx_reference(m) for m in args.model):
+        log.info("exporting %s to ONNX for onnxruntime (`medseg export` writes the file once for later runs)",
+                 " + ".join(args.model))
     try:
-        model = load_model(args.model[0] if len(args.model) == 1 else args.model, args.tracking_uri, device)
-    except Exception as err:  # noqa: BLE001 - MLflow/torch raise many types for a bad model reference
+        model = load_for_backend(args.model[0] if len(args.model) == 1 else args.model, backend,
+                                 args.tracking_uri, device)
+    except Exception as err:  # noqa: BLE001 - MLflow/torch/onnx raise many types for a bad model reference
         log.error("cannot load model %s: %s", " + ".join(args.model), err)
         return EXIT_USAGE
     settings = PredictSettings(threshold=args.threshold, postprocess=not args.no_postprocess, tta=args.tta,
                                batch_size=args.batch_size, write_seg=not args.no_seg,
                                read_options=_read_options(args), workers=args.workers)
-    log.info("predicting %d file(s) with %s (labels %s, %d px) on %s", len(files), model.uri,
-             ", ".join(model.labels), model.size, device)
+    log.info("predicting %d file(s) with %s (labels %s, %d px) on %s in %s", len(files), model.uri,
+             ", ".join(model.labels), model.size, device, model.backend)
     table, failures = predict_files(files, model, settings, args.out, device, chunk=args.chunk,
                                     skipped=inputs.skipped)
     if args.chunk is None:
@@ -516,6 +539,54 @@ def cmd_predict(args: argparse.Namespace) -> int:
         log.info("chunk results: %d scans, %d failures; `medseg gather-predictions %s --chunks %d` writes "
                  "results.csv once all chunks are done", len(table), len(failures), args.out, args.chunk.count)
     return EXIT_FAILURES if failures else EXIT_OK
+
+
+EXPORT_FORMATS = ("onnx",)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """One model (several: their ensemble) as an ONNX file carrying its contract."""
+    import time
+
+    out = Path(args.out)
+    if out.suffix.lower() != f".{args.format}":
+        log.error("--out %s: give a file name ending in .%s (medseg tells model files by their suffix)", out,
+                  args.format)
+        return EXIT_USAGE
+    if out.is_dir():
+        log.error("--out %s is a folder; give the .%s file to write", out, args.format)
+        return EXIT_USAGE
+    problem = _model_reference_problem(args.model)
+    if problem:
+        log.error("%s", problem)
+        return EXIT_USAGE
+    from medseg.inference.backend import is_onnx_reference
+
+    onnx = [m for m in args.model if is_onnx_reference(m)]
+    if onnx:
+        log.error("model %s is an ONNX file already; give the PyTorch model it came from", onnx[0])
+        return EXIT_USAGE
+
+    from medseg.inference.model import load_model
+    from medseg.inference.onnx_model import OnnxExportError, export_onnx
+    from medseg.training.trainer import pick_device
+
+    pick_device("cpu", "auto")  # exported on the CPU, with all usable cores
+    try:
+        model = load_model(args.model[0] if len(args.model) == 1 else args.model, args.tracking_uri)
+    except Exception as err:  # noqa: BLE001 - MLflow/torch raise many types for a bad model reference
+        log.error("cannot load model %s: %s", " + ".join(args.model), err)
+        return EXIT_USAGE
+    start = time.perf_counter()
+    try:
+        export_onnx(model, out, opset=args.opset)
+    except (OnnxExportError, ValueError) as err:
+        log.error("cannot export: %s", err)
+        return EXIT_FAILURES
+    log.info("exported %s to %s in %.1f s (labels %s, %d px, checked against PyTorch); predict with `medseg "
+             "predict --model %s`", model.uri, out, time.perf_counter() - start, ", ".join(model.labels), model.size,
+             out)
+    return EXIT_OK
 
 
 def cmd_gather_predictions(args: argparse.Namespace) -> int:
@@ -698,7 +769,7 @@ def _plan_evaluation_run(args: argparse.Namespace, config: dict, labels: dict):
     params = {"truth_format": args.truth_format, "predictions": str(args.predictions), **flatten({"labels": labels})}
     if len(settings) == 1:
         params.update({f"predict.{k}": str(v) for k, v in settings[0].items()
-                       if k in ("threshold", "tta", "postprocess", "model_weights_sha256")})
+                       if k in ("threshold", "tta", "postprocess", "model_weights_sha256", "backend")})
     tags = {"medseg.version": __version__, "git.commit": git_commit()}
     # The architecture, so that evaluations of several networks in one
     # experiment filter and group by it as their training runs do.
@@ -775,6 +846,7 @@ def cmd_list_inputs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medseg.inference.backend import BACKENDS, CPU_DEFAULT_BACKEND
     from medseg.preprocessing.splits import SPLIT_SCHEMES
     from medseg.structures import SCR_STRUCTURES
 
@@ -885,8 +957,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=_chunk, metavar="I/N",
                    help="predict only chunk I (0-based) of N near-equal parts of the inputs, as one of N parallel "
                         "jobs; then `medseg gather-predictions` writes the batch's tables")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="runtime: pytorch, or onnxruntime (a PyTorch model is exported to a temporary ONNX file "
+                        "first); auto (default): onnxruntime for a .onnx model, else PyTorch on CUDA and "
+                        f"{CPU_DEFAULT_BACKEND} on CPU")
     _add_read_options(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a model (several: their ensemble) as an ONNX file carrying its "
+                                      "contract (labels, size, normalisation), checked against PyTorch")
+    p.add_argument("model", nargs="+",
+                   help="any model predict --model takes but a .onnx: a best.pt, a model.json, models/summary.json, "
+                        "an MLflow models:/ or runs:/ URI or a shipped model's name; several: their ensemble "
+                        "(probabilities averaged) as one graph")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx", help="file format (default onnx)")
+    p.add_argument("--out", required=True, help="the file to write, e.g. model.onnx (replaced if it exists)")
+    p.add_argument("--opset", type=_positive_int, help="ONNX opset (default: torch's)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, "
+                                          "else results/mlflow.db)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="models shipped with medseg: cross-validation figures, training data and "
                                       "its terms of use")

@@ -1,4 +1,5 @@
-"""Load a trained model for prediction: an MLflow model URI or a checkpoint."""
+"""Load a trained model for prediction: an MLflow model URI, a checkpoint or
+an ONNX file; and which runtime (backend) runs it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from medseg.inference.backend import is_onnx_reference, resolve_backend
 from medseg.inference.ctr import DEFAULT_MIN_CONFIDENCE
 from medseg.preprocessing.intensity import DEFAULT_INTENSITY
 
@@ -33,6 +35,13 @@ class LoadedModel:
             calibrated on cross-validation when the model records one.
         thresholds: {label: probability threshold} chosen on cross-validation,
             when the model records them; labels missing here use 0.5.
+        network: how the network was built ({"network", "preset", "upsample"}),
+            when the model records it; an ensemble's: {"ensemble": [member's, ...]}.
+        backend: the runtime that runs ``module``: "pytorch", or
+            "onnxruntime" (:mod:`medseg.inference.onnx_model`).
+        fingerprint_override: what :meth:`fingerprint` returns when torch
+            cannot see the weights (an ONNX Runtime session holds them): e.g.
+            the SHA-256 of the ``.onnx`` file. None for PyTorch modules.
         amp: mixed precision of its training ("auto", "bf16", "fp16",
             "off"); prediction on CUDA autocasts the same way (a model
             trained in full precision is predicted in full precision).
@@ -45,12 +54,18 @@ class LoadedModel:
     uri: str = ""
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     thresholds: dict = field(default_factory=dict)
+    network: dict = field(default_factory=dict)
+    backend: str = "pytorch"
+    fingerprint_override: str | None = None
     amp: str = "auto"
 
     def fingerprint(self) -> str:
         """SHA-256 of the weights (state dict tensors in order) plus the
         labels, size and intensity settings: which model made a result,
-        whatever path or alias it was loaded through."""
+        whatever path or alias it was loaded through. ``fingerprint_override``
+        instead, when set (an ONNX model: its file's SHA-256)."""
+        if self.fingerprint_override is not None:
+            return self.fingerprint_override
         digest = hashlib.sha256(repr((self.labels, self.size, sorted(self.intensity.items()))).encode())
         for name, tensor in self.module.state_dict().items():
             digest.update(name.encode())
@@ -111,13 +126,21 @@ def ensemble(models: Sequence[LoadedModel], uri: str = "") -> LoadedModel:
         log.warning("the ensemble of %s predicts at threshold 0.5 for every label: its members' own per-label "
                     "thresholds were chosen for them alone (give --threshold to set another)",
                     ", ".join(m.uri for m in models))
+    # Members whose weights torch cannot see (ONNX Runtime sessions) have an
+    # empty state dict: the ensemble is then named by its members' fingerprints.
+    override = None
+    if any(m.fingerprint_override is not None for m in models):
+        override = hashlib.sha256("\n".join(["ensemble", *(m.fingerprint() for m in models)]).encode()).hexdigest()
+    networks = [m.network for m in models]
     return LoadedModel(ProbabilityEnsemble([m.module for m in models]), list(first.labels), first.size,
                        dict(first.intensity), uri or "ensemble(" + ", ".join(m.uri for m in models) + ")",
                        min(m.min_confidence for m in models),
                        # Thresholds were chosen per member; the ensemble's own would need its own CV.
                        {},
+                       {"ensemble": networks} if any(networks) else {},
+                       "+".join(sorted({m.backend for m in models})), override,
                        # Members trained at different precisions: full precision serves each.
-                       first.amp if all(m.amp == first.amp for m in models) else "off")
+                       amp=first.amp if all(m.amp == first.amp for m in models) else "off")
 
 
 def checkpoint_contract(state: Mapping, path: Path) -> tuple[list[str], int, dict]:
@@ -165,7 +188,9 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()})
     return LoadedModel(SigmoidHead(net).eval(), labels, size, intensity, str(path.resolve()),
                        float(state.get("qc", {}).get("min_confidence", DEFAULT_MIN_CONFIDENCE)),
-                       dict(state.get("thresholds") or {}), str(settings.get("amp", "auto")))
+                       dict(state.get("thresholds") or {}),
+                       {k: settings[k] for k in ("network", "preset", "upsample")},
+                       amp=str(settings.get("amp", "auto")))
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
@@ -192,7 +217,8 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
     return LoadedModel(module, list(metadata["labels"]), int(metadata["size"]),
                        dict(metadata.get("intensity") or DEFAULT_INTENSITY), uri,
                        float((metadata.get("qc") or {}).get("min_confidence", DEFAULT_MIN_CONFIDENCE)),
-                       dict(metadata.get("thresholds") or {}), str(metadata.get("amp", "auto")))
+                       dict(metadata.get("thresholds") or {}), dict(metadata.get("network") or {}),
+                       amp=str(metadata.get("amp", "auto")))
 
 
 def _from_summary(path: Path, tracking_uri: str | None) -> LoadedModel:
@@ -229,16 +255,20 @@ def load_model(model: str | Sequence[str], tracking_uri: str | None = None,
     (:func:`medseg.models.shipped_models`), an MLflow model URI (``models:/<name>@<alias>``,
     ``models:/<name>/<version>``, ``runs:/<id>/model``), a ``.pt`` checkpoint,
     a fold's ``model.json`` written by ``medseg train`` or the cross-validation
-    ``summary.json`` written by ``medseg cv-finish``. Several references:
+    ``summary.json`` written by ``medseg cv-finish``, or a ``.onnx`` file
+    written by ``medseg export`` (run in ONNX Runtime:
+    :func:`medseg.inference.onnx_model.load_onnx_model`). Several references:
     their :func:`ensemble` (probabilities averaged).
 
     Raises:
         ValueError: a checkpoint without its contract, models that cannot
-            be averaged, a URI the store does not hold.
-        FileNotFoundError: no MLflow store where a models:/ URI needs one.
+            be averaged, a URI the store does not hold, a ``.onnx`` file not
+            written by ``medseg export``.
+        FileNotFoundError: no MLflow store where a models:/ URI needs one; a
+            ``.onnx`` file that does not exist.
     """
     if not isinstance(model, str):
-        models = [load_model(m, tracking_uri) for m in model]
+        models = [load_model(m, tracking_uri, device if is_onnx_reference(m) else None) for m in model]
         loaded = ensemble(models)
         if device is not None:
             loaded.module = loaded.module.to(device)
@@ -246,6 +276,11 @@ def load_model(model: str | Sequence[str], tracking_uri: str | None = None,
     from medseg.models import shipped_model
 
     path = Path(model)
+    if is_onnx_reference(model):
+        from medseg.inference.onnx_model import load_onnx_model
+
+        # The session is made for its device (execution provider); no .to() after.
+        return load_onnx_model(path, device)
     # A checkpoint or JSON file first; then a shipped model's name (a folder
     # of that name, e.g. an earlier --out, does not hide it); then MLflow.
     is_file = path.is_file() and path.suffix in (".pt", ".json")
@@ -263,3 +298,35 @@ def load_model(model: str | Sequence[str], tracking_uri: str | None = None,
     if device is not None:
         loaded.module = loaded.module.to(device)
     return loaded
+
+
+def load_for_backend(model: str | Sequence[str], backend: str, tracking_uri: str | None = None,
+                     device: torch.device | None = None) -> LoadedModel:
+    """:func:`load_model`, run by ``backend`` ("pytorch" or "onnxruntime",
+    as :func:`medseg.inference.backend.resolve_backend` gives).
+
+    For "onnxruntime", PyTorch references are exported to a temporary ONNX
+    file (removed once ONNX Runtime has read it): several of them as one
+    ensemble graph, or each alone when ``.onnx`` files are among them (every
+    member keeps its equal share of the average). Such a model keeps its
+    source's ``uri``.
+
+    Raises:
+        ValueError: an unknown backend, "pytorch" with a ``.onnx`` file, and
+            what :func:`load_model` raises.
+        medseg.inference.onnx_model.OnnxExportError: a model that cannot be
+            exported, or whose export disagrees with PyTorch.
+    """
+    references = [model] if isinstance(model, str) else list(model)
+    if backend not in ("pytorch", "onnxruntime"):
+        raise ValueError(f"unknown backend {backend!r}; choose pytorch or onnxruntime")
+    if backend == "pytorch":
+        resolve_backend(backend, references)  # refuses .onnx files
+        return load_model(model, tracking_uri, device)
+    from medseg.inference.onnx_model import as_onnxruntime
+
+    if not any(is_onnx_reference(r) for r in references):
+        return as_onnxruntime(load_model(model, tracking_uri), device)
+    members = [load_model(r, tracking_uri, device) if is_onnx_reference(r)
+               else as_onnxruntime(load_model(r, tracking_uri), device) for r in references]
+    return ensemble(members)

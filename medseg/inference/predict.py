@@ -157,8 +157,13 @@ def _run_settings(model: LoadedModel, settings: PredictSettings) -> dict:
     settings. ``model_weights_sha256`` is :meth:`LoadedModel.fingerprint`
     (the weights' tensors, labels, size and intensity window), not the SHA-256
     of a checkpoint file: the same weights give the same value whatever path,
-    alias or registry version they were loaded through."""
-    return {"model_uri": model.uri, "model_weights_sha256": model.fingerprint(), "threshold": thresholds(model, settings),
+    alias or registry version they were loaded through. For a model run in
+    ONNX Runtime it is the ``.onnx`` file's SHA-256 (its graph, weights and
+    contract). ``backend``: the runtime (``LoadedModel.backend``); results of
+    one runtime are not reused for another (their probabilities agree to
+    1e-4, not bit for bit, so masks can differ at the threshold)."""
+    return {"model_uri": model.uri, "model_weights_sha256": model.fingerprint(), "backend": model.backend,
+            "threshold": thresholds(model, settings),
             "min_confidence": model.min_confidence,
             "tta": settings.tta, "postprocess": settings.postprocess, "write_seg": settings.write_seg,
             "read_options": repr(settings.read_options)}
