@@ -467,6 +467,12 @@ def _model_reference_problem(references: Sequence[str]) -> str | None:
     return None
 
 
+def _onnx_cache() -> Path:
+    from medseg.inference.onnx_model import cache_folder
+
+    return cache_folder()
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     # Bad usage is refused before torch is imported or any input is read.
     from medseg.models import default_model
@@ -518,11 +524,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     device = pick_device(args.device, "auto").torch_device
     backend = resolve_backend(args.backend, args.model, device.type)
     if backend == "onnxruntime" and not all(is_onnx_reference(m) for m in args.model):
-        log.info("exporting %s to ONNX for onnxruntime (`medseg export` writes the file once for later runs)",
-                 " + ".join(args.model))
+        log.info("running %s in onnxruntime: exported to ONNX once, then kept in %s (--backend pytorch: no export)",
+                 " + ".join(args.model), _onnx_cache())
     try:
         model = load_for_backend(args.model[0] if len(args.model) == 1 else args.model, backend,
-                                 args.tracking_uri, device)
+                                 args.tracking_uri, device, fallback=args.backend == "auto")
     except Exception as err:  # noqa: BLE001 - MLflow/torch/onnx raise many types for a bad model reference
         log.error("cannot load model %s: %s", " + ".join(args.model), err)
         return EXIT_USAGE
@@ -958,9 +964,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict only chunk I (0-based) of N near-equal parts of the inputs, as one of N parallel "
                         "jobs; then `medseg gather-predictions` writes the batch's tables")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="runtime: pytorch, or onnxruntime (a PyTorch model is exported to a temporary ONNX file "
-                        "first); auto (default): onnxruntime for a .onnx model, else PyTorch on CUDA and "
-                        f"{CPU_DEFAULT_BACKEND} on CPU")
+                   help="runtime: pytorch, or onnxruntime (a PyTorch model is exported to ONNX on first use and "
+                        "kept in $MEDSEG_CACHE_DIR, else ~/.cache/medseg); auto (default): onnxruntime for a .onnx "
+                        f"model, else PyTorch on CUDA and {CPU_DEFAULT_BACKEND} on CPU (the faster there; PyTorch "
+                        "when a model cannot be exported)")
     _add_read_options(p)
     p.set_defaults(func=cmd_predict)
 

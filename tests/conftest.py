@@ -43,6 +43,24 @@ def pytest_make_collect_report(collector):
     return report
 
 
+def pytest_configure(config):
+    """ONNX exports of the models tests train go to a folder of this test
+    run (shared by xdist's workers, which inherit the environment), not the
+    user's cache; removed when the run ends."""
+    if "MEDSEG_CACHE_DIR" not in os.environ and not hasattr(config, "workerinput"):
+        import tempfile
+
+        os.environ["MEDSEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="medseg-test-cache-")
+        config._medseg_cache_dir = os.environ["MEDSEG_CACHE_DIR"]
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_medseg_cache_dir", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("MEDSEG_CACHE_DIR", None)
+
+
 def shared_data_dir() -> Path:
     """../shared/data beside the project, or $MEDSEG_SHARED_DATA."""
     env = os.environ.get("MEDSEG_SHARED_DATA")

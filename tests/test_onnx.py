@@ -216,7 +216,8 @@ def test_predict_backend_onnxruntime_gives_pytorch_s_masks(tuned, exported, mode
     a rerun with the other backend predicts again instead of reusing."""
     scans = model_and_scans[1]
     out = tmp_path / "out"
-    rc, text = _run(["predict", scans, "--model", tuned, "--out", out, "--no-seg"], capsys, caplog)
+    rc, text = _run(["predict", scans, "--model", tuned, "--out", out, "--no-seg", "--backend", "pytorch"], capsys,
+                    caplog)
     assert rc == EXIT_OK, text
     assert " in pytorch" in text
     pytorch = _masks(out)
@@ -285,3 +286,42 @@ def test_onnx_errors(tmp_path, capsys, caplog):
         rc, text = _run(argv, capsys, caplog)
         assert rc == EXIT_USAGE and message in text, (argv, text)
     assert not (tmp_path / "out").exists() and not (tmp_path / "x.onnx").exists()
+
+
+def test_cpu_default_runs_onnxruntime_exporting_each_model_once(tuned, model_and_scans, tmp_path, capsys, caplog,
+                                                                monkeypatch):
+    """On CPU, `medseg predict` without --backend runs a PyTorch model in
+    ONNX Runtime (faster there: benchmarks/predict.py), exporting it on
+    first use into the cache and loading that file on later runs; the
+    rerun of the same batch reuses every result (same fingerprint)."""
+    from medseg.inference.backend import CPU_DEFAULT_BACKEND
+
+    assert CPU_DEFAULT_BACKEND == "onnxruntime"
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MEDSEG_CACHE_DIR", str(cache))
+    scans = model_and_scans[1]
+    out = tmp_path / "out"
+    rc, text = _run(["predict", scans, "--model", tuned, "--out", out, "--no-seg", "--device", "cpu"], capsys,
+                    caplog)
+    assert rc == EXIT_OK and " in onnxruntime" in text, text
+    (exported,) = (cache / "onnx").glob("*.onnx")
+    made = exported.stat().st_mtime_ns
+    rc, text = _run(["predict", scans, "--model", tuned, "--out", out, "--no-seg", "--device", "cpu"], capsys,
+                    caplog)
+    assert rc == EXIT_OK and "(0 new, 4 already done" in text, text
+    assert list((cache / "onnx").glob("*.onnx")) == [exported] and exported.stat().st_mtime_ns == made
+
+
+def test_default_backend_falls_back_to_pytorch_when_the_export_disagrees(caplog):
+    """A model whose export does not compute what PyTorch does is refused
+    when ONNX Runtime was asked for, and predicted in PyTorch, with a
+    warning, when ONNX Runtime was only the CPU default."""
+    from medseg.inference.model import onnxruntime_or_pytorch
+
+    model = LoadedModel(_Drifting(), ["heart", "lungs", "clavicles"], 16, uri="drifting")
+    with pytest.raises(OnnxExportError):
+        onnxruntime_or_pytorch(model)
+    kept = onnxruntime_or_pytorch(model, fallback=True)
+    assert kept is model and kept.backend == "pytorch"
+    assert "drifting: the ONNX export does not compute what PyTorch does" in caplog.text
+    assert "predicting in PyTorch instead" in caplog.text

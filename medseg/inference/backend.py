@@ -14,8 +14,10 @@ from pathlib import Path
 BACKENDS = ("auto", "pytorch", "onnxruntime")
 # The CPU runtime for models given as PyTorch references (checkpoints, MLflow
 # URIs, shipped models) under "auto": whichever predicts faster on CPU with
-# probabilities within 1e-4 of the other (the benchmark's figures decide).
-CPU_DEFAULT_BACKEND = "pytorch"
+# probabilities within 1e-4 of the other. benchmarks/predict.py, 2-core CPU:
+# forward pass 2.1x (demo BasicUNet) and 1.3x (shipped UNet) PyTorch's, 7e-6
+# apart (README, Benchmarks).
+CPU_DEFAULT_BACKEND = "onnxruntime"
 
 
 def is_onnx_reference(reference: str) -> bool:

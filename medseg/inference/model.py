@@ -301,21 +301,27 @@ def load_model(model: str | Sequence[str], tracking_uri: str | None = None,
 
 
 def load_for_backend(model: str | Sequence[str], backend: str, tracking_uri: str | None = None,
-                     device: torch.device | None = None) -> LoadedModel:
+                     device: torch.device | None = None, *, fallback: bool = False) -> LoadedModel:
     """:func:`load_model`, run by ``backend`` ("pytorch" or "onnxruntime",
     as :func:`medseg.inference.backend.resolve_backend` gives).
 
-    For "onnxruntime", PyTorch references are exported to a temporary ONNX
-    file (removed once ONNX Runtime has read it): several of them as one
-    ensemble graph, or each alone when ``.onnx`` files are among them (every
-    member keeps its equal share of the average). Such a model keeps its
-    source's ``uri``.
+    For "onnxruntime", PyTorch references are exported to ONNX once and kept
+    (:func:`medseg.inference.onnx_model.cached_export`): several of them as
+    one ensemble graph, or each alone when ``.onnx`` files are among them
+    (every member keeps its equal share of the average). Such a model keeps
+    its source's ``uri``.
+
+    Args:
+        fallback: "onnxruntime" was chosen for speed, not asked for (the
+            CPU default): a model that cannot be exported, or whose export
+            disagrees with PyTorch, is run in PyTorch instead, with a warning.
 
     Raises:
         ValueError: an unknown backend, "pytorch" with a ``.onnx`` file, and
             what :func:`load_model` raises.
-        medseg.inference.onnx_model.OnnxExportError: a model that cannot be
-            exported, or whose export disagrees with PyTorch.
+        medseg.inference.onnx_model.OnnxExportError: without ``fallback``, a
+            model that cannot be exported, or whose export disagrees with
+            PyTorch.
     """
     references = [model] if isinstance(model, str) else list(model)
     if backend not in ("pytorch", "onnxruntime"):
@@ -326,7 +332,30 @@ def load_for_backend(model: str | Sequence[str], backend: str, tracking_uri: str
     from medseg.inference.onnx_model import as_onnxruntime
 
     if not any(is_onnx_reference(r) for r in references):
-        return as_onnxruntime(load_model(model, tracking_uri), device)
+        return onnxruntime_or_pytorch(load_model(model, tracking_uri), device, fallback=fallback)
     members = [load_model(r, tracking_uri, device) if is_onnx_reference(r)
                else as_onnxruntime(load_model(r, tracking_uri), device) for r in references]
     return ensemble(members)
+
+
+def onnxruntime_or_pytorch(model: LoadedModel, device: torch.device | None = None, *,
+                           fallback: bool = False) -> LoadedModel:
+    """``model`` (PyTorch) exported and run in ONNX Runtime
+    (:func:`medseg.inference.onnx_model.as_onnxruntime`); with ``fallback``,
+    ``model`` itself (on ``device``) when it cannot be exported or its
+    export disagrees with PyTorch, with a warning saying why.
+
+    Raises:
+        medseg.inference.onnx_model.OnnxExportError: without ``fallback``.
+    """
+    from medseg.inference.onnx_model import OnnxExportError, as_onnxruntime
+
+    try:
+        return as_onnxruntime(model, device)
+    except OnnxExportError as err:
+        if not fallback:
+            raise
+        log.warning("%s; predicting in PyTorch instead (--backend pytorch: without trying ONNX Runtime)", err)
+        if device is not None:
+            model.module = model.module.to(device)
+        return model

@@ -669,11 +669,17 @@ def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-def _log_progress(counts: Counter, failed: int, total: int, start: float) -> None:
+def _progress_state(counts: Counter, failed: int) -> tuple[int, int, int]:
+    return counts["done"], counts["already"], failed
+
+
+def _log_progress(counts: Counter, failed: int, total: int, start: float) -> tuple[int, int, int]:
+    """Log one progress line; returns what it said (:func:`_progress_state`)."""
     handled = counts["done"] + counts["already"] + failed
     elapsed = time.perf_counter() - start
     log.info("predict %d/%d scans (%d new, %d already done, %d failed) %.1f scans/s", handled, total,
              counts["done"], counts["already"], failed, counts["done"] / elapsed if elapsed else 0.0)
+    return _progress_state(counts, failed)
 
 
 def gather_results(out_dir: Path, case_ids: Iterable[str] | None = None) -> pd.DataFrame:
@@ -757,6 +763,7 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
                 err = outcome.error
                 fail(outcome.item[0].path, f"{type(err).__name__}: {err}", outcome.item[0].entry.name)
 
+    logged = None
     workers = settings.workers if settings.workers is not None else default_workers(len(files), settings.batch_size)
     # One batch read ahead and one written behind: the forward pass never
     # waits for a whole batch to be read, memory holds about three batches.
@@ -780,9 +787,9 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
                 per_scan = (time.perf_counter() - t0) / len(prepared)
                 for prep, prob in zip(prepared, probabilities):
                     collect(writer.submit((prep, prob, per_scan)))
-            _log_progress(counts, len(failures), len(files), start)
+            logged = _log_progress(counts, len(failures), len(files), start)
         collect(writer.drain())
-    if counts["done"]:
+    if _progress_state(counts, len(failures)) != logged:  # the writes finished since, or nothing to predict
         _log_progress(counts, len(failures), len(files), start)
     # In input order, as a sequential run lists them (reading and writing failures interleave otherwise).
     order = {str(entry.path): index for index, entry in enumerate(files)}
