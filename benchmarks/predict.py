@@ -13,7 +13,7 @@
   scans (target: within 10 %).
 
     .venv/bin/python benchmarks/predict.py [--model MODEL] [--n 96] [--small 100] [--large 10000]
-        [--height 512 --width 448] [--memory-size 128] [--skip-memory] [--device auto]
+        [--height 512 --width 448] [--memory-size 128] [--skip-memory | --skip-speed] [--device auto]
 
 MODEL: anything ``medseg predict --model`` takes; default the demo's model
 (results/phantoms/models/fold0/model.json, after ``make demo``), else the
@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=448)
     parser.add_argument("--memory-size", type=int, default=128, help="side of the memory run's small scans (px)")
-    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true", help="speed figures only")
+    parser.add_argument("--skip-speed", action="store_true", help="memory figures only")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -120,29 +121,33 @@ def main() -> None:
         tmp = Path(tmp)
         write_phantom_dataset(tmp / "raw", n=16, seed=0, shape=(args.height, args.width))
         sources = sorted((tmp / "raw" / "images").glob("*.dcm"))
-        files = linked_scans(tmp / "scans", sources, args.n)
-        batch = np.stack([_prepare(f, model, settings).tensor for f in files[:settings.batch_size]])
+        if not args.skip_speed:
+            files = linked_scans(tmp / "scans", sources, args.n)
+            batch = np.stack([_prepare(f, model, settings).tensor for f in files[:settings.batch_size]])
 
-        backends = {"pytorch": model}
-        ort = onnx_model(model_ref, model, tmp, device)
-        if ort is not None:
-            backends["onnxruntime"] = ort
-            difference = float(np.abs(predict_probabilities(ort, batch, False, device)
-                                      - predict_probabilities(model, batch, False, device)).max())
-            print(f"ONNX Runtime vs PyTorch: largest probability difference {difference:.1e} (parity: <= 1e-4)")
-        forward = {name: forward_rate(m, batch, device, args.n) for name, m in backends.items()}
-        print("forward pass only: " + ", ".join(f"{name} {rate:.2f}" for name, rate in forward.items())
-              + " scans/s")
+            backends = {"pytorch": model}
+            ort = onnx_model(model_ref, model, tmp, device)
+            if ort is not None:
+                backends["onnxruntime"] = ort
+                difference = float(np.abs(predict_probabilities(ort, batch, False, device)
+                                          - predict_probabilities(model, batch, False, device)).max())
+                print(f"ONNX Runtime vs PyTorch: largest probability difference {difference:.1e} "
+                      "(parity: <= 1e-4)")
+            forward = {name: forward_rate(m, batch, device, args.n) for name, m in backends.items()}
+            print("forward pass only: " + ", ".join(f"{name} {rate:.2f}" for name, rate in forward.items())
+                  + " scans/s")
 
-        workers = default_workers(args.n, settings.batch_size)
-        for name, m in backends.items():
-            sequential = end_to_end(files, m, dataclasses.replace(settings, workers=0), tmp / f"{name}-seq", device)
-            pipelined = end_to_end(files, m, dataclasses.replace(settings, workers=workers), tmp / f"{name}-pipe",
-                                   device)
-            print(f"{name}: end to end over {args.n} scans (DICOM -> masks, NIfTI, overlay, SEG, row): "
-                  f"one stage after the other {sequential:.2f} scans/s = {sequential / forward[name]:.2f} x forward; "
-                  f"pipelined ({workers} + {workers} threads) {pipelined:.2f} scans/s = "
-                  f"{pipelined / forward[name]:.2f} x forward (target >= 0.80)")
+            workers = default_workers(args.n, settings.batch_size)
+            for name, m in backends.items():
+                sequential = end_to_end(files, m, dataclasses.replace(settings, workers=0), tmp / f"{name}-seq",
+                                        device)
+                pipelined = end_to_end(files, m, dataclasses.replace(settings, workers=workers),
+                                       tmp / f"{name}-pipe", device)
+                print(f"{name}: end to end over {args.n} scans (DICOM -> masks, NIfTI, overlay, SEG, row): "
+                      f"one stage after the other {sequential:.2f} scans/s = "
+                      f"{sequential / forward[name]:.2f} x forward; "
+                      f"pipelined ({workers} + {workers} threads) {pipelined:.2f} scans/s = "
+                      f"{pipelined / forward[name]:.2f} x forward (target >= 0.80)")
 
         if args.skip_memory:
             return

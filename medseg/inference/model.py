@@ -332,9 +332,11 @@ def load_for_backend(model: str | Sequence[str], backend: str, tracking_uri: str
     from medseg.inference.onnx_model import as_onnxruntime
 
     if not any(is_onnx_reference(r) for r in references):
-        return onnxruntime_or_pytorch(load_model(model, tracking_uri), device, fallback=fallback)
+        # Exported from the CPU, whatever device ONNX Runtime then runs on.
+        cpu = torch.device("cpu")
+        return onnxruntime_or_pytorch(load_model(model, tracking_uri, cpu), device, fallback=fallback)
     members = [load_model(r, tracking_uri, device) if is_onnx_reference(r)
-               else as_onnxruntime(load_model(r, tracking_uri), device) for r in references]
+               else as_onnxruntime(load_model(r, tracking_uri, torch.device("cpu")), device) for r in references]
     return ensemble(members)
 
 
