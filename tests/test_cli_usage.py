@@ -5,7 +5,6 @@ exists; every subcommand's --help works."""
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import subprocess
 import sys
@@ -16,18 +15,9 @@ import pytest
 from medseg.cli import build_parser, main
 from medseg.structures import SCR_STRUCTURES
 
+from cli_runner import run_in_process as _run_in_process
+
 MEDSEG = [sys.executable, "-m", "medseg"]
-
-
-def _run_in_process(argv, capsys, caplog) -> tuple[int, str]:
-    """main(argv) as the shell would see it: (exit status, stderr + log)."""
-    capsys.readouterr()
-    with caplog.at_level(logging.INFO, logger="medseg"):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as exit_:  # argparse's own errors
-            rc = exit_.code
-    return rc, capsys.readouterr().err + caplog.text
 
 
 def _error_lines(text: str) -> list[str]:

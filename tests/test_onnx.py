@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import tempfile
 from pathlib import Path
 
@@ -25,18 +24,9 @@ from medseg.inference.onnx_model import (
 )
 from medseg.inference.predict import predict_probabilities
 
+from cli_runner import run_in_process as _run
+
 CPU = torch.device("cpu")
-
-
-def _run(argv, capsys, caplog) -> tuple[int, str]:
-    """main(argv) as the shell would see it: (exit status, stderr + log)."""
-    capsys.readouterr()
-    with caplog.at_level(logging.INFO, logger="medseg"):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as exit_:  # argparse's own errors
-            rc = exit_.code
-    return rc, capsys.readouterr().err + caplog.text
 
 
 def _checkpoint(model_and_scans) -> dict:

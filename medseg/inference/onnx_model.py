@@ -26,12 +26,16 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from medseg.atomic import atomic_path
 from medseg.inference.ctr import DEFAULT_MIN_CONFIDENCE
 from medseg.inference.model import LoadedModel
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
