@@ -23,7 +23,9 @@ writes its scans' folders plus ``results.chunk-<i>-of-<n>.csv`` and
 batch's tables and pictures, as an unsplit run would have.
 
 Memory stays flat whatever the number of scans: files are streamed in
-batches and only the small results rows are kept.
+batches and only the small results rows are kept. While the network predicts
+one batch, threads read the next scans and write the previous batch's
+results (:mod:`medseg.inference.pipeline`; ``PredictSettings.workers``).
 """
 
 from __future__ import annotations
