@@ -20,6 +20,7 @@ from medseg.errors import DeviceUnavailable
 log = logging.getLogger("medseg")
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 class UsageError(Exception):
@@ -524,8 +525,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     device = pick_device(args.device, "auto").torch_device
     backend = resolve_backend(args.backend, args.model, device.type)
     if backend == "onnxruntime" and not all(is_onnx_reference(m) for m in args.model):
-        log.info("running %s in onnxruntime: exported to ONNX once, then kept in %s (--backend pytorch: no export)",
-                 " + ".join(args.model), _onnx_cache())
+        log.info("running %s in onnxruntime: exported to ONNX on first use, kept in %s (--backend pytorch: no "
+                 "export)", " + ".join(args.model), _onnx_cache())
     try:
         model = load_for_backend(args.model[0] if len(args.model) == 1 else args.model, backend,
                                  args.tracking_uri, device, fallback=args.backend == "auto")
@@ -537,8 +538,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                read_options=_read_options(args), workers=args.workers)
     log.info("predicting %d file(s) with %s (labels %s, %d px) on %s in %s", len(files), model.uri,
              ", ".join(model.labels), model.size, device, model.backend)
-    table, failures = predict_files(files, model, settings, args.out, device, chunk=args.chunk,
-                                    skipped=inputs.skipped)
+    try:
+        table, failures = predict_files(files, model, settings, args.out, device, chunk=args.chunk,
+                                        skipped=inputs.skipped)
+    except KeyboardInterrupt:
+        log.error("interrupted: the scans finished so far are kept in %s; run the same command again to predict "
+                  "the rest", args.out)
+        return EXIT_INTERRUPTED
     if args.chunk is None:
         log.info("results: %s (%d scans); failures: %d", Path(args.out) / "results.csv", len(table), len(failures))
     else:
@@ -941,7 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a fold's model.json, the cross-validation's models/summary.json (its choice: the "
                         "best fold or the folds' ensemble) or the name of a model shipped with medseg (`medseg "
                         "models`; the default); given several times, the models' probabilities are averaged "
-                        "(an ensemble)")
+                        "(an ensemble), or a .onnx file written by `medseg export`")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per scan + results.csv/.parquet)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, "
                                           "else results/mlflow.db)")
@@ -965,7 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "jobs; then `medseg gather-predictions` writes the batch's tables")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="runtime: pytorch, or onnxruntime (a PyTorch model is exported to ONNX on first use and "
-                        "kept in $MEDSEG_CACHE_DIR, else ~/.cache/medseg); auto (default): onnxruntime for a .onnx "
+                        "kept in $MEDSEG_CACHE_DIR/onnx, default ~/.cache/medseg/onnx); auto (default): onnxruntime for a .onnx "
                         f"model, else PyTorch on CUDA and {CPU_DEFAULT_BACKEND} on CPU (the faster there; PyTorch "
                         "when a model cannot be exported)")
     _add_read_options(p)

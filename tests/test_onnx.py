@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -315,3 +316,42 @@ def test_default_backend_falls_back_to_pytorch_when_the_export_disagrees(caplog)
     assert kept is model and kept.backend == "pytorch"
     assert "drifting: the ONNX export does not compute what PyTorch does" in caplog.text
     assert "predicting in PyTorch instead" in caplog.text
+
+
+def test_a_damaged_cached_export_is_made_again(tuned, tmp_path, caplog):
+    """Bug report (fresh-user trial): a cut-short file in the cache made its
+    model unusable for good. It is now exported again, with a warning."""
+    from medseg.inference.onnx_model import cached_export
+
+    model = load_model(str(tuned))
+    path = cached_export(model, folder=tmp_path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:50_000])
+    assert cached_export(model, folder=tmp_path) == path
+    assert "is damaged" in caplog.text and "exporting again" in caplog.text
+    loaded = load_onnx_model(path)
+    assert loaded.labels == model.labels
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused(tuned, tmp_path):
+    """Bug report: `medseg export --opset 11` wrote opset 18 and said it had
+    exported; now it refuses, naming the opset it could write, and writes nothing."""
+    with pytest.raises(OnnxExportError, match=r"opset 11 asked for, but the exporter can only write opset \d+"):
+        export_onnx(load_model(str(tuned)), tmp_path / "old.onnx", opset=11)
+    assert not list(tmp_path.iterdir())
+
+
+def test_metadata_that_does_not_fit_the_graph_is_refused(exported, tmp_path):
+    """A hand-edited contract (labels, size, thresholds) that does not
+    describe the network is refused when loaded, not half-used."""
+    for key, value, message in [("medseg.labels", '["heart", "lungs"]', "output channels 3 where its metadata says 2"),
+                                ("medseg.size", "128", "input side 64 where its metadata says 128"),
+                                ("medseg.thresholds", '{"heart": 7}', "thresholds {'heart': 7.0}")]:
+        proto = onnx.load(str(exported))
+        for prop in proto.metadata_props:
+            if prop.key == key:
+                prop.value = value
+        edited = tmp_path / f"{key}.onnx"
+        onnx.save(proto, str(edited))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_onnx_model(edited)

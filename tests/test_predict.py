@@ -391,6 +391,30 @@ def test_pipelined_run_killed_mid_write_reruns_to_complete_results(model_and_sca
             assert (case_dir / "prediction.json").stat().st_mtime_ns == finished[case]
 
 
+def test_ctrl_c_says_how_to_continue_and_exits_130(model_and_scans, tmp_path):
+    """Bug report (fresh-user trial): Ctrl-C printed a traceback and exited
+    1, the code of "some inputs failed". Now: one line saying how to go on,
+    exit status 130, the finished scans kept whole."""
+    model, scans = model_and_scans
+    many = tmp_path / "many"
+    many.mkdir()
+    source = sorted(scans.glob("*.dcm"))[0].read_bytes()
+    for i in range(40):
+        (many / f"SCAN{i:03d}.dcm").write_bytes(source)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*MEDSEG, "predict", str(many), "--model", str(model), "--out", str(out),
+                             "--batch-size", "2", "--backend", "pytorch"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while len(list(out.glob("*/prediction.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted: the scans finished so far are kept" in stderr and "Traceback" not in stderr
+    assert not list(out.rglob(".tmp-*"))
+
+
 def test_real_legacy_cr_end_to_end(model_and_scans, tmp_path):
     """The real ACR-NEMA CR (no preamble, MONOCHROME1, 10-bit) goes all the way through."""
     from conftest import shared_data_dir

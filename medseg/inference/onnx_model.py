@@ -285,6 +285,10 @@ def export_onnx(model: LoadedModel, path: str | Path, *, opset: int | None = Non
         import onnx
 
         proto = onnx.load(str(tmp))
+        written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if opset is not None and written != opset:  # the exporter converts, or says why not, and writes its own
+            raise OnnxExportError(f"{model.uri}: opset {opset} asked for, but the exporter can only write opset "
+                                  f"{written} for this model")
         if precise_instance_norm(proto):
             onnx.save(proto, str(tmp))
         difference, got, expected = _max_difference(module, tmp, model.size)
@@ -364,6 +368,21 @@ def load_onnx_model(path: str | Path, device: torch.device | None = None) -> Loa
     if inputs != [INPUT_NAME] or OUTPUT_NAME not in outputs:
         raise ValueError(f"{path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, found inputs {inputs} "
                          f"and outputs {outputs}")
+    # The metadata must describe this graph (a hand-edited file may not):
+    # fixed dimensions are checked, symbolic ones (the batch) are free.
+    image = module.session.get_inputs()[0].shape
+    probabilities = next(o for o in module.session.get_outputs() if o.name == OUTPUT_NAME).shape
+    size, channels = contract["size"], len(contract["labels"])
+    problems = [f"{what} {dim} where its metadata says {expected}"
+                for what, dim, expected in (("input side", image[-1] if len(image) == 4 else None, size),
+                                            ("output channels", probabilities[1] if len(probabilities) == 4 else None,
+                                             channels))
+                if isinstance(dim, int) and dim != expected]
+    bad = {k: v for k, v in contract["thresholds"].items() if k not in contract["labels"] or not 0 < v < 1}
+    if bad:
+        problems.append(f"thresholds {bad} name unknown labels or lie outside (0, 1)")
+    if problems:
+        raise ValueError(f"{path}: its medseg metadata does not fit its graph: {'; '.join(problems)}")
     return LoadedModel(module, contract["labels"], contract["size"], contract["intensity"], str(path.resolve()),
                        contract["min_confidence"], contract["thresholds"], contract["network"], "onnxruntime",
                        _file_sha256(path))
@@ -410,10 +429,20 @@ def cached_export(model: LoadedModel, *, opset: int | None = None, folder: str |
     folder = Path(folder) if folder is not None else cache_folder()
     path = folder / f"{export_key(model, opset)}.onnx"
     if path.is_file():
-        return path
+        try:
+            import onnx
+
+            onnx.load(str(path), load_external_data=False)  # a damaged copy is made again, not used
+            log.info("%s: its ONNX export from an earlier run: %s", model.uri, path)
+            return path
+        except Exception as err:  # noqa: BLE001 - protobuf raises its own types
+            log.warning("%s: the cached ONNX export %s is damaged (%s): exporting again", model.uri, path, err)
+            path.unlink(missing_ok=True)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        return export_onnx(model, path, opset=opset)
+        export_onnx(model, path, opset=opset)
+        log.info("%s exported to ONNX, kept for later runs: %s", model.uri, path)
+        return path
     except OSError as err:
         log.warning("cannot keep the ONNX export in %s (%s): exporting to a temporary folder", folder, err)
         scratch = Path(tempfile.mkdtemp(prefix="medseg-onnx-"))
