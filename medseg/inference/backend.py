@@ -15,7 +15,8 @@ BACKENDS = ("auto", "pytorch", "onnxruntime")
 # The CPU runtime for models given as PyTorch references (checkpoints, MLflow
 # URIs, shipped models) under "auto": whichever predicts faster on CPU with
 # probabilities within 1e-4 of the other. benchmarks/predict.py, 2-core CPU:
-# forward pass 2.1x (demo BasicUNet) and 1.3x (shipped UNet) PyTorch's, 7e-6
+# forward pass 1.6x (demo BasicUNet: 28.3 vs 17.2 scans/s) and 1.3x (shipped UNet:
+# 64 vs 50) PyTorch's, 7e-6
 # apart (README, Benchmarks).
 CPU_DEFAULT_BACKEND = "onnxruntime"
 
