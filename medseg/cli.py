@@ -971,8 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "jobs; then `medseg gather-predictions` writes the batch's tables")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="runtime: pytorch, or onnxruntime (a PyTorch model is exported to ONNX on first use and "
-                        "kept in $MEDSEG_CACHE_DIR/onnx, default ~/.cache/medseg/onnx); auto (default): onnxruntime for a .onnx "
-                        f"model, else PyTorch on CUDA and {CPU_DEFAULT_BACKEND} on CPU (the faster there; PyTorch "
+                        "kept in $MEDSEG_CACHE_DIR/onnx, default ~/.cache/medseg/onnx); auto (default): onnxruntime "
+                        f"for a .onnx model, else PyTorch on CUDA and {CPU_DEFAULT_BACKEND} on CPU (the faster there; PyTorch "
                         "when a model cannot be exported)")
     _add_read_options(p)
     p.set_defaults(func=cmd_predict)

@@ -414,7 +414,8 @@ def export_key(model: LoadedModel, opset: int | None = None) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def cached_export(model: LoadedModel, *, opset: int | None = None, folder: str | Path | None = None) -> Path:
+def cached_export(model: LoadedModel, *, opset: int | None = None, folder: str | Path | None = None,
+                  refresh: bool = False) -> Path:
     """``model`` exported once (:func:`export_onnx`) and kept in ``folder``
     (default :func:`cache_folder`) as ``<export_key>.onnx``: later runs with
     the same model load the file instead of exporting again (5-10 s).
@@ -423,21 +424,17 @@ def cached_export(model: LoadedModel, *, opset: int | None = None, folder: str |
     leave a whole file. Where the folder cannot be written, the export goes
     to a temporary folder, removed when the process ends.
 
+    Args:
+        refresh: export again even if the folder holds the file (a damaged copy).
+
     Raises:
         ValueError, OnnxExportError: as :func:`export_onnx`.
     """
     folder = Path(folder) if folder is not None else cache_folder()
     path = folder / f"{export_key(model, opset)}.onnx"
-    if path.is_file():
-        try:
-            import onnx
-
-            onnx.load(str(path), load_external_data=False)  # a damaged copy is made again, not used
-            log.info("%s: its ONNX export from an earlier run: %s", model.uri, path)
-            return path
-        except Exception as err:  # noqa: BLE001 - protobuf raises its own types
-            log.warning("%s: the cached ONNX export %s is damaged (%s): exporting again", model.uri, path, err)
-            path.unlink(missing_ok=True)
+    if path.is_file() and not refresh:
+        log.info("%s: its ONNX export from an earlier run: %s", model.uri, path)
+        return path
     try:
         folder.mkdir(parents=True, exist_ok=True)
         export_onnx(model, path, opset=opset)
@@ -458,7 +455,12 @@ def as_onnxruntime(model: LoadedModel, device: torch.device | None = None, *,
     Raises:
         ValueError, OnnxExportError: as :func:`export_onnx`.
     """
-    loaded = load_onnx_model(cached_export(model, opset=opset), device)
+    path = cached_export(model, opset=opset)
+    try:
+        loaded = load_onnx_model(path, device)
+    except ValueError as err:  # a damaged cached copy: made again, not used
+        log.warning("%s: the cached ONNX export %s is damaged (%s): exporting again", model.uri, path, err)
+        loaded = load_onnx_model(cached_export(model, opset=opset, refresh=True), device)
     loaded.uri = model.uri
     return loaded
 
