@@ -174,16 +174,57 @@ def _warn_assumed_spacing(label: str, sources: Sequence[str]) -> None:
         log.warning("%s: %s", label, assumed_spacing_warning(assumed, len(sources)))
 
 
-def _collect(inputs: Sequence[str], case_id_from: str = "filename", exclude: Sequence[str] = ()):
+def _collect(inputs: Sequence[str], case_id_from: str = "filename", exclude: Sequence[str] = (), connection=None):
     """The run's inputs with their case IDs; a bad list file or an input
     path that does not exist is bad usage (ValueError here, FileNotFoundError
-    in main: exit 2, naming the path, before anything is read or written)."""
+    in main: exit 2, naming the path, before anything is read or written).
+    DICOMweb sources are listed through ``connection``
+    (:class:`medseg.dicomweb.Connection`); a refused or failed search is bad
+    usage too (wrong credentials are said at once, not once per scan)."""
+    from medseg.dicomweb import DicomWebError, DicomWebSource
     from medseg.ingest.inputs import collect_inputs
+    from medseg.ingest.remote import list_instances
+
+    def remote(text: str):
+        source = DicomWebSource.parse(text)
+        files, skipped = list_instances(connection, source)
+        log.info("DICOMweb source %s: %d image instance(s), %d other instance(s) skipped", source.display(),
+                 len(files), len(skipped))
+        return files, skipped
 
     try:
-        return collect_inputs(inputs, case_id_from, exclude=exclude)
+        return collect_inputs(inputs, case_id_from, exclude=exclude, remote=remote if connection else None)
+    except (ValueError, DicomWebError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _dicomweb_connection(args: argparse.Namespace):
+    """The DICOMweb connection of a run whose inputs or --push need one (credentials:
+    :func:`medseg.dicomweb.credentials_from_environment`), else None."""
+    from medseg.dicomweb import Connection, is_dicomweb_source
+
+    needed = getattr(args, "push", False) or getattr(args, "push_url", None) or any(
+        is_dicomweb_source(item) or _lists_urls(item) for item in args.inputs)
+    if not needed:
+        return None
+    try:
+        connection = Connection.from_environment(getattr(args, "dicomweb_auth", None))
     except ValueError as err:
         raise UsageError(str(err)) from None
+    log.info("DICOMweb credentials: %s", connection.source)
+    return connection
+
+
+def _lists_urls(item: str) -> bool:
+    """A list file (.txt) with DICOMweb instance URLs (as list-inputs writes them)."""
+    path = Path(item)
+    if path.suffix.lower() != ".txt" or not path.is_file():
+        return False
+    try:
+        with path.open(errors="replace") as handle:
+            return any(line.lstrip().lower().startswith(("http://", "https://")) for line in handle)
+    except OSError:
+        return False
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -506,12 +547,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if any(Path(item).is_dir() and Path(item).resolve() == out.resolve() for item in args.inputs):
         log.error("--out %s is an input folder; give a folder of its own for the results (it may lie inside)", out)
         return EXIT_USAGE
+    connection = _dicomweb_connection(args)
     # Case IDs are given over the whole batch, before a chunk is taken, so
     # every chunk job names its scans as an unsplit run would.
-    inputs = _collect(args.inputs, args.case_id_from, exclude=[args.out])  # --out may lie in an input folder
+    inputs = _collect(args.inputs, args.case_id_from, exclude=[args.out],  # --out may lie in an input folder
+                      connection=connection)
     files = inputs.files
+    push = _pusher(args, connection, files)
     if not files:
-        log.error("no input files found in %s%s", " ".join(args.inputs),
+        from medseg.dicomweb import is_dicomweb_source, redact_url
+
+        shown = " ".join(redact_url(i) if is_dicomweb_source(i) else i for i in args.inputs)
+        log.error("no input files found in %s%s", shown,
                   f" ({len(inputs.skipped)} files that are not images skipped)" if inputs.skipped else "")
         return EXIT_USAGE
 
@@ -540,7 +587,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
              ", ".join(model.labels), model.size, device, model.backend)
     try:
         table, failures = predict_files(files, model, settings, args.out, device, chunk=args.chunk,
-                                        skipped=inputs.skipped)
+                                        skipped=inputs.skipped, fetch=_fetcher(connection), push=push)
     except KeyboardInterrupt:
         log.error("interrupted: the scans finished so far are kept in %s; run the same command again to predict "
                   "the rest", args.out)
@@ -551,6 +598,46 @@ def cmd_predict(args: argparse.Namespace) -> int:
         log.info("chunk results: %d scans, %d failures; `medseg gather-predictions %s --chunks %d` writes "
                  "results.csv once all chunks are done", len(table), len(failures), args.out, args.chunk.count)
     return EXIT_FAILURES if failures else EXIT_OK
+
+
+def _fetcher(connection):
+    """Retrieves a DICOMweb input through ``connection`` (None: no connection)."""
+    if connection is None:
+        return None
+    from medseg.ingest.remote import retrieve
+
+    return lambda entry: retrieve(connection, entry)
+
+
+def _pusher(args: argparse.Namespace, connection, files):
+    """What stores a scan's SEG and SR for --push / --push-url, else None.
+
+    Raises:
+        UsageError: --push with inputs that came from no DICOMweb server
+            (no --push-url), or --no-seg (nothing to store).
+    """
+    if not (args.push or args.push_url):
+        return None
+    from medseg.dicomweb import DicomWebSource
+    from medseg.inference.push import push_scan
+
+    if args.no_seg:
+        raise UsageError("--push stores the DICOM SEG and structured report: leave out --no-seg")
+    target = None
+    if args.push_url:
+        try:
+            target = DicomWebSource.parse(args.push_url.rstrip("/") + "/studies").base_url
+        except ValueError as err:
+            raise UsageError(f"--push-url: {err}") from None
+    elif any(not f.url for f in files):
+        raise UsageError("--push stores results on the DICOMweb server each scan came from, and some inputs are "
+                         "files: give the server with --push-url <DICOMweb root>")
+
+    def push(case_dir: Path, entry) -> list[str]:
+        base = target or DicomWebSource.parse(entry.url).base_url
+        return push_scan(connection, base, case_dir)
+
+    return push
 
 
 EXPORT_FORMATS = ("onnx",)
@@ -837,14 +924,14 @@ def cmd_list_inputs(args: argparse.Namespace) -> int:
     from medseg.atomic import write_text_atomic
     from medseg.ingest.inputs import list_file_line
 
-    inputs = _collect(args.inputs, args.case_id_from)
+    inputs = _collect(args.inputs, args.case_id_from, connection=_dicomweb_connection(args))
     if not inputs.files:
         log.error("no input files found in %s", " ".join(args.inputs))
         return EXIT_USAGE
     lines, unlisted = [], []
     for f in inputs.files:
         try:
-            lines.append(list_file_line(f.path.resolve(), f.case_id, f.name))
+            lines.append(list_file_line(f.url or f.path.resolve(), f.case_id, f.name))
         except ValueError:  # a tab or line break in the path: no list line can hold it
             unlisted.append(f.path)
             log.error("%s: cannot be listed: its path holds a tab or line break (rename it, or predict its "
@@ -941,7 +1028,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment new scans: masks, NIfTI, overlay, DICOM SEG, results table")
     p.add_argument("inputs", nargs="+", help="folders (recursive; DICOM may lack an extension), globs, list files "
-                                             "(.txt, one path per line) or files")
+                                             "(.txt, one path per line), files, or DICOMweb sources: "
+                                             "<root>/studies/<uid>[/series/<uid>], <root>/series?Modality=CR, "
+                                             "<root>/studies?StudyDate=20240101-20240131 (README: PACS)")
     p.add_argument("--model", action="append",
                    help="MLflow model URI (models:/<name>@<alias>, runs:/<id>/model), a best.pt checkpoint, "
                         "a fold's model.json, the cross-validation's models/summary.json (its choice: the "
@@ -956,7 +1045,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the model's own per-label thresholds chosen on cross-validation, else 0.5)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (small shifts, no flips)")
     p.add_argument("--no-postprocess", action="store_true", help="keep all connected components and holes")
-    p.add_argument("--no-seg", action="store_true", help="do not write DICOM SEG files")
+    p.add_argument("--no-seg", action="store_true",
+                   help="do not write the DICOM SEG and SR files (seg.dcm, sr.dcm)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="scans per forward pass (default 8)")
     p.add_argument("--workers", type=_non_negative_int,
                    help="threads reading scans ahead of the forward pass and, as many, writing results behind it "
@@ -969,6 +1059,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=_chunk, metavar="I/N",
                    help="predict only chunk I (0-based) of N near-equal parts of the inputs, as one of N parallel "
                         "jobs; then `medseg gather-predictions` writes the batch's tables")
+    p.add_argument("--push", action="store_true",
+                   help="store each scan's DICOM SEG and CTR structured report (TID 1500) on the DICOMweb server it "
+                        "came from (STOW-RS), once: instances the server holds are not stored again")
+    p.add_argument("--push-url", metavar="ROOT",
+                   help="store them on this DICOMweb server instead (e.g. for scans read from files)")
+    p.add_argument("--dicomweb-auth", metavar="FILE",
+                   help="DICOMweb credentials file ('token = ...', or 'username = ...' and 'password = ...'); "
+                        "default: $MEDSEG_DICOMWEB_AUTH_FILE, $MEDSEG_DICOMWEB_TOKEN, or $MEDSEG_DICOMWEB_USER and "
+                        "$MEDSEG_DICOMWEB_PASSWORD")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="runtime: pytorch, or onnxruntime (a PyTorch model is exported to ONNX on first use and "
                         "kept in $MEDSEG_CACHE_DIR/onnx, default ~/.cache/medseg/onnx); auto (default): onnxruntime "
@@ -1038,11 +1137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list_cases)
 
     p = sub.add_parser("list-inputs", help="the files predict would read from folders/globs/lists, as a list file")
-    p.add_argument("inputs", nargs="+", help="folders (recursive), globs, list files (.txt) or files")
+    p.add_argument("inputs", nargs="+", help="folders (recursive), globs, list files (.txt), files or DICOMweb "
+                                             "sources (as predict takes them)")
     p.add_argument("--case-id-from", choices=["filename", "sop_instance_uid"], default="filename",
                    help="case IDs (output names) from the file name (default) or, for DICOM, the SOP Instance UID")
-    p.add_argument("--out", required=True, help="list file to write (one line per input: absolute path, case ID "
-                                                "and name, tab-separated)")
+    p.add_argument("--out", required=True, help="list file to write (one line per input: absolute path or "
+                                                "DICOMweb instance URL, case ID and name, tab-separated)")
+    p.add_argument("--dicomweb-auth", metavar="FILE", help="DICOMweb credentials file (as predict takes it)")
     p.set_defaults(func=cmd_list_inputs)
 
     p = sub.add_parser("cv-start", help="create the MLflow parent run of a cross-validation")

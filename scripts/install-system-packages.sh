@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Debian/Ubuntu packages for the service tests and for running a local team
-# stack: a single-node SLURM cluster (slurm-wlm, munge) and PostgreSQL for the
-# MLflow tracking server. Needs root (or sudo) and apt-get. Idempotent.
+# stack: a single-node SLURM cluster (slurm-wlm, munge), PostgreSQL for the
+# MLflow tracking server, and an Orthanc DICOM server with its DICOMweb plugin
+# (orthanc, orthanc-dicomweb) for the DICOMweb pull/push tests. Needs root (or
+# sudo) and apt-get. Idempotent.
 set -euo pipefail
-packages=(slurm-wlm munge postgresql)
+packages=(slurm-wlm munge postgresql orthanc orthanc-dicomweb)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

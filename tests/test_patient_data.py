@@ -82,7 +82,9 @@ def _source_dicom(seg_path: Path, base: Path) -> Path:
 def scan_outputs(root: Path, base: Path, skip=lambda path: False) -> tuple[dict[str, bytes], list[Path]]:
     """Every file under ``root`` to search ({relative name: bytes}, the name is
     searched too), and the DICOM SEG files, after checking each is a SEG of
-    its source scan's patient. ``skip(path)``: inputs that are not outputs."""
+    its source scan's patient. The DICOM SRs (CTR reports) are checked the
+    same way and not searched either: both carry the patient by standard.
+    ``skip(path)``: inputs that are not outputs."""
     texts: dict[str, bytes] = {}
     segs: list[Path] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -93,11 +95,14 @@ def scan_outputs(root: Path, base: Path, skip=lambda path: False) -> tuple[dict[
         texts[f"file name {name}"] = name.encode()
         if data[128:132] == DICOM_MAGIC:
             ds = pydicom.dcmread(io.BytesIO(data))
-            if ds.Modality == "SEG":
-                source = pydicom.dcmread(_source_dicom(path, base), stop_before_pixels=True)
-                assert ds.PatientID == source.PatientID and ds.PatientName == source.PatientName, name
-                assert ds.StudyInstanceUID == source.StudyInstanceUID, name
-                segs.append(path)
+            if ds.Modality in ("SEG", "SR"):
+                source_path = _source_dicom(path, base)
+                if not str(source_path).startswith(("http:/", "https:/")):  # retrieved from a DICOMweb server
+                    source = pydicom.dcmread(source_path, stop_before_pixels=True)
+                    assert ds.PatientID == source.PatientID and ds.PatientName == source.PatientName, name
+                    assert ds.StudyInstanceUID == source.StudyInstanceUID, name
+                if ds.Modality == "SEG":
+                    segs.append(path)
                 continue
         texts[name] = data
     return texts, segs
@@ -191,6 +196,7 @@ def test_predict_outputs_and_messages_hold_no_patient_data(predicted):
         for expected in ("prediction.json", "overlay.png", "labels.nii.gz", "masks/heart.png"):
             assert f"{case}/{expected}" in names, sorted(names)
     assert sorted(p.parent.name for p in segs) == cases  # one SEG per DICOM scan, of its own patient
+    assert sorted(p.parent.name for p in out.glob("*/sr.dcm")) == cases  # and one CTR report (SR)
     texts["predict stdout"] = predicted["predict"].stdout
     texts["predict stderr"] = predicted["predict"].stderr
     assert predicted["predict"].stderr  # the log was captured, so it was searched

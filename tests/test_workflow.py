@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 from test_patient_data import assert_workflow_run_holds_no_patient_data
+from orthanc_server import orthanc  # noqa: F401 - fixture
 from workflow_runs import SNAKEMAKE, TEST_CONFIG, copy_workflow, read_report, run_snakemake
 
 @pytest.fixture
@@ -255,6 +256,27 @@ def test_rerun_after_killed_training_resumes(workdir):
     summary = json.loads((fold_dir / "model.json").read_text())
     assert summary["best_epoch"] >= 1
     assert summary["run_id"] == first_run  # the same MLflow run, continued
+
+
+def test_inference_batch_from_a_dicomweb_source_pushes_results(local_workflow_run, orthanc, tmp_path):
+    """config inference.inputs names a DICOMweb series search and push is
+    source: the chunk jobs retrieve the scans from Orthanc and store each
+    one's SEG and SR back on it."""
+    workdir = local_workflow_run
+    sources = sorted((workdir / "results" / "e2e" / "raw" / "images").glob("*.dcm"))[:2]
+    orthanc.upload(sources)
+    inference = (f"inference={{'inputs': ['{orthanc.dicomweb_url}/series?Modality=CR'], 'name': 'dicomweb', "
+                 "'push': 'source'}")
+    run_snakemake(workdir, "--config", *TEST_CONFIG, inference, "--",
+                  "results/e2e/predictions/dicomweb/results.csv")
+    batch = workdir / "results" / "e2e" / "predictions" / "dicomweb"
+    table = pd.read_csv(batch / "results.csv")
+    assert len(table) == 2 and table.dicom_seg.all() and table.dicom_sr.all()
+    assert table.source.str.startswith(orthanc.dicomweb_url + "/studies/").all()
+    modalities = [item["00080060"]["Value"][0] for item in orthanc.dicomweb_client().search_for_instances(
+        fields=["Modality"])]
+    assert sorted(modalities) == ["CR", "CR", "SEG", "SEG", "SR", "SR"]
+    assert not (batch / "failures.csv").exists() or pd.read_csv(batch / "failures.csv").empty
 
 
 def test_inference_batch_on_new_scans_in_chunks(local_workflow_run, tmp_path):

@@ -9,6 +9,9 @@ Per scan, in ``<out_dir>/<case_id>/``:
   width yellow, thorax width magenta), with a band below giving the case ID,
   the CTR, the QC flags and the colour legend;
 - ``seg.dcm``: DICOM SEG referencing the source (DICOM input only);
+- ``sr.dcm``: DICOM SR (TID 1500 measurement report) with the CTR, heart and
+  thoracic widths in mm and the QC flags, referencing the source and the SEG
+  (DICOM input only; :mod:`medseg.inference.dicom_sr`);
 - ``prediction.json``: the scan's results row, written last: a scan whose
   ``prediction.json`` exists is finished and skipped when the run is repeated.
 Then ``results.csv`` and ``results.parquet`` gather every finished scan
@@ -36,7 +39,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -132,8 +135,27 @@ class _Prepared:
         return self.entry.case_id
 
 
-def _prepare(entry: InputFile, model: LoadedModel, settings: PredictSettings) -> _Prepared:
-    image = load_image(entry.path, settings.read_options)
+def _prepare(entry: InputFile, model: LoadedModel, settings: PredictSettings,
+             fetch: Callable[[InputFile], object] | None = None) -> _Prepared:
+    if entry.url:  # a DICOMweb instance: retrieved now, into entry.path
+        if fetch is None:
+            raise InputError(entry.url, "a DICOMweb instance, but this run has no connection to retrieve it")
+        from medseg.dicomweb import DicomWebError
+
+        try:
+            fetch(entry)
+        except DicomWebError as err:
+            raise InputError(entry.url, f"not retrieved: {err}") from None
+        try:
+            image = load_image(entry.path, settings.read_options)
+        except InputError as err:
+            entry.path.unlink(missing_ok=True)
+            raise InputError(entry.url, err.problem) from None
+        except BaseException:
+            entry.path.unlink(missing_ok=True)
+            raise
+    else:
+        image = load_image(entry.path, settings.read_options)
     geometry, normalised, tensor = canonical_image(image, model.size, model.intensity["lower_percentile"],
                                                    model.intensity["upper_percentile"])
     return _Prepared(entry, image, geometry, tensor, normalised)
@@ -175,7 +197,11 @@ def _provenance(entry: InputFile, run_settings: dict) -> dict:
     """The file's size and time and the run's settings: a rerun reuses a
     result only if all are unchanged (size and time, as make and rsync do:
     reading every file again to hash it would make a resumed run as slow as
-    a fresh one)."""
+    a fresh one). A DICOMweb instance has neither: its URL (compared by
+    :func:`finished_by`) holds its SOP Instance UID, which names one
+    instance that is never changed (PS3.3 C.12.1.1.1)."""
+    if entry.url:
+        return {"source_bytes": None, "source_mtime_ns": None, "settings": run_settings}
     stat = entry.path.stat()
     return {"source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns, "settings": run_settings}
 
@@ -200,7 +226,7 @@ def finished_by(out_dir: Path, entry: InputFile, run_settings: dict) -> str | No
         return None
     # The file itself, not its name: siteA/IM0001.dcm and siteB/IM0001.dcm
     # predicted in two runs into one folder have the same name and case ID.
-    if meta.get("source") != str(entry.path.resolve()):
+    if meta.get("source") != entry.source:
         return str(meta.get("source") or "another input")
     try:
         current = _provenance(entry, run_settings)
@@ -363,11 +389,25 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
                         type(err).__name__, err)
     if not seg_written:  # a SEG of an earlier prediction (other settings) must not sit beside these masks
         (case_dir / "seg.dcm").unlink(missing_ok=True)
+    sr_written = False
+    if settings.write_seg and prep.image.source_format == "dicom":
+        from medseg.inference.dicom_sr import write_ctr_report
+        from medseg import __version__
+
+        try:
+            write_ctr_report(prep.path, case_dir / "seg.dcm" if seg_written else None, ctr, flags,
+                             case_dir / "sr.dcm", model_name=model.uri or "medseg", model_version=__version__)
+            sr_written = True
+        except Exception as err:  # noqa: BLE001 - as for the SEG: the table holds the CTR; say why no SR
+            log.warning("predict %s: no DICOM SR written (%s: %s); masks and tables are", prep.entry.name,
+                        type(err).__name__, err)
+    if not sr_written:
+        (case_dir / "sr.dcm").unlink(missing_ok=True)
 
     pixel_area = spacing[0] * spacing[1]
     row = {
         "case_id": prep.case_id,
-        "source": str(Path(prep.image.source).resolve()),
+        "source": prep.entry.source,
         "input_name": prep.entry.name,
         "source_format": prep.image.source_format,
         "rows": prep.image.shape[0],
@@ -386,6 +426,7 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
         "model_uri": model.uri,
         "seconds": forward_seconds + time.perf_counter() - started,
         "dicom_seg": seg_written,
+        "dicom_sr": sr_written,
     }
     meta = {**row, "labels": model.labels, "spacing_mm": list(spacing), "original_shape": list(prep.image.shape),
             **_provenance(prep.entry, run_settings)}
@@ -702,7 +743,10 @@ def gather_results(out_dir: Path, case_ids: Iterable[str] | None = None) -> pd.D
 
 def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: PredictSettings, out_dir: str | Path,
                   device: torch.device | None = None, chunk: Chunk | None = None,
-                  skipped: Sequence[Skipped] = ()) -> tuple[pd.DataFrame, list[Failure]]:
+                  skipped: Sequence[Skipped] = (),
+                  fetch: Callable[[InputFile], object] | None = None,
+                  push: Callable[[Path, InputFile], Sequence[str]] | None = None,
+                  ) -> tuple[pd.DataFrame, list[Failure]]:
     """Predict every input; skip those already finished; never stop on a bad one.
 
     Args:
@@ -713,6 +757,19 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
             ``gather_chunks``.
         skipped: non-image files skipped while collecting the inputs, listed
             in ``skipped.csv`` (unsplit runs) and the closing summary.
+        fetch: retrieves a DICOMweb input (``InputFile.url``) into its
+            ``path`` (e.g. :func:`medseg.ingest.remote.retrieve` bound to a
+            connection), called by the reading threads when the run gets to
+            it; the copy lies in ``out_dir/.retrieved`` and is removed once
+            the scan's results are written. Its failure is that scan's.
+        push: stores a finished scan's DICOM results (its folder, its
+            input) on a server and returns the SOP Instance UIDs it stored
+            (e.g. :func:`medseg.inference.push.push_scan` bound to a
+            connection and server); called once the batch is predicted for
+            every scan of this run, those finished before included (it skips
+            what the server holds). A scan it fails for is listed among the
+            failures ("not pushed: ...") with its results kept, so that a
+            rerun pushes it.
 
     Returns:
         (results table of the finished scans: all of ``out_dir``, or this
@@ -723,8 +780,11 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
         ValueError: two inputs share a case ID (a caller bug: IDs come from
             ``collect_inputs``).
     """
+    from medseg.ingest.remote import RETRIEVED_FOLDER, local_copy
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    files = [local_copy(out_dir, f) for f in files]
     device = device or next((p.device for p in model.module.parameters()), torch.device("cpu"))
     counts = Counter(f.case_id.casefold() for f in files)
     shared = sorted({f.case_id for f in files if counts[f.case_id.casefold()] > 1})
@@ -745,7 +805,7 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
         for entry in files:
             owner = finished_by(out_dir, entry, run_settings)
             if owner:
-                fail(entry.path, f"its output folder {out_dir / entry.case_id} holds the results of {owner} from "
+                fail(entry.url or entry.path, f"its output folder {out_dir / entry.case_id} holds the results of {owner} from "
                      "an earlier run; predict into a new --out folder", entry.name)
             elif owner == "":
                 case_ids.append(entry.case_id)
@@ -755,7 +815,11 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
 
     def finish(job: tuple[_Prepared, np.ndarray, float]) -> dict:
         prep, probabilities, forward_seconds = job
-        return _finish_scan(prep, probabilities, model, settings, out_dir, forward_seconds, run_settings)
+        try:
+            return _finish_scan(prep, probabilities, model, settings, out_dir, forward_seconds, run_settings)
+        finally:
+            if prep.entry.url:  # the retrieved copy: its results are written (or its failure listed)
+                prep.path.unlink(missing_ok=True)
 
     def collect(outcomes: Iterable[Outcome]) -> None:
         for outcome in outcomes:
@@ -763,13 +827,14 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
                 counts["done"] += 1
             else:
                 err = outcome.error
-                fail(outcome.item[0].path, f"{type(err).__name__}: {err}", outcome.item[0].entry.name)
+                entry = outcome.item[0].entry
+                fail(entry.url or entry.path, f"{type(err).__name__}: {err}", entry.name)
 
     logged = None
     workers = settings.workers if settings.workers is not None else default_workers(len(files), settings.batch_size)
     # One batch read ahead and one written behind: the forward pass never
     # waits for a whole batch to be read, memory holds about three batches.
-    read = read_ahead(to_predict(), lambda entry: _prepare(entry, model, settings), workers=workers,
+    read = read_ahead(to_predict(), lambda entry: _prepare(entry, model, settings, fetch), workers=workers,
                       ahead=settings.batch_size)
     with WriteBehind(finish, workers=workers, in_flight=settings.batch_size) as writer:
         for outcomes in _batches(read, settings.batch_size):
@@ -778,7 +843,8 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
                 if isinstance(outcome.error, InputError):
                     fail(outcome.error.path, outcome.error.problem, outcome.item.name)
                 elif outcome.error is not None:  # one bad file must not stop the batch
-                    fail(outcome.item.path, f"{type(outcome.error).__name__}: {outcome.error}", outcome.item.name)
+                    fail(outcome.item.url or outcome.item.path, f"{type(outcome.error).__name__}: {outcome.error}",
+                         outcome.item.name)
                 else:
                     case_ids.append(outcome.item.case_id)
                     prepared.append(outcome.result)
@@ -793,8 +859,16 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
         collect(writer.drain())
     if _progress_state(counts, len(failures)) != logged:  # the writes finished since, or nothing to predict
         _log_progress(counts, len(failures), len(files), start)
+    if push is not None:
+        finished = set(case_ids)
+        for entry, problem in _push_all(push, out_dir, [f for f in files if f.case_id in finished], workers):
+            fail(entry.url or entry.path, f"results written, not pushed: {problem}", entry.name)
+    try:
+        (out_dir / RETRIEVED_FOLDER).rmdir()  # the DICOMweb copies' folder, once each copy is removed
+    except OSError:
+        pass  # none, or a parallel chunk job is still using it
     # In input order, as a sequential run lists them (reading and writing failures interleave otherwise).
-    order = {str(entry.path): index for index, entry in enumerate(files)}
+    order = {entry.url or str(entry.path): index for index, entry in enumerate(files)}
     failures.sort(key=lambda failure: order.get(failure.file, len(order)))
     write_skipped(out_dir / "skipped.csv", skipped)  # the same list from every chunk job
     if chunk is None:
@@ -809,6 +883,37 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
     report_failures(failures, len(files), "predict" if chunk is None else f"predict {chunk.name}",
                     skipped=len(skipped))
     return table, failures
+
+
+def _push_all(push: Callable[[Path, InputFile], Sequence[str]], out_dir: Path, entries: Sequence[InputFile],
+              workers: int) -> list[tuple[InputFile, str]]:
+    """Call ``push`` for every finished scan (a few at a time: each waits on
+    the network); log progress; return (entry, problem) per scan it failed for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems: list[tuple[InputFile, str]] = []
+    counts = Counter()
+    start = time.perf_counter()
+    step = max(1, len(entries) // 10)
+
+    def one(entry: InputFile) -> tuple[InputFile, Sequence[str] | None, str]:
+        try:
+            return entry, push(out_dir / entry.case_id, entry), ""
+        except Exception as err:  # noqa: BLE001 - one scan's failure must not stop the others
+            return entry, None, str(err) if isinstance(err, (OSError, RuntimeError)) else f"{type(err).__name__}: {err}"
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, 4))) as pool:
+        for number, (entry, stored, problem) in enumerate(pool.map(one, entries), start=1):
+            if stored is None:
+                problems.append((entry, problem))
+                counts["failed"] += 1
+            else:
+                counts["stored" if stored else "already"] += 1
+            if number % step == 0 or number == len(entries):
+                log.info("push %d/%d scans (%d stored, %d already on the server, %d failed) %.1f s", number,
+                         len(entries), counts["stored"], counts["already"], counts["failed"],
+                         time.perf_counter() - start)
+    return problems
 
 
 # Decimals of the results tables (results*.csv, results.parquet): 0.1 mm and

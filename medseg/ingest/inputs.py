@@ -69,7 +69,7 @@ import os
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -115,12 +115,21 @@ class InputFile:
         case_id: the run's unique, file-name-safe identifier of the scan.
         explicit: named by the user (a file argument or a list-file line)
             rather than found while walking a folder or matching a glob.
+        url: for an instance on a DICOMweb server, its WADO-RS URL
+            (``<root>/studies/<uid>/series/<uid>/instances/<uid>``); ``path``
+            is then where a run retrieves it to (:mod:`medseg.ingest.remote`).
     """
 
     path: Path
     name: str
     case_id: str = ""
     explicit: bool = False
+    url: str = ""
+
+    @property
+    def source(self) -> str:
+        """What the input is read from: its URL, else its absolute path."""
+        return self.url or str(self.path.resolve())
 
     @property
     def stem(self) -> str:
@@ -364,7 +373,10 @@ def _names_an_input(path: Path) -> bool:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         entries += 1
-        entry = Path(line.rstrip("\r\n").split("\t")[0].strip())
+        first = line.rstrip("\r\n").split("\t")[0].strip()
+        if _is_url(first):  # a DICOMweb instance (medseg list-inputs of a DICOMweb source)
+            return True
+        entry = Path(first)
         try:
             if os.path.lexists(entry if entry.is_absolute() else path.parent / entry):
                 return True
@@ -380,19 +392,28 @@ def _list_file_entries(path: Path) -> Iterable[tuple[InputFile, str | None]]:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.rstrip("\r\n").split("\t")
-        entry = Path(fields[0].strip())
-        file = entry if entry.is_absolute() else base / entry
+        url = fields[0].strip() if _is_url(fields[0].strip()) else ""
+        entry = Path(url.rsplit("/", 1)[-1] + ".dcm") if url else Path(fields[0].strip())
+        file = entry if entry.is_absolute() or url else base / entry
         case_id = fields[1].strip() if len(fields) > 1 and fields[1].strip() else None
-        name = fields[2].strip() if len(fields) > 2 and fields[2].strip() else file.name
+        name = fields[2].strip() if len(fields) > 2 and fields[2].strip() else (entry.stem if url else file.name)
         if case_id is not None and not is_safe_case_id(case_id):
             raise ValueError(f"{path}:{number}: case ID {case_id!r} is not usable: it must be letters, digits, "
                              f"'.', '_', '-', at most {MAX_CASE_ID_LENGTH} characters, and not end like an output "
                              "file (.csv, .png, .json, ...)")
-        yield InputFile(file, name, explicit=True), case_id
+        yield InputFile(file, name, explicit=True, url=url), case_id
+
+
+def _is_url(text: str) -> bool:
+    """An http(s) URL (a DICOMweb source or instance), not a path."""
+    return text.lower().startswith(("http://", "https://"))
+
+
+RemoteLister = Callable[[str], tuple[list["InputFile"], list["Skipped"]]]
 
 
 def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename",
-                   exclude: Sequence[str | Path] = ()) -> InputSet:
+                   exclude: Sequence[str | Path] = (), remote: RemoteLister | None = None) -> InputSet:
     """Every file a run reads from ``inputs``, each with its case ID.
 
     Args:
@@ -403,6 +424,9 @@ def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename",
         case_id_from: "filename" (the name) or "sop_instance_uid".
         exclude: folders whose files are never inputs, found while walking
             (the run's own output folder, when it lies inside an input folder).
+        remote: lists the instances of a DICOMweb source (an http(s) URL
+            among ``inputs``), e.g. :func:`medseg.ingest.remote.list_instances`
+            bound to a connection: (inputs with ``url`` set, skipped).
 
     Returns:
         InputSet: the inputs in order with unique case IDs (list-file IDs
@@ -413,23 +437,31 @@ def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename",
 
     Raises:
         ValueError: ``case_id_from`` unknown; a list file gives an unsafe case
-            ID or one case ID to two files.
+            ID or one case ID to two files; a DICOMweb source without ``remote``.
         FileNotFoundError: an input that is not a glob (a folder, list file
             or file) does not exist; the message names every such input.
     """
     if case_id_from not in CASE_ID_SOURCES:
         raise ValueError(f"case_id_from must be one of {CASE_ID_SOURCES}, got {case_id_from!r}")
-    missing = [str(item) for item in inputs
-               if not any(ch in str(item) for ch in "*?[") and not os.path.lexists(str(item))]
+    missing = [str(item) for item in inputs if not _is_url(str(item))
+               and not any(ch in str(item) for ch in "*?[") and not os.path.lexists(str(item))]
     if missing:
         raise FileNotFoundError(f"input{'s' if len(missing) > 1 else ''} not found (no such file or folder): "
                                 f"{', '.join(missing)}")
     found: list[InputFile] = []
     given_ids: list[str | None] = []
+    remote_skipped: list[Skipped] = []
     for item in inputs:
         text = str(item)
         path = Path(text)
-        if any(ch in text for ch in "*?["):
+        if _is_url(text):
+            if remote is None:
+                raise ValueError(f"{text.split('?')[0]}: a DICOMweb source, but no connection to list it with")
+            listed, passed_over = remote(text)
+            found += listed
+            given_ids += [None] * len(listed)
+            remote_skipped += passed_over
+        elif any(ch in text for ch in "*?["):
             root = _glob_root(text)
             matches = [Path(m) for m in sorted(globbing.glob(text, recursive=True)) if Path(m).is_file()]
             if not matches:
@@ -451,16 +483,20 @@ def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename",
 
     files: list[InputFile] = []
     ids: list[str | None] = []
-    skipped: list[Skipped] = []
-    skipped_names: list[str] = []
-    seen: dict[Path, InputFile] = {}
+    skipped: list[Skipped] = list(remote_skipped)
+    skipped_names: list[str] = [PurePosixPath(s.file).name + f" ({s.reason})" for s in remote_skipped]
+    seen: dict[Path | str, InputFile] = {}
     excluded = [Path(e).resolve() for e in exclude]
+    repeated_instances = 0
     for entry, case_id in zip(found, given_ids):
-        key = entry.path.resolve()
+        key = entry.url or entry.path.resolve()
         if not entry.explicit and any(key.is_relative_to(folder) for folder in excluded):
             continue  # the run's own outputs
         if key in seen:
-            log.warning("%s is the same file as %s: read once", entry.path, seen[key].path)
+            if entry.url:  # overlapping DICOMweb sources (a study and a search): counted, said once below
+                repeated_instances += 1
+            else:
+                log.warning("%s is the same file as %s: read once", entry.path, seen[key].path)
             continue
         seen[key] = entry
         reason = None if entry.explicit else non_image_reason(entry.path)
@@ -472,6 +508,8 @@ def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename",
             continue
         files.append(entry)
         ids.append(case_id)
+    if repeated_instances:
+        log.warning("%d DICOMweb instance(s) named by more than one source: each read once", repeated_instances)
     if skipped:
         more = len(skipped_names) - _SKIPPED_NAMES_LOGGED
         log.info("skipped %d file%s that %s not images: %s%s", len(skipped), "" if len(skipped) == 1 else "s",
@@ -496,7 +534,8 @@ def _with_case_ids(files: list[InputFile], given: list[str | None], case_id_from
     if fixed and len(fixed) == len(files):
         return [replace(f, case_id=i) for f, i in zip(files, fixed)]  # type: ignore[arg-type]
     free = [k for k, i in enumerate(given) if not i]
-    uids = [sop_instance_uid(files[k].path) for k in free] if case_id_from == "sop_instance_uid" else None
+    uids = ([files[k].name if files[k].url else sop_instance_uid(files[k].path) for k in free]
+            if case_id_from == "sop_instance_uid" else None)
     assigned = assign_case_ids([files[k] for k in free], uids)
     taken = {i.casefold() for i in fixed}
     out = [replace(f, case_id=i) if i else f for f, i in zip(files, given)]

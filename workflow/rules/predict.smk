@@ -9,6 +9,18 @@ def truth_argument(wildcards, input):
     return args
 
 
+def push_arguments(wildcards):
+    """--push / --push-url for a batch of new scans (config inference.push); none for a fold's test scans."""
+    if fold_of_batch(wildcards.batch) is not None or not INFERENCE.get("push"):
+        return ""
+    if INFERENCE["push"] == "url":
+        if not INFERENCE.get("push_url"):
+            raise ValueError("config inference.push is url but inference.push_url is not set: give the DICOMweb "
+                             "root to store the results on")
+        return f"--push-url {shlex.quote(str(INFERENCE['push_url']))}"
+    return "--push"
+
+
 def predict_arguments():
     settings = config["predict"]
     args = [f"--batch-size {settings['batch_size']}"]
@@ -113,6 +125,7 @@ rule predict_chunk:
         out=subpath(output.table, parent=True),
         read=f"{read_arguments()} {case_id_argument()}",
         settings=predict_arguments(),
+        push=push_arguments,
         chunks=PREDICT_CHUNKS,
     log:
         "results/{dataset}/logs/predict_{batch}_chunk{chunk}.log",
@@ -126,7 +139,7 @@ rule predict_chunk:
         # Exit status 1 (some scans failed) is not a job failure: the failures
         # are listed in the table and the batch goes on.
         "{MEDSEG} predict {input.scans} --model {params.model} --out {params.out} --chunk {wildcards.chunk}/{params.chunks}"
-        " {params.read} {params.settings} > {log} 2>&1 || [ $? -eq 1 ]"
+        " {params.read} {params.settings} {params.push} > {log} 2>&1 || [ $? -eq 1 ]"
 
 
 rule gather_predictions:
