@@ -76,6 +76,9 @@ def main() -> None:
             print(f"Orthanc {server.url}: {len(files)} scans uploaded in {time.perf_counter() - started:.1f} s",
                   flush=True)
 
+            # A first run of a model may export it to ONNX (cached): not part of either figure.
+            warm = timed_predict([str(files[0]), "--out", str(tmp / "warm-up"), *env_model], tmp / "warm-up.log")
+            print(f"warm-up run (1 scan; exports the model to ONNX on its first use): {warm:.1f} s", flush=True)
             local = timed_predict([str(tmp / "scans" / "images"), "--out", str(tmp / "local"), *env_model],
                                   tmp / "local.log")
             source = f"{server.dicomweb_url}/studies?ModalitiesInStudy=CR"

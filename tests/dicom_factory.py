@@ -256,6 +256,22 @@ def make_sr(
     return _write(ds, Path(path), ExplicitVRLittleEndian, preamble=True)
 
 
+def make_legacy_without_type2(path: str | Path, rows: int, cols: int,
+                              patient_name: str = "Solitaryname") -> tuple[Path, Dataset]:
+    """A legacy ACR-NEMA-style MONOCHROME1 file (no preamble, no file meta,
+    implicit VR) without Patient ID, Birth Date, Sex and Study Date, and with
+    a one-component Patient's Name (highdicom quotes such a name in a
+    warning). Returns (path, the dataset as written)."""
+    path = make_dicom(Path(path), synthetic_image(rows, cols), photometric="MONOCHROME1",
+                      transfer_syntax=ImplicitVRLittleEndian, preamble=False)
+    ds = pydicom.dcmread(path, force=True)
+    for keyword in ("PatientID", "PatientBirthDate", "PatientSex", "StudyDate"):
+        delattr(ds, keyword)
+    ds.PatientName = patient_name
+    pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True)
+    return path, ds
+
+
 def make_color(path: str | Path, rows: int = 32, cols: int = 40) -> Path:
     """Write an 8-bit RGB Secondary Capture image of shape (rows, cols, 3)."""
     ds = _base_dataset(SecondaryCaptureImageStorage, "OT", PATIENT_NAME, PATIENT_ID)

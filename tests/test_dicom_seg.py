@@ -10,10 +10,9 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ImplicitVRLittleEndian
 
 from conftest import shared_data_dir
-from dicom_factory import PATIENT_ID, make_dicom, synthetic_image
+from dicom_factory import PATIENT_ID, make_dicom, make_legacy_without_type2, synthetic_image
 from requirements_switch import skip_or_fail
 from medseg.errors import InputError
 from medseg.inference.dicom_seg import read_dicom_seg, write_dicom_seg
@@ -114,18 +113,7 @@ def test_seg_round_trip_synthetic(tmp_path):
 
 def test_seg_from_legacy_file_without_type2_attributes(tmp_path):
     """No preamble, no file meta, no Patient ID / Study Date: filled in empty."""
-    src_path = make_dicom(
-        tmp_path / "legacy.dcm",
-        synthetic_image(ROWS, COLS),
-        photometric="MONOCHROME1",
-        transfer_syntax=ImplicitVRLittleEndian,
-        preamble=False,
-    )
-    ds = pydicom.dcmread(src_path, force=True)
-    for keyword in ("PatientID", "PatientBirthDate", "PatientSex", "StudyDate"):
-        delattr(ds, keyword)
-    ds.PatientName = "Solitaryname"  # one component: highdicom would quote it in a warning
-    pydicom.dcmwrite(src_path, ds, implicit_vr=True, little_endian=True)
+    src_path, ds = make_legacy_without_type2(tmp_path / "legacy.dcm", ROWS, COLS)
     digest = hashlib.sha256(src_path.read_bytes()).hexdigest()
 
     masks = _masks(ROWS, COLS)

@@ -14,9 +14,9 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ComprehensiveSRStorage, ImplicitVRLittleEndian
+from pydicom.uid import ComprehensiveSRStorage
 
-from dicom_factory import make_dicom, synthetic_image
+from dicom_factory import make_dicom, make_legacy_without_type2, synthetic_image
 from medseg.errors import InputError
 from medseg.inference.ctr import CtrResult
 from medseg.inference.dicom_seg import write_dicom_seg
@@ -186,15 +186,7 @@ def test_legacy_source_and_patient_name_stays_out_of_logs(tmp_path, caplog):
     """No preamble, no file meta, no Patient ID / Study Date: filled in empty,
     and highdicom's warning that quotes a one-component name is suppressed."""
     rows, cols = 60, 40
-    src_path = make_dicom(
-        tmp_path / "legacy.dcm", synthetic_image(rows, cols), photometric="MONOCHROME1",
-        transfer_syntax=ImplicitVRLittleEndian, preamble=False,
-    )
-    ds = pydicom.dcmread(src_path, force=True)
-    for keyword in ("PatientID", "PatientBirthDate", "PatientSex", "StudyDate"):
-        delattr(ds, keyword)
-    ds.PatientName = "Solitaryname"  # one component: highdicom would quote it in a warning
-    pydicom.dcmwrite(src_path, ds, implicit_vr=True, little_endian=True)
+    src_path, ds = make_legacy_without_type2(tmp_path / "legacy.dcm", rows, cols)
     digest = hashlib.sha256(src_path.read_bytes()).hexdigest()
     with pytest.warns(UserWarning, match="Solitaryname"):  # what is being suppressed
         hd.valuerep.check_person_name("Solitaryname")

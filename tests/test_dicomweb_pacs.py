@@ -206,7 +206,7 @@ def test_server_gone_mid_batch_lists_scans_not_done_and_rerun_finishes(model_and
     def retrieve_then_stop(connection, entry):
         retrieved.append(entry.name)
         if len(retrieved) == 3:
-            orthanc.stop()  # the PACS goes away after two scans were retrieved
+            orthanc.stop(kill=True)  # the PACS goes away (crashes) after two scans were retrieved
         return real_retrieve(connection, entry)
 
     monkeypatch.setattr(remote_module, "retrieve", retrieve_then_stop)
@@ -230,7 +230,7 @@ def test_server_gone_mid_batch_lists_scans_not_done_and_rerun_finishes(model_and
     def push_then_stop(connection, base_url, case_dir):
         pushed.append(case_dir)
         if len(pushed) == 3:
-            orthanc.stop()  # gone again, now while results are being stored
+            orthanc.stop(kill=True)  # gone again, now while results are being stored
         return real_push(connection, base_url, case_dir)
 
     monkeypatch.setattr(push_module, "push_scan", push_then_stop)
