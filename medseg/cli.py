@@ -215,6 +215,14 @@ def _dicomweb_connection(args: argparse.Namespace):
     return connection
 
 
+def _shown_inputs(inputs: Sequence[str]) -> str:
+    """The inputs for a log line: DICOMweb sources without query values (a
+    search may be by patient) or credentials."""
+    from medseg.dicomweb import is_dicomweb_source, redact_url
+
+    return " ".join(redact_url(i) if is_dicomweb_source(i) else i for i in inputs)
+
+
 def _lists_urls(item: str) -> bool:
     """A list file (.txt) with DICOMweb instance URLs (as list-inputs writes them)."""
     path = Path(item)
@@ -555,10 +563,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = inputs.files
     push = _pusher(args, connection, files)
     if not files:
-        from medseg.dicomweb import is_dicomweb_source, redact_url
-
-        shown = " ".join(redact_url(i) if is_dicomweb_source(i) else i for i in args.inputs)
-        log.error("no input files found in %s%s", shown,
+        log.error("no input files found in %s%s", _shown_inputs(args.inputs),
                   f" ({len(inputs.skipped)} files that are not images skipped)" if inputs.skipped else "")
         return EXIT_USAGE
 
@@ -926,7 +931,7 @@ def cmd_list_inputs(args: argparse.Namespace) -> int:
 
     inputs = _collect(args.inputs, args.case_id_from, connection=_dicomweb_connection(args))
     if not inputs.files:
-        log.error("no input files found in %s", " ".join(args.inputs))
+        log.error("no input files found in %s", _shown_inputs(args.inputs))
         return EXIT_USAGE
     lines, unlisted = [], []
     for f in inputs.files:
