@@ -243,6 +243,10 @@ def test_server_gone_mid_batch_lists_scans_not_done_and_rerun_finishes(model_and
 
     orthanc.start()
     assert {k: len(v) for k, v in _by_modality(orthanc).items()} == {"CR": 6, "SEG": 2, "SR": 2}
+    # A copy a killed run had retrieved but not yet removed, of a finished scan.
+    finished = next(out.glob("*/prediction.json")).parent.name
+    (out / ".retrieved").mkdir(exist_ok=True)
+    (out / ".retrieved" / f"{finished}.dcm").write_bytes(pacs_scans[0].read_bytes())
     rc, log = run_in_process(args, capsys, caplog)
     assert rc == 0, log[-3000:]
     assert "(4 stored, 2 already on the server, 0 failed)" in log
@@ -251,6 +255,7 @@ def test_server_gone_mid_batch_lists_scans_not_done_and_rerun_finishes(model_and
     assert len(set(_uids(stored["SEG"]))) == 6 and len(set(_uids(stored["SR"]))) == 6
     assert len(pd.read_csv(out / "results.csv")) == 6
     assert not (out / "failures.csv").exists() or pd.read_csv(out / "failures.csv").empty
+    assert not (out / ".retrieved").exists()
     shutil.rmtree(out)
 
 

@@ -805,11 +805,13 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
         for entry in files:
             owner = finished_by(out_dir, entry, run_settings)
             if owner:
-                fail(entry.url or entry.path, f"its output folder {out_dir / entry.case_id} holds the results of {owner} from "
-                     "an earlier run; predict into a new --out folder", entry.name)
+                fail(entry.url or entry.path, f"its output folder {out_dir / entry.case_id} holds the results of "
+                     f"{owner} from an earlier run; predict into a new --out folder", entry.name)
             elif owner == "":
                 case_ids.append(entry.case_id)
                 counts["already"] += 1
+                if entry.url:  # a copy a killed run retrieved and had not removed yet
+                    entry.path.unlink(missing_ok=True)
             else:
                 yield entry
 
