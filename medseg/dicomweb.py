@@ -99,6 +99,17 @@ def is_dicomweb_source(text: str | os.PathLike) -> bool:
 _NOT_FILTERS = {"limit", "offset", "includefield", "fuzzymatching"}
 
 
+def _is_attribute(key: str) -> bool:
+    """A QIDO-RS filter key: a DICOM keyword or 8-digit hex tag, or a dotted
+    sequence path of them (PS3.18 8.3.4.1)."""
+    import re
+
+    from pydicom.datadict import tag_for_keyword
+
+    return all(tag_for_keyword(part) is not None or re.fullmatch(r"[0-9A-Fa-f]{8}", part)
+               for part in key.split("."))
+
+
 @dataclass(frozen=True)
 class DicomWebSource:
     """One DICOMweb source (module docstring): server root plus what to read.
@@ -138,6 +149,11 @@ class DicomWebSource:
             raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(paging)} is not a search filter; medseg "
                              "reads every result of a search, page by page (narrow it with attribute filters, e.g. "
                              "StudyDate=20240101-20240131)")
+        unknown = sorted(k for k in filters if not _is_attribute(k))
+        if unknown:  # a server ignores a key it does not know: the search would match everything
+            raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(unknown)} is not a DICOM attribute "
+                             "keyword or tag (keywords are case-sensitive: StudyDate, Modality, ModalitiesInStudy, "
+                             "AccessionNumber, ...)")
         segments = [s for s in parts.path.split("/") if s]
         root = f"{parts.scheme}://{parts.netloc}"
         # The last "studies" / "series" / "instances" segment that ends the

@@ -41,6 +41,8 @@ def test_a_source_url_names_its_server_root_and_what_to_read(url, expected):
     ("https://pacs/dicom-web/studies/1.2/frames/1", "expected <root>/studies"),
     ("ftp://pacs/dicom-web/studies/1.2", "not a DICOMweb URL"),
     ("https://pacs/dicom-web/studies?StudyDate=20240101&limit=10", "limit is not a search filter"),
+    ("https://pacs/dicom-web/studies?StudyData=20240101", "StudyData is not a DICOM attribute"),
+    ("https://pacs/dicom-web/series?modality=MR", "modality is not a DICOM attribute"),
 ])
 def test_bad_source_urls_are_refused_without_echoing_secrets(url, problem):
     with pytest.raises(ValueError, match=problem) as caught:
