@@ -188,6 +188,8 @@ def _collect(inputs: Sequence[str], case_id_from: str = "filename", exclude: Seq
     def remote(text: str):
         source = DicomWebSource.parse(text)
         files, skipped = list_instances(connection, source)
+        if source.search is None and not files and not skipped:  # UIDs that name nothing: a typo, as a missing path
+            raise DicomWebError(f"DICOMweb source {source.display()}: no such study, series or instance on the server")
         log.info("DICOMweb source %s: %d image instance(s), %d other instance(s) skipped", source.display(),
                  len(files), len(skipped))
         return files, skipped

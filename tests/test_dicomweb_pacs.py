@@ -274,3 +274,17 @@ def test_study_search_that_ignores_offset_is_listed_once(orthanc, pacs_scans):
         f"{orthanc.dicomweb_url}/studies?ModalitiesInStudy=CR"))
     assert len(files) == 3 and not skipped
     assert sorted(f.name for f in files) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in pacs_scans[:3])
+
+
+def test_a_study_uid_that_names_nothing_is_bad_usage_even_beside_good_inputs(orthanc, pacs_scans, tmp_path,
+                                                                             capsys, caplog):
+    orthanc.upload(pacs_scans[:1])
+    good = pydicom.dcmread(pacs_scans[0]).StudyInstanceUID
+    listing = tmp_path / "list.txt"
+    rc, log = run_in_process(["list-inputs", f"{orthanc.dicomweb_url}/studies/{good}",
+                              f"{orthanc.dicomweb_url}/studies/1.2.3.999", "--out", listing], capsys, caplog)
+    assert rc == 2 and "studies/1.2.3.999: no such study" in log, log[-2000:]
+    assert not listing.exists()
+    rc, log = run_in_process(["list-inputs", f"{orthanc.dicomweb_url}/studies/{good}", "--out", listing],
+                             capsys, caplog)
+    assert rc == 0 and len(listing.read_text().splitlines()) == 1, log[-2000:]
