@@ -19,8 +19,9 @@ cannot read its own file back; that item is dropped (see
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import highdicom as hd
@@ -126,6 +127,18 @@ def _display_colour(label: str) -> hd.color.CIELabColor | None:
     return hd.color.CIELabColor.from_rgb(*(int(round(255 * v)) for v in colour))
 
 
+@contextlib.contextmanager
+def no_person_name_warnings() -> Iterator[None]:
+    """Silence highdicom's warning about a one-component Patient's Name while
+    building a SEG or SR: it quotes the name, which would put patient data
+    into logs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"The string .* unlikely to represent the intended person name"
+        )
+        yield
+
+
 def _read_source(source: Path) -> Dataset:
     """The source dataset, with a transfer syntax and type-2 attributes present.
 
@@ -228,12 +241,7 @@ def write_dicom_seg(
             )
         )
 
-    with warnings.catch_warnings():
-        # highdicom warns about a one-component Patient's Name and quotes the
-        # name in the message: that would put patient data into logs.
-        warnings.filterwarnings(
-            "ignore", message=r"The string .* unlikely to represent the intended person name"
-        )
+    with no_person_name_warnings():
         seg = _build_segmentation(
             src, pixel_array, descriptions, model_name, series_number, instance_number
         )

@@ -64,7 +64,6 @@ quoting the name; that warning is suppressed so the name never reaches logs.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,7 +80,7 @@ import medseg
 from medseg.atomic import atomic_path
 from medseg.errors import InputError
 from medseg.inference.ctr import CtrResult
-from medseg.inference.dicom_seg import _read_source
+from medseg.inference.dicom_seg import _read_source, no_person_name_warnings
 
 PRIVATE_SCHEME = "99MEDSEG"
 
@@ -302,12 +301,7 @@ def write_ctr_report(
         imaging_measurements=[group],
     )
 
-    with warnings.catch_warnings():
-        # highdicom warns about a one-component Patient's Name and quotes the
-        # name in the message: that would put patient data into logs.
-        warnings.filterwarnings(
-            "ignore", message=r"The string .* unlikely to represent the intended person name"
-        )
+    with no_person_name_warnings():
         sr = hd.sr.ComprehensiveSR(
             evidence=evidence,
             content=report,
