@@ -217,6 +217,20 @@ def _dicomweb_connection(args: argparse.Namespace):
     return connection
 
 
+def _searches(inputs: Sequence[str]) -> bool:
+    """Some input is a DICOMweb search (its result can change between runs)."""
+    from medseg.dicomweb import DicomWebSource, is_dicomweb_source
+
+    for item in inputs:
+        if is_dicomweb_source(item):
+            try:
+                if DicomWebSource.parse(item).search is not None:
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
 def _shown_inputs(inputs: Sequence[str]) -> str:
     """The inputs for a log line: DICOMweb sources without query values (a
     search may be by patient) or credentials."""
@@ -558,16 +572,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         log.error("--out %s is an input folder; give a folder of its own for the results (it may lie inside)", out)
         return EXIT_USAGE
     connection = _dicomweb_connection(args)
+    target = _push_target(args)
     # Case IDs are given over the whole batch, before a chunk is taken, so
     # every chunk job names its scans as an unsplit run would.
     inputs = _collect(args.inputs, args.case_id_from, exclude=[args.out],  # --out may lie in an input folder
                       connection=connection)
     files = inputs.files
-    push = _pusher(args, connection, files)
+    push = _pusher(args, connection, files, target)
     if not files:
         log.error("no input files found in %s%s", _shown_inputs(args.inputs),
                   f" ({len(inputs.skipped)} files that are not images skipped)" if inputs.skipped else "")
         return EXIT_USAGE
+    _check_servers(connection, files, target)
+    if args.chunk is not None and _searches(args.inputs):
+        log.warning("--chunk on a DICOMweb search: each chunk job searches again, and scans stored or deleted "
+                    "meanwhile shift the chunks (scans missed or read twice); fix the list first with `medseg "
+                    "list-inputs SOURCE --out list.txt` and give the chunks list.txt")
 
     from medseg.inference.model import load_for_backend
     from medseg.inference.predict import PredictSettings, predict_files
@@ -616,27 +636,50 @@ def _fetcher(connection):
     return lambda entry: retrieve(connection, entry)
 
 
-def _pusher(args: argparse.Namespace, connection, files):
+def _push_target(args: argparse.Namespace) -> str | None:
+    """The DICOMweb root of --push-url (None: --push to each scan's own
+    server, or no push), checked before anything is searched or read.
+
+    Raises:
+        UsageError: --push or --push-url with --no-seg (nothing to store), or
+            a --push-url that is not a DICOMweb root (not http(s), a query).
+    """
+    if not (args.push or args.push_url):
+        return None
+    from medseg.dicomweb import DicomWebSource, redact_url
+
+    if args.no_seg:
+        raise UsageError("--push stores the DICOM SEG and structured report: leave out --no-seg")
+    if not args.push_url:
+        return None
+    from urllib.parse import urlsplit
+
+    if urlsplit(args.push_url).query or urlsplit(args.push_url).fragment:
+        raise UsageError(f"--push-url {redact_url(args.push_url)}: give the server's DICOMweb root, without a query "
+                         "(e.g. https://pacs.example.org/dicom-web)")
+    try:
+        return DicomWebSource.parse(args.push_url.rstrip("/") + "/studies").base_url
+    except ValueError:
+        raise UsageError(f"--push-url {redact_url(args.push_url)}: not a DICOMweb root (http:// or https://, e.g. "
+                         "https://pacs.example.org/dicom-web)") from None
+
+
+def _pusher(args: argparse.Namespace, connection, files, target: str | None):
     """What stores a scan's SEG and SR for --push / --push-url, else None.
+
+    Args:
+        target: :func:`_push_target`'s server, None: each scan's own.
 
     Raises:
         UsageError: --push with inputs that came from no DICOMweb server
-            (no --push-url), or --no-seg (nothing to store).
+            (no --push-url).
     """
     if not (args.push or args.push_url):
         return None
     from medseg.dicomweb import DicomWebSource
     from medseg.inference.push import push_scan
 
-    if args.no_seg:
-        raise UsageError("--push stores the DICOM SEG and structured report: leave out --no-seg")
-    target = None
-    if args.push_url:
-        try:
-            target = DicomWebSource.parse(args.push_url.rstrip("/") + "/studies").base_url
-        except ValueError as err:
-            raise UsageError(f"--push-url: {err}") from None
-    elif any(not f.url for f in files):
+    if target is None and any(not f.url for f in files):
         raise UsageError("--push stores results on the DICOMweb server each scan came from, and some inputs are "
                          "files: give the server with --push-url <DICOMweb root>")
 
@@ -645,6 +688,27 @@ def _pusher(args: argparse.Namespace, connection, files):
         return push_scan(connection, base, case_dir)
 
     return push
+
+
+def _check_servers(connection, files, target: str | None) -> None:
+    """Ask every DICOMweb server of the run that has not answered yet (the
+    servers of a list file's instance URLs, the --push-url one) once, so
+    that a wrong credential or a server that is down is said before any scan
+    is predicted, not once per scan afterwards.
+
+    Raises:
+        UsageError: a server refused, is unreachable or is not DICOMweb.
+    """
+    if connection is None:
+        return
+    from medseg.dicomweb import DicomWebError, DicomWebSource
+
+    servers = {DicomWebSource.parse(f.url).base_url for f in files if f.url} | ({target} if target else set())
+    for base in sorted(servers - connection.answered):
+        try:
+            connection.check(base)
+        except DicomWebError as err:
+            raise UsageError(str(err)) from None
 
 
 EXPORT_FORMATS = ("onnx",)
@@ -1035,9 +1099,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment new scans: masks, NIfTI, overlay, DICOM SEG, results table")
     p.add_argument("inputs", nargs="+", help="folders (recursive; DICOM may lack an extension), globs, list files "
-                                             "(.txt, one path per line), files, or DICOMweb sources: "
-                                             "<root>/studies/<uid>[/series/<uid>], <root>/series?Modality=CR, "
-                                             "<root>/studies?StudyDate=20240101-20240131 (README: PACS)")
+                                             "(.txt, one path or DICOMweb instance URL per line, as list-inputs "
+                                             "writes them), files, or DICOMweb sources: <root>/studies/<uid>"
+                                             "[/series/<uid>[/instances/<uid>]], <root>/series?Modality=CR, "
+                                             "<root>/studies?StudyDate=20240101-20240131, <root>/instances?... "
+                                             "(README: Scans from a PACS)")
     p.add_argument("--model", action="append",
                    help="MLflow model URI (models:/<name>@<alias>, runs:/<id>/model), a best.pt checkpoint, "
                         "a fold's model.json, the cross-validation's models/summary.json (its choice: the "

@@ -21,14 +21,15 @@ Query parameters after a study or series URL narrow its instances
 (``.../studies/1.2.3?Modality=CR``).
 
 **Credentials** never come from the command line (it ends up in shell
-history, ``ps`` and logs) and never in the URL: :func:`session_from_environment`
+history, ``ps`` and logs) and never in the URL: :func:`credentials_from_environment`
 reads them from the environment or a file:
 
 - ``MEDSEG_DICOMWEB_TOKEN``: a bearer token (``Authorization: Bearer ...``);
 - ``MEDSEG_DICOMWEB_USER`` and ``MEDSEG_DICOMWEB_PASSWORD``: HTTP basic auth;
 - ``MEDSEG_DICOMWEB_AUTH_FILE`` (or ``--dicomweb-auth FILE``): a file of
   ``key = value`` lines with ``token``, or ``username`` and ``password``
-  (``#`` starts a comment).
+  (``#`` starts a comment line); ``[<DICOMweb root>]`` sections give
+  credentials for one server only (:func:`read_auth_file`).
 
 Query values can be patient data (``PatientID=...``): logs show a source as
 :func:`DicomWebSource.display`, which names the query's keys, not its values.
@@ -57,9 +58,13 @@ ENV_TOKEN = "MEDSEG_DICOMWEB_TOKEN"
 ENV_USER = "MEDSEG_DICOMWEB_USER"
 ENV_PASSWORD = "MEDSEG_DICOMWEB_PASSWORD"
 ENV_AUTH_FILE = "MEDSEG_DICOMWEB_AUTH_FILE"
-# Seconds to connect, and to wait for a response: a server that went away
-# is noticed in seconds, a slow WADO-RS of a large image still finishes.
-DEFAULT_TIMEOUT = (10.0, 300.0)
+ENV_TIMEOUT = "MEDSEG_DICOMWEB_TIMEOUT"
+# Seconds to connect, and to wait for the next bytes of an answer (requests'
+# read timeout is between bytes, not for the whole body): a server that
+# went away or hangs is noticed in a minute, a slow WADO-RS of a large image
+# that is streaming still finishes. MEDSEG_DICOMWEB_TIMEOUT replaces the
+# second for a slow archive (near-line storage).
+DEFAULT_TIMEOUT = (10.0, 60.0)
 
 T = TypeVar("T")
 
@@ -223,48 +228,96 @@ def instance_url(base_url: str, study: str, series: str, instance: str) -> str:
 
 # --------------------------------------------------------------------------- credentials
 
+# Credentials by server: a DICOMweb root (no trailing slash) -> {"token": ...}
+# or {"username": ..., "password": ...}; the root "" stands for every server
+# that has no entry of its own.
+ServerCredentials = dict[str, dict[str, str]]
 
-def read_auth_file(path: str | Path) -> dict[str, str]:
-    """Credentials from a ``key = value`` file (module docstring).
+
+def _unquote(value: str) -> str:
+    """A value without one pair of surrounding quotes ('...' or "...")."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def _section_credentials(values: Mapping[str, str], where: str) -> dict[str, str]:
+    if values.get("token") and values.get("username"):
+        raise ValueError(f"{where}: has both a token and a username; keep one")
+    if values.get("token"):
+        return {"token": values["token"]}
+    if values.get("username") and "password" in values:
+        return {"username": values["username"], "password": values["password"]}
+    raise ValueError(f"{where}: needs 'token = ...', or 'username = ...' and 'password = ...'")
+
+
+def read_auth_file(path: str | Path) -> ServerCredentials:
+    """Credentials from a ``key = value`` file (module docstring), by server.
+
+    Lines before any section header are for every server; a section header
+    ``[<DICOMweb root>]`` starts the credentials of that server only (and of
+    URLs below it), so a PACS token is never sent to another server of the
+    same run (a ``--push-url``). A value may be quoted (``'...'`` or
+    ``"..."``, the quotes are dropped); ``#`` starts a comment only at the
+    start of a line (a password may hold ``#``).
 
     Returns:
-        {"token": ...} or {"username": ..., "password": ...}.
+        server root ("" = every other server) -> {"token": ...} or
+        {"username": ..., "password": ...}.
 
     Raises:
-        ValueError: the file cannot be read, has another key, or holds
-            neither a token nor a username with a password (the message never
-            quotes a value).
+        ValueError: the file cannot be read, has another key, a section
+            that is not an http(s) URL, a token beside a username, or holds
+            neither a token nor a username with a password (the message
+            never quotes a value).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"DICOMweb auth file {path}: is a folder; give the file")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ValueError(f"DICOMweb auth file {path}: cannot read it ({err.strerror or err})") from None
-    values: dict[str, str] = {}
+    sections: dict[str, dict[str, str]] = {"": {}}
+    current = ""
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1].strip().rstrip("/")
+            if not is_dicomweb_source(current) or urlsplit(current).query:
+                raise ValueError(f"DICOMweb auth file {path}, line {number}: a section is a server's DICOMweb "
+                                 "root, e.g. [https://pacs.example.org/dicom-web]")
+            if current in sections:
+                raise ValueError(f"DICOMweb auth file {path}, line {number}: [{current}] is given twice")
+            sections[current] = {}
             continue
         key, sep, value = line.partition("=")
         key = key.strip().lower()
         if not sep or key not in ("token", "username", "password"):
             raise ValueError(f"DICOMweb auth file {path}, line {number}: expected 'token = ...', "
-                             "'username = ...' or 'password = ...'")
-        values[key] = value.strip()
-    if values.get("token"):
-        return {"token": values["token"]}
-    if values.get("username") and "password" in values:
-        return {"username": values["username"], "password": values["password"]}
-    raise ValueError(f"DICOMweb auth file {path}: needs 'token = ...', or 'username = ...' and 'password = ...'")
+                             "'username = ...', 'password = ...' or a section [<DICOMweb root>]")
+        sections[current][key] = _unquote(value.strip())
+    servers = {root: _section_credentials(values, f"DICOMweb auth file {path}" + (f", [{root}]" if root else ""))
+               for root, values in sections.items() if values or root}
+    if not servers:
+        _section_credentials({}, f"DICOMweb auth file {path}")  # raises: says what is needed
+    return servers
 
 
 def credentials_from_environment(environ: Mapping[str, str] | None = None,
-                                 auth_file: str | Path | None = None) -> tuple[dict[str, str], str]:
-    """The credentials in force and where they came from (for the log).
+                                 auth_file: str | Path | None = None) -> tuple[ServerCredentials, str]:
+    """The credentials in force, by server, and where they came from (for the log).
 
     Order: ``auth_file`` (``--dicomweb-auth``), ``MEDSEG_DICOMWEB_AUTH_FILE``,
     ``MEDSEG_DICOMWEB_TOKEN``, ``MEDSEG_DICOMWEB_USER`` + ``_PASSWORD``; none
-    of them: no credentials.
+    of them: no credentials. Only an auth file can give credentials for one
+    server; the variables are sent to every server of the run.
+
+    Returns:
+        (server root -> credentials, as :func:`read_auth_file`; "" = every
+        server; {} = none), description of the source.
 
     Raises:
         ValueError: an unreadable or malformed auth file; a user without a
@@ -276,13 +329,35 @@ def credentials_from_environment(environ: Mapping[str, str] | None = None,
         _warn_if_readable_by_others(Path(file))
         return read_auth_file(file), f"auth file {file}"
     if environ.get(ENV_TOKEN):
-        return {"token": environ[ENV_TOKEN]}, f"${ENV_TOKEN}"
+        if environ.get(ENV_USER):
+            log.warning("both %s and %s are set: the token is used", ENV_TOKEN, ENV_USER)
+        return {"": {"token": environ[ENV_TOKEN]}}, f"${ENV_TOKEN}"
     user, password = environ.get(ENV_USER), environ.get(ENV_PASSWORD)
     if user and password is not None:
-        return {"username": user, "password": password}, f"${ENV_USER} / ${ENV_PASSWORD}"
+        return {"": {"username": user, "password": password}}, f"${ENV_USER} / ${ENV_PASSWORD}"
     if user or password:
         raise ValueError(f"set both {ENV_USER} and {ENV_PASSWORD} (only one is set)")
     return {}, "no credentials"
+
+
+def timeout_from_environment(environ: Mapping[str, str] | None = None) -> tuple[float, float]:
+    """(connect, read) timeouts in seconds: :data:`DEFAULT_TIMEOUT`, the read
+    one replaced by ``MEDSEG_DICOMWEB_TIMEOUT`` when set.
+
+    Raises:
+        ValueError: the variable is not a positive number.
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get(ENV_TIMEOUT)
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{ENV_TIMEOUT}={text!r}: give the seconds to wait for a server's answer (e.g. 120)")
+    return (DEFAULT_TIMEOUT[0], seconds)
 
 
 def _warn_if_readable_by_others(path: Path) -> None:
@@ -290,15 +365,19 @@ def _warn_if_readable_by_others(path: Path) -> None:
         mode = path.stat().st_mode
     except OSError:
         return  # reading it says what is wrong
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
+    if stat.S_ISREG(mode) and mode & (stat.S_IRGRP | stat.S_IROTH):
         log.warning("DICOMweb auth file %s is readable by other users: chmod 600 %s", path, path)
 
 
 def make_session(credentials: Mapping[str, str]):
     """A ``requests.Session`` sending the credentials (bearer token or basic auth).
 
+    The session honours ``REQUESTS_CA_BUNDLE`` (a hospital's own certificate
+    authority), ``HTTPS_PROXY`` and ``NO_PROXY``, as ``requests`` does.
+
     Args:
-        credentials: as :func:`credentials_from_environment` returns.
+        credentials: one server's: {"token": ...}, {"username": ...,
+            "password": ...} or {} (none).
     """
     from dicomweb_client.session_utils import create_session, create_session_from_user_pass
 
@@ -311,36 +390,91 @@ def make_session(credentials: Mapping[str, str]):
     return create_session()
 
 
+def _is_loopback(host: str | None) -> bool:
+    import ipaddress
+
+    if host in (None, "", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # --------------------------------------------------------------------------- client and errors
+
+# HTTP statuses of a busy or restarting server: the request is tried again
+# (as dicomweb-client's own retry list).
+_RETRIED_STATUSES = frozenset({408, 429, 503, 504})
 
 
 class Connection:
-    """DICOMweb clients sharing one authenticated session, one per server
-    root, safe to use from several threads (a client per thread: requests'
+    """DICOMweb clients sharing authenticated sessions, one per server root,
+    safe to use from several threads (a client per thread: requests'
     sessions are not guaranteed thread-safe).
 
-    After :attr:`give_up_after` consecutive requests that could not reach a
-    server, later requests to it fail at once (a server that went away is not
-    waited for once per remaining scan).
+    A request is tried :attr:`attempts` times when the connection fails or
+    the server answers busy (HTTP 408/429/503/504), not when it accepted the
+    request but did not answer within the read timeout (trying again would
+    only wait again). After :attr:`give_up_after` consecutive requests that
+    got no answer from a server, later requests to it fail at once (a server
+    that went away is not waited for once per remaining scan). A request
+    still unanswered after :attr:`still_waiting_after` seconds is logged, so
+    a slow server is never a silent hang.
     """
 
     give_up_after = 3
     attempts = 3
+    still_waiting_after = 15.0
 
-    def __init__(self, credentials: Mapping[str, str] | None = None, *, source: str = "no credentials",
+    def __init__(self, credentials: Mapping | None = None, *, source: str = "no credentials",
                  timeout: float | tuple[float, float] = DEFAULT_TIMEOUT) -> None:
-        self.credentials = dict(credentials or {})
+        """
+        Args:
+            credentials: by server root, as :func:`credentials_from_environment`
+                returns them ("" = every other server); one server's
+                credentials alone ({"token": ...}) are for every server.
+            source: where they came from, for messages.
+            timeout: seconds to connect and to wait for an answer (requests'
+                (connect, read) timeout).
+        """
+        credentials = dict(credentials or {})
+        if any(key in credentials for key in ("token", "username")):
+            credentials = {"": credentials}
+        self.servers: dict[str, dict[str, str]] = {root.rstrip("/"): dict(value) for root, value in credentials.items()}
         self.source = source
         self.timeout = timeout
+        self.answered: set[str] = set()  # roots that answered a request
         self._local = threading.local()
         self._unreachable: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._warned_plain_http: set[str] = set()
 
     @classmethod
     def from_environment(cls, auth_file: str | Path | None = None, **kwargs) -> "Connection":
-        """A connection with the credentials of :func:`credentials_from_environment`."""
+        """A connection with the credentials of :func:`credentials_from_environment`
+        and the timeout of :func:`timeout_from_environment`."""
         credentials, source = credentials_from_environment(auth_file=auth_file)
+        kwargs.setdefault("timeout", timeout_from_environment())
         return cls(credentials, source=source, **kwargs)
+
+    def credentials_for(self, base_url: str) -> tuple[dict[str, str], str]:
+        """The credentials sent to ``base_url`` and where they came from: the
+        longest server root that is ``base_url`` or above it, else "" (every
+        server), else none."""
+        base = base_url.rstrip("/")
+        matches = [root for root in self.servers if root and (base == root or base.startswith(root + "/"))]
+        if matches:
+            root = max(matches, key=len)
+            return self.servers[root], f"{self.source} [{root}]"
+        if "" in self.servers:
+            return self.servers[""], self.source
+        return {}, self.source if not self.servers else f"{self.source} (no entry for {base})"
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        """The credentials for every server without its own ({} = none)."""
+        return self.servers.get("", {})
 
     def client(self, base_url: str):
         """This thread's ``dicomweb_client.DICOMwebClient`` for ``base_url``."""
@@ -348,14 +482,25 @@ class Connection:
 
         clients = self._local.__dict__.setdefault("clients", {})
         if base_url not in clients:
-            client = DICOMwebClient(base_url, session=make_session(self.credentials), timeout=self.timeout)
-            # dicomweb-client retries any failed request 5 times, backing off
-            # 2 + 4 + 8 + 16 s: 30 s per request to a server that went away.
-            # Three tries 0.5 s and 1 s apart still ride out a busy server
-            # (HTTP 429/503).
-            client.set_http_retry_params(max_attempts=self.attempts, wait_exponential_multiplier=250)
+            credentials, _ = self.credentials_for(base_url)
+            self._warn_if_plain_http(base_url, credentials)
+            client = DICOMwebClient(base_url, session=make_session(credentials), timeout=self.timeout)
+            # Retries are call()'s: dicomweb-client would also retry a read
+            # timeout (5 x the timeout per request to a hung server).
+            client.set_http_retry_params(retry=False)
             clients[base_url] = client
         return clients[base_url]
+
+    def _warn_if_plain_http(self, base_url: str, credentials: Mapping[str, str]) -> None:
+        parts = urlsplit(base_url)
+        if not credentials or parts.scheme.lower() != "http" or _is_loopback(parts.hostname):
+            return
+        with self._lock:
+            if base_url in self._warned_plain_http:
+                return
+            self._warned_plain_http.add(base_url)
+        log.warning("DICOMweb server %s is plain http: its credentials travel unencrypted; use its https:// "
+                    "address", base_url)
 
     def call(self, base_url: str, what: str, request: Callable[..., T]) -> T:
         """``request(client)`` with its failure turned into a :class:`DicomWebError`.
@@ -367,43 +512,100 @@ class Connection:
         Raises:
             DicomWebError: the server refused (HTTP 401/403: the credentials,
                 named by where they came from; other statuses with the
-                server's reason) or could not be reached.
+                server's reason), answered something that is not DICOMweb,
+                could not be reached or did not answer in time.
         """
+        import time
+
         import requests
 
         with self._lock:
             failures = self._unreachable.get(base_url, 0)
         if failures >= self.give_up_after:
-            raise DicomWebError(f"DICOMweb server {base_url} did not answer {failures} requests in a row: not "
-                                f"tried ({what}); run again when it is back", unreachable=True)
+            raise DicomWebError(f"DICOMweb server {base_url} stopped answering ({failures} requests in a row "
+                                f"failed): not tried ({what}); run again when it is back", unreachable=True)
+        waiting = threading.Timer(self.still_waiting_after, log.warning, args=(
+            "still waiting for DICOMweb server %s (%s) after %.0f s; it is given up on after %s s without an answer",
+            base_url, what, self.still_waiting_after, self._read_timeout()))
+        waiting.daemon = True
+        waiting.start()
         try:
-            result = request(self.client(base_url))
-        except requests.HTTPError as err:
-            status = err.response.status_code if err.response is not None else None
-            raise DicomWebError(self._refusal(base_url, what, status, err), status=status) from None
-        except (requests.ConnectionError, requests.Timeout) as err:
-            with self._lock:
-                self._unreachable[base_url] = self._unreachable.get(base_url, 0) + 1
-            kind = "timed out" if isinstance(err, requests.Timeout) else "cannot connect"
-            raise DicomWebError(f"DICOMweb server {base_url} unreachable ({what}: {kind})",
-                                unreachable=True) from None
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    result = request(self.client(base_url))
+                    break
+                except requests.HTTPError as err:
+                    status = err.response.status_code if err.response is not None else None
+                    if status in _RETRIED_STATUSES and attempt < self.attempts:
+                        time.sleep(0.25 * 2 ** attempt)
+                        continue
+                    raise DicomWebError(self._refusal(base_url, what, status, err), status=status) from None
+                except requests.exceptions.SSLError as err:
+                    self._count_unreachable(base_url)
+                    raise DicomWebError(
+                        f"DICOMweb server {base_url}: TLS connection failed ({what}: {_first_line(err)}); if the "
+                        "server's certificate is from the hospital's own certificate authority, set "
+                        "REQUESTS_CA_BUNDLE to that authority's certificate file", unreachable=True) from None
+                except requests.exceptions.ReadTimeout:
+                    self._count_unreachable(base_url)
+                    raise DicomWebError(f"DICOMweb server {base_url} did not answer within {self._read_timeout()} s "
+                                        f"({what}); a slow server: set {ENV_TIMEOUT}", unreachable=True) from None
+                except (requests.ConnectionError, requests.Timeout) as err:
+                    if attempt < self.attempts:
+                        time.sleep(0.25 * 2 ** attempt)
+                        continue
+                    self._count_unreachable(base_url)
+                    kind = "timed out" if isinstance(err, requests.Timeout) else "cannot connect"
+                    raise DicomWebError(f"DICOMweb server {base_url} unreachable ({what}: {kind})",
+                                        unreachable=True) from None
+                except ValueError as err:  # a JSON or multipart body that is not DICOMweb (a login page, a proxy)
+                    raise DicomWebError(f"DICOMweb server {base_url} answered something that is not DICOMweb "
+                                        f"({what}: {_first_line(err)}); is {base_url} the server's DICOMweb root?"
+                                        ) from None
+        finally:
+            waiting.cancel()
         with self._lock:
             self._unreachable[base_url] = 0
+            self.answered.add(base_url)
         return result
+
+    def check(self, base_url: str) -> None:
+        """One small search (a study, ``limit=1``) to learn that ``base_url``
+        answers and takes its credentials, before any work depends on it.
+
+        Raises:
+            DicomWebError: as :meth:`call`.
+        """
+        self.call(base_url, "check the server (search for one study)",
+                  lambda c: c.search_for_studies(limit=1))
+
+    def _read_timeout(self) -> float:
+        return self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout
+
+    def _count_unreachable(self, base_url: str) -> None:
+        with self._lock:
+            self._unreachable[base_url] = self._unreachable.get(base_url, 0) + 1
 
     def _refusal(self, base_url: str, what: str, status: int | None, err: Exception) -> str:
         if status in (401, 403):
             word = "Unauthorized" if status == 401 else "Forbidden"
-            if self.credentials:
-                return (f"DICOMweb server {base_url} refused the credentials from {self.source} (HTTP {status} "
+            credentials, source = self.credentials_for(base_url)
+            if credentials:
+                return (f"DICOMweb server {base_url} refused the credentials from {source} (HTTP {status} "
                         f"{word}) while trying to {what}: check them")
             return (f"DICOMweb server {base_url} needs credentials (HTTP {status} {word}) while trying to {what}: "
                     f"set {ENV_TOKEN}, or {ENV_USER} and {ENV_PASSWORD}, or an auth file ({ENV_AUTH_FILE} or "
-                    "--dicomweb-auth)")
+                    "--dicomweb-auth)" + (f"; {source}" if self.servers else ""))
         reason = getattr(getattr(err, "response", None), "reason", "") or ""
         return f"DICOMweb server {base_url} answered HTTP {status} {reason} while trying to {what}".rstrip()
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
 __all__ = ["Connection", "DEFAULT_TIMEOUT", "DicomWebError", "DicomWebSource", "ENV_AUTH_FILE", "ENV_PASSWORD",
-           "ENV_TOKEN", "ENV_USER", "Level", "credentials_from_environment", "instance_url", "is_dicomweb_source",
-           "make_session", "read_auth_file", "redact_url"]
+           "ENV_TIMEOUT", "ENV_TOKEN", "ENV_USER", "Level", "ServerCredentials", "credentials_from_environment",
+           "instance_url", "is_dicomweb_source", "make_session", "read_auth_file", "redact_url",
+           "timeout_from_environment"]

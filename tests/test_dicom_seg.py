@@ -111,6 +111,29 @@ def test_seg_round_trip_synthetic(tmp_path):
     assert seg.PatientID == PATIENT_ID  # the SEG belongs to the same patient
 
 
+def test_the_same_masks_are_the_same_instance_and_others_are_not(tmp_path):
+    """A SEG's UIDs derive from source, model and masks: the same result
+    written twice is one instance (a PACS holding it is not sent a copy
+    under a new UID); one pixel more, or another model version, is another."""
+    src_path = make_dicom(tmp_path / "src.dcm", synthetic_image(ROWS, COLS))
+    masks = _masks(ROWS, COLS)
+
+    def uids(name: str, masks=masks, version="1.2.3") -> tuple[str, str]:
+        ds = pydicom.dcmread(write_dicom_seg(src_path, masks, tmp_path / name / "seg.dcm", model_name="unet-test",
+                                             model_version=version), stop_before_pixels=True)
+        return ds.SeriesInstanceUID, ds.SOPInstanceUID
+
+    first = uids("a")
+    assert uids("b") == first
+    changed = {label: mask.copy() for label, mask in masks.items()}
+    label = next(iter(changed))
+    changed[label][0, 0] = not changed[label][0, 0]
+    assert uids("c", masks=changed)[1] != first[1]
+    assert uids("d", version="1.2.4")[1] != first[1]
+    ds = pydicom.dcmread(tmp_path / "a" / "seg.dcm", stop_before_pixels=True)
+    assert ds.SeriesDescription == "unet-test segmentation (research use)"
+
+
 def test_seg_from_legacy_file_without_type2_attributes(tmp_path):
     """No preamble, no file meta, no Patient ID / Study Date: filled in empty."""
     src_path, ds = make_legacy_without_type2(tmp_path / "legacy.dcm", ROWS, COLS)

@@ -74,7 +74,7 @@ def test_round_trip_references_and_codes(case, tmp_path):
     assert ds.PatientBirthDate == source.PatientBirthDate and ds.StudyDate == source.StudyDate
     assert ds.SeriesInstanceUID not in (source.SeriesInstanceUID, seg.SeriesInstanceUID)
     assert ds.SOPInstanceUID not in (source.SOPInstanceUID, seg.SOPInstanceUID)
-    assert ds.SeriesDescription == "medseg CTR report" and int(ds.SeriesNumber) == 901
+    assert ds.SeriesDescription == "medseg CTR report (research use)" and int(ds.SeriesNumber) == 901
     assert ds.Manufacturer == "medseg" and ds.ManufacturerModelName == "unet-test"
     assert ds.ContentDate and ds.ContentTime
     assert (ds.CompletionFlag, ds.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
@@ -241,3 +241,24 @@ def test_read_refuses_a_non_tid1500_file(case):
     source_path, _ = case
     with pytest.raises(ValueError, match="not a DICOM SR"):
         read_ctr_report(source_path)  # an image, not an SR
+
+
+def test_the_same_report_is_the_same_instance_and_another_is_not(case, tmp_path):
+    """UIDs derive from source, model and content: writing the same report
+    again (another output folder, a rerun) gives the same SOP Instance UID,
+    which a PACS then holds already; other measurements or flags, another
+    model version: other UIDs."""
+    source_path, seg_path = case
+    values = _ctr(0.52, 123.4, 235.8)
+
+    def uids(name: str, ctr=values, flags=("cardiomegaly",), **model) -> tuple[str, str]:
+        ds = pydicom.dcmread(write_ctr_report(source_path, seg_path, ctr, list(flags), tmp_path / name / "sr.dcm",
+                                              **{**MODEL, **model}))
+        return ds.SeriesInstanceUID, ds.SOPInstanceUID
+
+    first = uids("a")
+    assert uids("b") == first
+    assert uids("c", ctr=_ctr(0.53, 123.4, 235.8))[1] != first[1]
+    assert uids("d", flags=())[1] != first[1]
+    assert uids("e", model_version="1.2.4")[1] != first[1]
+    assert len(set(first)) == 2 and all(pydicom.uid.UID(uid).is_valid for uid in first)

@@ -129,6 +129,11 @@ def test_pull_predict_push_then_rerun_stores_nothing_twice(model_and_scans, orth
     rc, log = run_in_process(_predict_args(model, source, out=out, extra=["--push"]), capsys, caplog)
     assert rc == 0 and "(0 stored, 6 already on the server, 0 failed)" in log, log[-3000:]
     assert {k: len(v) for k, v in _by_modality(orthanc).items()} == {"CR": 6, "SEG": 6, "SR": 6}
+    # Another output folder, same model and settings: the same results are the
+    # same instances (UIDs derived from source, model and content), not stored again.
+    rc, log = run_in_process(_predict_args(model, source, out=tmp_path / "again", extra=["--push"]), capsys, caplog)
+    assert rc == 0 and "(0 stored, 6 already on the server, 0 failed)" in log, log[-3000:]
+    assert {k: len(v) for k, v in _by_modality(orthanc).items()} == {"CR": 6, "SEG": 6, "SR": 6}
 
 
 def test_credentials_from_env_or_file_wrong_ones_fail_at_once(model_and_scans, orthanc_factory, pacs_scans,
@@ -173,17 +178,43 @@ def test_credentials_from_env_or_file_wrong_ones_fail_at_once(model_and_scans, o
     lines = listing.read_text().splitlines()
     assert len(lines) == 2 and all(line.startswith(server.dicomweb_url + "/studies/") for line in lines)
     _no_patient_data(listing.read_text())
+    # The list's server with a wrong password, or a --push-url server that is
+    # down: said once, before any scan is predicted (the list names no search).
+    monkeypatch.setenv("MEDSEG_DICOMWEB_USER", "alice")
+    monkeypatch.setenv("MEDSEG_DICOMWEB_PASSWORD", "wrong-pw-42")
+    out = tmp_path / "early"
+    caplog.clear()
+    rc, log = run_in_process(_predict_args(model, listing, out=out), capsys, caplog)
+    assert rc == 2 and log.count("refused the credentials from $MEDSEG_DICOMWEB_USER") == 1, log[-2000:]
+    assert not list(out.glob("*/prediction.json"))
+    monkeypatch.delenv("MEDSEG_DICOMWEB_USER")
+    monkeypatch.delenv("MEDSEG_DICOMWEB_PASSWORD")
+    from medseg.tracking_server import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    rc, log = run_in_process(_predict_args(model, listing, out=out, extra=[
+        "--push-url", dead, "--dicomweb-auth", auth]), capsys, caplog)
+    assert rc == 2 and f"DICOMweb server {dead} unreachable" in log, log[-2000:]
+    assert not list(out.glob("*/prediction.json"))
+
+    # Results stored on another server with its own account: the auth file's
+    # section for it; the PACS account is never sent there (that server would
+    # refuse it), nor the research one to the PACS.
+    research = orthanc_factory(users={"bob": "b0b-pw"})
+    auth.write_text(f"# the PACS account\nusername = alice\npassword = s3cret-pw\n\n[{research.dicomweb_url}]\n"
+                    "username = bob\npassword = 'b0b-pw'\n")
     out = tmp_path / "chunked"
     for chunk in ("0/2", "1/2"):
         rc, log = run_in_process(_predict_args(model, listing, out=out, extra=[
-            "--chunk", chunk, "--push", "--dicomweb-auth", auth]), capsys, caplog)
+            "--chunk", chunk, "--push-url", research.dicomweb_url, "--dicomweb-auth", auth]), capsys, caplog)
         assert rc == 0, log[-3000:]
-        assert "s3cret-pw" not in log
+        assert "s3cret-pw" not in log and "b0b-pw" not in log
     rc, log = run_in_process(["gather-predictions", out, "--chunks", "2"], capsys, caplog)
     assert rc == 0, log[-2000:]
     assert len(pd.read_csv(out / "results.csv")) == 2
-    stored = _by_modality(server)
+    stored = _by_modality(research)
     assert len(stored["SEG"]) == 2 and len(stored["SR"]) == 2
+    assert set(_by_modality(server)) == {"CR"}
 
 
 def test_server_gone_mid_batch_lists_scans_not_done_and_rerun_finishes(model_and_scans, orthanc, pacs_scans,
@@ -218,7 +249,7 @@ def test_server_gone_mid_batch_lists_scans_not_done_and_rerun_finishes(model_and
     assert len(done) == 2
     assert len(failures) == 6  # 4 not retrieved, 2 predicted but not stored
     assert failures.file.str.startswith(orthanc.dicomweb_url + "/studies/").all()
-    assert failures.problem.str.contains("unreachable|did not answer").all(), failures.problem.tolist()
+    assert failures.problem.str.contains("unreachable|stopped answering").all(), failures.problem.tolist()
     assert failures.problem.str.contains("not pushed").sum() == 2
     _no_patient_data(log)
     assert not list((out / ".retrieved").glob("*")) if (out / ".retrieved").exists() else True

@@ -63,9 +63,11 @@ def test_credentials_come_from_a_file_before_the_environment(tmp_path):
     auth.write_text("# reading account\nusername = alice\npassword = s3cr=t\n")
     auth.chmod(0o600)
     env = {ENV_TOKEN: "tok", ENV_AUTH_FILE: str(auth)}
-    assert credentials_from_environment(env) == ({"username": "alice", "password": "s3cr=t"}, f"auth file {auth}")
-    assert credentials_from_environment({ENV_TOKEN: "tok"})[0] == {"token": "tok"}
-    assert credentials_from_environment({ENV_USER: "bob", ENV_PASSWORD: ""})[0] == {"username": "bob", "password": ""}
+    assert credentials_from_environment(env) == ({"": {"username": "alice", "password": "s3cr=t"}},
+                                                 f"auth file {auth}")
+    assert credentials_from_environment({ENV_TOKEN: "tok"})[0] == {"": {"token": "tok"}}
+    assert credentials_from_environment({ENV_USER: "bob", ENV_PASSWORD: ""})[0] == {
+        "": {"username": "bob", "password": ""}}
     assert credentials_from_environment({}) == ({}, "no credentials")
     with pytest.raises(ValueError, match="only one is set"):
         credentials_from_environment({ENV_USER: "bob"})
@@ -106,7 +108,7 @@ def test_an_unreachable_server_is_given_up_after_a_few_tries():
         with pytest.raises(DicomWebError, match="unreachable") as caught:
             connection.call(base, "search for studies", lambda c: c.search_for_studies())
         assert caught.value.unreachable
-    with pytest.raises(DicomWebError, match="did not answer 3 requests in a row: not tried"):
+    with pytest.raises(DicomWebError, match=r"stopped answering \(3 requests in a row failed\): not tried"):
         connection.call(base, "search for studies", lambda c: c.search_for_studies())
 
 
@@ -120,3 +122,128 @@ def test_list_files_carry_dicomweb_instances(tmp_path):
     assert (entry.url, entry.case_id, entry.name, entry.source) == (url, "5.6.7", "5.6.7", url)
     with pytest.raises(ValueError, match="no connection"):
         collect_inputs([url])
+
+
+def test_auth_file_sections_keep_each_servers_credentials_to_that_server(tmp_path, caplog):
+    """A token for the PACS is not sent to the --push-url server: sections
+    give credentials per DICOMweb root; quotes around a value are dropped;
+    a token beside a username in one section, or a folder, is refused."""
+    auth = tmp_path / "pacs.auth"
+    auth.write_text("# default\ntoken = 'pacs-token'\n\n[https://research.example.org/dicom-web/]\n"
+                    "username = \"alice\"\npassword = p#ss w0rd\n")
+    auth.chmod(0o600)
+    servers = read_auth_file(auth)
+    assert servers == {"": {"token": "pacs-token"},
+                       "https://research.example.org/dicom-web": {"username": "alice", "password": "p#ss w0rd"}}
+    connection = Connection(servers, source=f"auth file {auth}")
+    assert connection.credentials_for(ROOT) == ({"token": "pacs-token"}, f"auth file {auth}")
+    creds, source = connection.credentials_for("https://research.example.org/dicom-web")
+    assert creds["username"] == "alice" and source.endswith("[https://research.example.org/dicom-web]")
+    assert connection.credentials_for("https://research.example.org/dicom-web-other")[0] == {"token": "pacs-token"}
+    # Sections only: no credentials for any other server.
+    auth.write_text("[https://research.example.org/dicom-web]\ntoken = t\n")
+    assert Connection(read_auth_file(auth)).credentials_for(ROOT)[0] == {}
+    auth.write_text("token = t\nusername = u\npassword = p\n")
+    with pytest.raises(ValueError, match="both a token and a username"):
+        read_auth_file(auth)
+    auth.write_text("[ftp://x]\ntoken = t\n")
+    with pytest.raises(ValueError, match="line 1: a section"):
+        read_auth_file(auth)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="is a folder"):
+        credentials_from_environment({}, auth_file=tmp_path)
+    assert "readable by other users" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert credentials_from_environment({ENV_TOKEN: "t", ENV_USER: "u", ENV_PASSWORD: "p"})[0] == {
+            "": {"token": "t"}}
+    assert "the token is used" in caplog.text
+
+
+def test_credentials_over_plain_http_to_another_host_are_warned_about(caplog):
+    connection = Connection({"token": "t"})
+    with caplog.at_level(logging.WARNING):
+        connection.client("http://127.0.0.1:8042/dicom-web")  # loopback: no warning
+        connection.client("http://pacs.example.org/dicom-web")
+        connection.client("http://pacs.example.org/dicom-web")
+        Connection().client("http://pacs.example.org/dicom-web")  # no credentials, nothing to leak
+    assert caplog.text.count("plain http") == 1 and "pacs.example.org" in caplog.text
+
+
+def test_the_read_timeout_comes_from_the_environment():
+    from medseg.dicomweb import DEFAULT_TIMEOUT, ENV_TIMEOUT, timeout_from_environment
+
+    assert timeout_from_environment({}) == DEFAULT_TIMEOUT
+    assert timeout_from_environment({ENV_TIMEOUT: "120"}) == (DEFAULT_TIMEOUT[0], 120.0)
+    for bad in ("0", "-5", "soon", "inf"):
+        with pytest.raises(ValueError, match=ENV_TIMEOUT):
+            timeout_from_environment({ENV_TIMEOUT: bad})
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP port that accepts connections and never answers (a hung server)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/dicom-web"
+    sock.close()
+
+
+def test_a_server_that_accepts_but_never_answers_is_not_waited_on_silently(silent_server, caplog):
+    """No retry after a read timeout (it would only wait again), a line
+    while waiting, and after three unanswered requests the rest fail at once."""
+    import time
+
+    connection = Connection(timeout=(2, 1.0))
+    connection.still_waiting_after = 0.3
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(Connection.give_up_after):
+            with pytest.raises(DicomWebError, match=r"did not answer within 1.0 s \(search for studies\)") as caught:
+                connection.call(silent_server, "search for studies", lambda c: c.search_for_studies())
+            assert caught.value.unreachable
+    assert time.monotonic() - started < 3 * 1.0 + 2.0  # one wait per request, not three
+    assert caplog.text.count("still waiting for DICOMweb server") == 3
+    started = time.monotonic()
+    with pytest.raises(DicomWebError, match="stopped answering"):
+        connection.call(silent_server, "retrieve instance 1.2", lambda c: c.search_for_studies())
+    assert time.monotonic() - started < 0.5
+
+
+@pytest.fixture
+def web_page_server():
+    """An HTTP server that answers every request with an HTML page (a
+    login portal or a proxy, not DICOMweb)."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = b"<html><body>Please log in</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_answer_that_is_not_dicomweb_or_a_failed_tls_handshake_is_said_plainly(web_page_server):
+    connection = Connection()
+    base = f"http://{web_page_server}/app"
+    with pytest.raises(DicomWebError, match=r"answered something that is not DICOMweb .*the server's DICOMweb root"):
+        connection.check(base)
+    with pytest.raises(DicomWebError, match=r"TLS connection failed .*REQUESTS_CA_BUNDLE") as caught:
+        connection.check(f"https://{web_page_server}/dicom-web")  # https to a plain http server
+    assert caught.value.unreachable

@@ -155,6 +155,34 @@ def _read_source(source: Path) -> Dataset:
     return ds
 
 
+# Said in every result's Series Description: what a PACS user sees first.
+RESEARCH_USE = "research use"
+
+
+def result_uids(kind: str, source_uid: str, model_name: str, model_version: str,
+                *content: object) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of a result, derived from what
+    it is: the kind ("SEG", "SR"), the source image's SOP Instance UID, the
+    model and the result's content (masks' bytes, measurements).
+
+    The same result of the same model on the same image is thus the same
+    instance wherever and whenever it is written (another output folder, a
+    rerun), so a PACS that holds it is not sent a copy under a new UID
+    (:func:`medseg.inference.push.push_scan` asks by SOP Instance UID); a
+    different result (other settings, e.g. test-time augmentation, or
+    another model) gets other UIDs. UIDs from pydicom's ``generate_uid``
+    with ``entropy_srcs`` (SHA-512 of the sources under pydicom's root).
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in content:
+        digest.update(part if isinstance(part, bytes) else repr(part).encode())
+        digest.update(b"\0")
+    sources = ["medseg", kind, str(source_uid), str(model_name), str(model_version), digest.hexdigest()]
+    return generate_uid(entropy_srcs=[*sources, "series"]), generate_uid(entropy_srcs=[*sources, "instance"])
+
+
 def write_dicom_seg(
     source: str | Path,
     masks: Mapping[str, np.ndarray],
@@ -241,9 +269,12 @@ def write_dicom_seg(
             )
         )
 
+    uids = result_uids(
+        "SEG", src.SOPInstanceUID, model_name, model_version, list(masks), pixel_array.tobytes()
+    )
     with no_person_name_warnings():
         seg = _build_segmentation(
-            src, pixel_array, descriptions, model_name, series_number, instance_number
+            src, pixel_array, descriptions, model_name, series_number, instance_number, uids
         )
     _drop_unreadable_pixel_measures(seg)
     with atomic_path(out_path) as tmp:
@@ -258,22 +289,23 @@ def _build_segmentation(
     model_name: str,
     series_number: int,
     instance_number: int,
+    uids: tuple[str, str],
 ) -> hd.seg.Segmentation:
-    """The highdicom Segmentation object (new Series and SOP Instance UIDs)."""
+    """The highdicom Segmentation object (``uids``: Series and SOP Instance UIDs)."""
     return hd.seg.Segmentation(
         source_images=[src],
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=generate_uid(),
+        series_instance_uid=uids[0],
         series_number=int(series_number),
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=uids[1],
         instance_number=int(instance_number),
         manufacturer=_SEG_MANUFACTURER,
         manufacturer_model_name=str(model_name)[:64],
         software_versions=f"medseg {medseg.__version__}",
         device_serial_number=_DEVICE_SERIAL,
-        series_description=f"{model_name} segmentation"[:64],
+        series_description=f"{str(model_name)[:34]} segmentation ({RESEARCH_USE})",  # LO: 64 chars
         # Keep a frame for every segment, even an empty one, so reading back
         # always yields every label.
         omit_empty_frames=False,

@@ -80,7 +80,7 @@ import medseg
 from medseg.atomic import atomic_path
 from medseg.errors import InputError
 from medseg.inference.ctr import CtrResult
-from medseg.inference.dicom_seg import _read_source, no_person_name_warnings
+from medseg.inference.dicom_seg import RESEARCH_USE, _read_source, no_person_name_warnings, result_uids
 
 PRIVATE_SCHEME = "99MEDSEG"
 
@@ -119,7 +119,7 @@ QC_FLAG_CODES: dict[str, Code] = {
     }.items()
 }
 
-SERIES_DESCRIPTION = "medseg CTR report"
+SERIES_DESCRIPTION = f"medseg CTR report ({RESEARCH_USE})"
 _MANUFACTURER = "medseg"
 _DEVICE_SERIAL = "0"
 _TRACKING_IDENTIFIER = "medseg CTR measurements"
@@ -217,6 +217,13 @@ def _read_seg(seg: Path, src: Dataset) -> Dataset:
     return ds
 
 
+def _content_key(ctr: CtrResult | None) -> tuple:
+    """The measurements as they are written (for :func:`result_uids`)."""
+    if ctr is None:
+        return ()
+    return tuple(repr(float(value)) for value in (ctr.ctr, ctr.heart_width_mm, ctr.thoracic_width_mm))
+
+
 def write_ctr_report(
     source: str | Path,
     seg: str | Path | None,
@@ -269,11 +276,16 @@ def write_ctr_report(
     evidence = [src]
     if seg is not None:
         evidence.append(_read_seg(Path(seg), src))
+    # Same report of the same image and model -> same UIDs (result_uids).
+    series_uid, sop_uid = result_uids(
+        "SR", src.SOPInstanceUID, model_name, model_version,
+        [str(ds.SOPInstanceUID) for ds in evidence[1:]], _content_key(ctr), flag_list,
+    )
 
     qc_name = _concept(CODES["qc_flag"])
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier=_TRACKING_IDENTIFIER
+            uid=generate_uid(entropy_srcs=[sop_uid, "tracking"]), identifier=_TRACKING_IDENTIFIER
         ),
         algorithm_id=hd.sr.AlgorithmIdentification(
             name=str(model_name)[:64], version=str(model_version)[:64]
@@ -305,9 +317,9 @@ def write_ctr_report(
         sr = hd.sr.ComprehensiveSR(
             evidence=evidence,
             content=report,
-            series_instance_uid=generate_uid(),
+            series_instance_uid=series_uid,
             series_number=int(series_number),
-            sop_instance_uid=generate_uid(),
+            sop_instance_uid=sop_uid,
             instance_number=int(instance_number),
             manufacturer=_MANUFACTURER,
             is_complete=True,

@@ -167,7 +167,9 @@ def retrieve(connection: Connection, entry: InputFile) -> Path:
     dataset = connection.call(uri.base_url, f"retrieve instance {uri.sop_instance_uid}", lambda c: c.retrieve_instance(
         uri.study_instance_uid, uri.series_instance_uid, uri.sop_instance_uid,
         media_types=(("application/dicom", "*"),)))
-    entry.path.parent.mkdir(parents=True, exist_ok=True)
+    # Owner-only: the copies are whole source images, patient data included,
+    # and a killed run leaves them until the next run finishes their scans.
+    entry.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with atomic_path(entry.path) as tmp:
         dataset.save_as(tmp, enforce_file_format=True)  # Part 10, as a PACS export would be
     return entry.path
