@@ -332,6 +332,17 @@ def overlay_legend(labels: Sequence[str], ctr) -> list[LegendEntry]:
     return legend
 
 
+def _write_dicom_result(name: str, what: str, write: Callable[[], object]) -> bool:
+    """``write()`` one DICOM result of scan ``name``; False, with the reason
+    logged, when it fails (the masks and tables stand without it)."""
+    try:
+        write()
+        return True
+    except Exception as err:  # noqa: BLE001 - any failure: say why there is no such file
+        log.warning("predict %s: no %s written (%s: %s); masks and tables are", name, what, type(err).__name__, err)
+        return False
+
+
 def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel, settings: PredictSettings,
                  out_dir: Path, forward_seconds: float, run_settings: dict) -> dict:
     """Map one scan's probabilities back, clean, measure and write outputs
@@ -375,34 +386,21 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
     rgb = annotate_below(rgb, overlay_caption(prep.case_id, ctr, flags), overlay_legend(list(masks), ctr))
     _save_png(case_dir / "overlay.png", (np.clip(rgb, 0, 1) * 255).astype(np.uint8))
 
-    seg_written = False
+    seg_written = sr_written = False
     if settings.write_seg and prep.image.source_format == "dicom":
+        from medseg import __version__
         from medseg.inference.dicom_seg import write_dicom_seg
-        from medseg import __version__
-
-        try:
-            write_dicom_seg(prep.path, masks, case_dir / "seg.dcm", model_name=model.uri or "medseg",
-                            model_version=__version__)
-            seg_written = True
-        except Exception as err:  # noqa: BLE001 - the masks stand without a SEG; say why there is none
-            log.warning("predict %s: no DICOM SEG written (%s: %s); masks and tables are", prep.entry.name,
-                        type(err).__name__, err)
-    if not seg_written:  # a SEG of an earlier prediction (other settings) must not sit beside these masks
-        (case_dir / "seg.dcm").unlink(missing_ok=True)
-    sr_written = False
-    if settings.write_seg and prep.image.source_format == "dicom":
         from medseg.inference.dicom_sr import write_ctr_report
-        from medseg import __version__
 
-        try:
-            write_ctr_report(prep.path, case_dir / "seg.dcm" if seg_written else None, ctr, flags,
-                             case_dir / "sr.dcm", model_name=model.uri or "medseg", model_version=__version__)
-            sr_written = True
-        except Exception as err:  # noqa: BLE001 - as for the SEG: the table holds the CTR; say why no SR
-            log.warning("predict %s: no DICOM SR written (%s: %s); masks and tables are", prep.entry.name,
-                        type(err).__name__, err)
-    if not sr_written:
-        (case_dir / "sr.dcm").unlink(missing_ok=True)
+        model_args = dict(model_name=model.uri or "medseg", model_version=__version__)
+        seg_written = _write_dicom_result(prep.entry.name, "DICOM SEG", lambda: write_dicom_seg(
+            prep.path, masks, case_dir / "seg.dcm", **model_args))
+        sr_written = _write_dicom_result(prep.entry.name, "DICOM SR", lambda: write_ctr_report(
+            prep.path, case_dir / "seg.dcm" if seg_written else None, ctr, flags, case_dir / "sr.dcm", **model_args))
+    # A SEG or SR of an earlier prediction (other settings) must not sit beside these masks.
+    for name, written in (("seg.dcm", seg_written), ("sr.dcm", sr_written)):
+        if not written:
+            (case_dir / name).unlink(missing_ok=True)
 
     pixel_area = spacing[0] * spacing[1]
     row = {
