@@ -6,7 +6,10 @@ A scan's folder holds ``seg.dcm`` and ``sr.dcm`` (written by
 those the server does not hold yet: it asks (QIDO-RS, by SOP Instance UID)
 before storing, and records what the server acknowledged in the folder's
 ``pushed.json``, so a rerun neither stores an instance twice nor asks again
-for a scan whose instances it stored already.
+for a scan whose instances it stored already. The SEG and SR UIDs derive from
+the source, the model and the result
+(:func:`medseg.inference.dicom_seg.result_uids`), so the same result written
+into another output folder is found on the server too and not stored again.
 """
 
 from __future__ import annotations
