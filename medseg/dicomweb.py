@@ -601,8 +601,14 @@ class Connection:
 
 
 def _first_line(err: Exception) -> str:
+    """The first line of an exception from requests, its URLs' query values
+    redacted (a search may be by patient: ``PatientID=...``)."""
+    import re
+
     text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
+    line = text[0] if text else type(err).__name__
+    line = re.sub(r"([?&][^=&\s'\")]+)=[^&\s'\")]*", r"\1=...", line)
+    return line[:200]
 
 
 __all__ = ["Connection", "DEFAULT_TIMEOUT", "DicomWebError", "DicomWebSource", "ENV_AUTH_FILE", "ENV_PASSWORD",

@@ -134,6 +134,17 @@ def test_pull_predict_push_then_rerun_stores_nothing_twice(model_and_scans, orth
     rc, log = run_in_process(_predict_args(model, source, out=tmp_path / "again", extra=["--push"]), capsys, caplog)
     assert rc == 0 and "(0 stored, 6 already on the server, 0 failed)" in log, log[-3000:]
     assert {k: len(v) for k, v in _by_modality(orthanc).items()} == {"CR": 6, "SEG": 6, "SR": 6}
+    # An SR deleted on the server (pushed.json still lists it): asked, not
+    # trusted to the record, and stored again.
+    lost = json.loads(next(out.glob("*/pushed.json")).read_text())["sop_instance_uids"][1]
+    session = orthanc.session()
+    [found] = session.post(f"{orthanc.url}/tools/lookup", data=lost, timeout=30).json()
+    session.delete(f"{orthanc.url}/instances/{found['ID']}", timeout=30).raise_for_status()
+    assert len(_by_modality(orthanc)["SR"]) == 5
+    caplog.clear()
+    rc, log = run_in_process(_predict_args(model, source, out=out, extra=["--push"]), capsys, caplog)
+    assert rc == 0 and "(1 stored, 5 already on the server, 0 failed)" in log, log[-3000:]
+    assert {k: len(v) for k, v in _by_modality(orthanc).items()} == {"CR": 6, "SEG": 6, "SR": 6}
 
 
 def test_credentials_from_env_or_file_wrong_ones_fail_at_once(model_and_scans, orthanc_factory, pacs_scans,

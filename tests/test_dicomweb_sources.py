@@ -247,3 +247,8 @@ def test_an_answer_that_is_not_dicomweb_or_a_failed_tls_handshake_is_said_plainl
     with pytest.raises(DicomWebError, match=r"TLS connection failed .*REQUESTS_CA_BUNDLE") as caught:
         connection.check(f"https://{web_page_server}/dicom-web")  # https to a plain http server
     assert caught.value.unreachable
+    # requests' own message names the URL: query values (a patient) are redacted.
+    with pytest.raises(DicomWebError) as caught:
+        connection.call(f"https://{web_page_server}/dicom-web", "search for studies",
+                        lambda c: c.search_for_studies(search_filters={"PatientID": "SECRETID9"}))
+    assert "SECRETID9" not in str(caught.value) and "PatientID=..." in str(caught.value)

@@ -34,14 +34,6 @@ def _instances(case_dir: Path) -> list:
     return [pydicom.dcmread(case_dir / name) for name in RESULT_FILES if (case_dir / name).is_file()]
 
 
-def _recorded(case_dir: Path, base_url: str) -> set[str]:
-    try:
-        record = json.loads((case_dir / PUSHED_RECORD).read_text())
-    except (OSError, ValueError):
-        return set()
-    return set(record.get("sop_instance_uids", [])) if record.get("server") == base_url else set()
-
-
 def push_scan(connection: Connection, base_url: str, case_dir: str | Path) -> list[str]:
     """Store the scan's ``seg.dcm`` and ``sr.dcm`` on the server, unless it has them.
 
@@ -65,10 +57,11 @@ def push_scan(connection: Connection, base_url: str, case_dir: str | Path) -> li
         raise FileNotFoundError(f"{case_dir}: no seg.dcm or sr.dcm to store (DICOM results are written for DICOM "
                                 "sources, unless --no-seg)")
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    done = _recorded(case_dir, base_url)
-    missing = [ds for ds in datasets if str(ds.SOPInstanceUID) not in done]
+    # pushed.json is a record, not proof: the server may have lost or deleted
+    # an instance since, so the server is always asked.
+    missing = datasets
     if missing:
-        present = set()
+        present: set[str] = set()
         for ds in missing:
             study, uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
             found = connection.call(base_url, f"search for instance {uid}", lambda c: c.search_for_instances(

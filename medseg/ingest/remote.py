@@ -172,6 +172,7 @@ def retrieve(connection: Connection, entry: InputFile) -> Path:
     entry.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with atomic_path(entry.path) as tmp:
         dataset.save_as(tmp, enforce_file_format=True)  # Part 10, as a PACS export would be
+        Path(tmp).chmod(0o600)  # owner-only even when the folder is copied out
     return entry.path
 
 
