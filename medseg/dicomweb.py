@@ -154,6 +154,10 @@ class DicomWebSource:
             raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(paging)} is not a search filter; medseg "
                              "reads every result of a search, page by page (narrow it with attribute filters, e.g. "
                              "StudyDate=20240101-20240131)")
+        empty = sorted(k for k, v in filters.items() if not v.strip())
+        if empty:  # an unset shell variable: the server would match every value, i.e. the whole archive
+            raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(empty)} has no value (the search would "
+                             "match the whole archive); give a value or leave the key out")
         unknown = sorted(k for k in filters if not _is_attribute(k))
         if unknown:  # a server ignores a key it does not know: the search would match everything
             raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(unknown)} is not a DICOM attribute "

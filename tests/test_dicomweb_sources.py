@@ -37,6 +37,8 @@ def test_a_source_url_names_its_server_root_and_what_to_read(url, expected):
 
 @pytest.mark.parametrize("url, problem", [
     ("https://alice:secret@pacs/dicom-web/studies/1.2", "never in a URL"),
+    ("https://pacs/dicom-web/series?Modality=", "Modality has no value"),
+    ("https://pacs/dicom-web/studies?StudyDate=%20&ModalitiesInStudy=CR", "StudyDate has no value"),
     ("https://pacs/dicom-web", "names no data"),
     ("https://pacs/dicom-web/studies/1.2/frames/1", "expected <root>/studies"),
     ("ftp://pacs/dicom-web/studies/1.2", "not a DICOMweb URL"),
