@@ -704,6 +704,9 @@ def _check_servers(connection, files, target: str | None) -> None:
     from medseg.dicomweb import DicomWebError, DicomWebSource
 
     servers = {DicomWebSource.parse(f.url).base_url for f in files if f.url} | ({target} if target else set())
+    for root in connection.unmatched_sections(servers):
+        log.warning("DICOMweb auth file section [%s] names no server of this run (%s): those servers get the "
+                    "file's other credentials; check the section's address", root, ", ".join(sorted(servers)))
     for base in sorted(servers - connection.answered):
         try:
             connection.check(base)

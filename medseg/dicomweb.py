@@ -41,7 +41,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -394,6 +394,25 @@ def make_session(credentials: Mapping[str, str]):
     return create_session()
 
 
+def _normal_root(url: str) -> str:
+    """A DICOMweb root for comparison: scheme and host lower-case, default
+    port dropped, no trailing slash."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:  # out of range: compared as written
+        return url.strip().rstrip("/")
+    if port and port != {"http": 80, "https": 443}.get(scheme):
+        host += f":{port}"
+    return f"{scheme}://{host}{parts.path.rstrip('/')}"
+
+
+def _covers(root: str, base: str) -> bool:
+    return base == root or base.startswith(root + "/")
+
+
 def _is_loopback(host: str | None) -> bool:
     import ipaddress
 
@@ -466,14 +485,21 @@ class Connection:
         """The credentials sent to ``base_url`` and where they came from: the
         longest server root that is ``base_url`` or above it, else "" (every
         server), else none."""
-        base = base_url.rstrip("/")
-        matches = [root for root in self.servers if root and (base == root or base.startswith(root + "/"))]
+        base = _normal_root(base_url)
+        matches = [root for root in self.servers if root and _covers(_normal_root(root), base)]
         if matches:
             root = max(matches, key=len)
             return self.servers[root], f"{self.source} [{root}]"
         if "" in self.servers:
             return self.servers[""], self.source
         return {}, self.source if not self.servers else f"{self.source} (no entry for {base})"
+
+    def unmatched_sections(self, base_urls: Iterable[str]) -> list[str]:
+        """The auth file's server roots that none of ``base_urls`` falls under
+        (a typo there would send the default credentials instead)."""
+        bases = [_normal_root(b) for b in base_urls]
+        return [root for root in self.servers
+                if root and not any(_covers(_normal_root(root), base) for base in bases)]
 
     @property
     def credentials(self) -> dict[str, str]:

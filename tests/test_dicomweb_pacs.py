@@ -219,10 +219,16 @@ def test_credentials_from_env_or_file_wrong_ones_fail_at_once(model_and_scans, o
         rc, log = run_in_process(_predict_args(model, listing, out=out, extra=[
             "--chunk", chunk, "--push-url", research.dicomweb_url, "--dicomweb-auth", auth]), capsys, caplog)
         assert rc == 0, log[-3000:]
-        assert "s3cret-pw" not in log and "b0b-pw" not in log
+        assert "s3cret-pw" not in log and "b0b-pw" not in log and "names no server" not in log
     rc, log = run_in_process(["gather-predictions", out, "--chunks", "2"], capsys, caplog)
     assert rc == 0, log[-2000:]
     assert len(pd.read_csv(out / "results.csv")) == 2
+    # A section for a server the run does not use (localhost is not 127.0.0.1 to a URL) is said.
+    typo = research.dicomweb_url.replace("127.0.0.1", "localhost")
+    auth.write_text(f"username = alice\npassword = s3cret-pw\n[{typo}]\ntoken = t\n")
+    caplog.clear()
+    rc, log = run_in_process(_predict_args(model, listing, out=out, extra=["--dicomweb-auth", auth]), capsys, caplog)
+    assert rc == 0 and f"section [{typo}] names no server of this run" in log, log[-2000:]
     stored = _by_modality(research)
     assert len(stored["SEG"]) == 2 and len(stored["SR"]) == 2
     assert set(_by_modality(server)) == {"CR"}

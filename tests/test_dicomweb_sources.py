@@ -142,6 +142,10 @@ def test_auth_file_sections_keep_each_servers_credentials_to_that_server(tmp_pat
     creds, source = connection.credentials_for("https://research.example.org/dicom-web")
     assert creds["username"] == "alice" and source.endswith("[https://research.example.org/dicom-web]")
     assert connection.credentials_for("https://research.example.org/dicom-web-other")[0] == {"token": "pacs-token"}
+    # Scheme and host case and a default port do not matter; a section no server falls under is reported.
+    assert connection.credentials_for("HTTPS://Research.example.org:443/dicom-web")[0]["username"] == "alice"
+    assert connection.unmatched_sections([ROOT]) == ["https://research.example.org/dicom-web"]
+    assert connection.unmatched_sections([ROOT, "https://research.example.org/dicom-web/"]) == []
     # Sections only: no credentials for any other server.
     auth.write_text("[https://research.example.org/dicom-web]\ntoken = t\n")
     assert Connection(read_auth_file(auth)).credentials_for(ROOT)[0] == {}
