@@ -501,11 +501,6 @@ class Connection:
         return [root for root in self.servers
                 if root and not any(_covers(_normal_root(root), base) for base in bases)]
 
-    @property
-    def credentials(self) -> dict[str, str]:
-        """The credentials for every server without its own ({} = none)."""
-        return self.servers.get("", {})
-
     def client(self, base_url: str):
         """This thread's ``dicomweb_client.DICOMwebClient`` for ``base_url``."""
         from dicomweb_client import DICOMwebClient

@@ -4,9 +4,10 @@ server with STOW-RS, once.
 A scan's folder holds ``seg.dcm`` and ``sr.dcm`` (written by
 :mod:`medseg.inference.predict` for DICOM sources). :func:`push_scan` stores
 those the server does not hold yet: it asks (QIDO-RS, by SOP Instance UID)
-before storing, and records what the server acknowledged in the folder's
-``pushed.json``, so a rerun neither stores an instance twice nor asks again
-for a scan whose instances it stored already. The SEG and SR UIDs derive from
+before storing, every time (a record could be stale: the server may have
+lost or deleted an instance since), so a rerun never stores an instance
+twice, and records what the server acknowledged in the folder's
+``pushed.json``. The SEG and SR UIDs derive from
 the source, the model and the result
 (:func:`medseg.inference.dicom_seg.result_uids`), so the same result written
 into another output folder is found on the server too and not stored again.
@@ -57,32 +58,27 @@ def push_scan(connection: Connection, base_url: str, case_dir: str | Path) -> li
         raise FileNotFoundError(f"{case_dir}: no seg.dcm or sr.dcm to store (DICOM results are written for DICOM "
                                 "sources, unless --no-seg)")
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    # pushed.json is a record, not proof: the server may have lost or deleted
-    # an instance since, so the server is always asked.
-    missing = datasets
-    if missing:
-        present: set[str] = set()
-        for ds in missing:
-            study, uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
-            found = connection.call(base_url, f"search for instance {uid}", lambda c: c.search_for_instances(
-                study_instance_uid=study, search_filters={"SOPInstanceUID": uid}))
-            if any(_sop_uid(item) == uid for item in found):
-                present.add(uid)
-        to_store = [ds for ds in missing if str(ds.SOPInstanceUID) not in present]
-        if to_store:
-            response = connection.call(base_url, f"store {len(to_store)} instance(s) of {case_dir.name}",
-                                       lambda c: c.store_instances(to_store))
-            failed = [str(item.get("ReferencedSOPInstanceUID", "?")) for item in
-                      getattr(response, "FailedSOPSequence", None) or []]
-            if failed:
-                raise DicomWebError(f"DICOMweb server {base_url} did not store {', '.join(failed)} (STOW-RS Failed "
-                                    "SOP Sequence)")
-        stored = [str(ds.SOPInstanceUID) for ds in to_store]
-    else:
-        stored = []
+    # The server is always asked: pushed.json is a record, not proof (the
+    # server may have lost or deleted an instance since).
+    present: set[str] = set()
+    for ds in datasets:
+        study, uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+        found = connection.call(base_url, f"search for instance {uid}", lambda c: c.search_for_instances(
+            study_instance_uid=study, search_filters={"SOPInstanceUID": uid}))
+        if any(_sop_uid(item) == uid for item in found):
+            present.add(uid)
+    to_store = [ds for ds in datasets if str(ds.SOPInstanceUID) not in present]
+    if to_store:
+        response = connection.call(base_url, f"store {len(to_store)} instance(s) of {case_dir.name}",
+                                   lambda c: c.store_instances(to_store))
+        failed = [str(item.get("ReferencedSOPInstanceUID", "?")) for item in
+                  getattr(response, "FailedSOPSequence", None) or []]
+        if failed:
+            raise DicomWebError(f"DICOMweb server {base_url} did not store {', '.join(failed)} (STOW-RS Failed "
+                                "SOP Sequence)")
     write_text_atomic(case_dir / PUSHED_RECORD,
                       json.dumps({"server": base_url, "sop_instance_uids": uids}, indent=1) + "\n")
-    return stored
+    return [str(ds.SOPInstanceUID) for ds in to_store]
 
 
 def _sop_uid(item: dict) -> str | None:
