@@ -174,19 +174,33 @@ def _warn_assumed_spacing(label: str, sources: Sequence[str]) -> None:
         log.warning("%s: %s", label, assumed_spacing_warning(assumed, len(sources)))
 
 
-def _collect(inputs: Sequence[str], case_id_from: str = "filename", exclude: Sequence[str] = (), connection=None):
+def _collect(inputs: Sequence[str], case_id_from: str = "filename", exclude: Sequence[str] = (), connection=None,
+             whole_archive: bool = False):
     """The run's inputs with their case IDs; a bad list file or an input
     path that does not exist is bad usage (ValueError here, FileNotFoundError
     in main: exit 2, naming the path, before anything is read or written).
     DICOMweb sources are listed through ``connection``
     (:class:`medseg.dicomweb.Connection`); a refused or failed search is bad
-    usage too (wrong credentials are said at once, not once per scan)."""
-    from medseg.dicomweb import DicomWebError, DicomWebSource
+    usage too (wrong credentials are said at once, not once per scan), and
+    so is a search of the whole archive (no filter) unless ``whole_archive``."""
+    import re
+
+    from medseg.dicomweb import DicomWebError, DicomWebSource, redact_url
     from medseg.ingest.inputs import collect_inputs
     from medseg.ingest.remote import list_instances
 
+    for item in inputs:  # ftp://, dicom://, s3://: not a path either, and not DICOMweb
+        scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(item))
+        if scheme and scheme.group(1).lower() not in ("http", "https"):
+            raise UsageError(f"{redact_url(item)}: medseg reads files, folders, list files and DICOMweb sources "
+                             f"(http:// or https://), not {scheme.group(1)}://")
+
     def remote(text: str):
         source = DicomWebSource.parse(text)
+        if source.whole_archive and not whole_archive:  # with --push, it would write into every study
+            raise ValueError(f"DICOMweb source {source.display()} has no filter: it reads every image on the server "
+                             "(the whole archive); narrow it (e.g. /series?Modality=CR, /studies?StudyDate=20240101-"
+                             "20240131) or, if the whole archive is meant, give --whole-archive")
         files, skipped = list_instances(connection, source)
         if source.search is None and not files and not skipped:  # UIDs that name nothing: a typo, as a missing path
             raise DicomWebError(f"DICOMweb source {source.display()}: no such study, series or instance on the server")
@@ -576,7 +590,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # Case IDs are given over the whole batch, before a chunk is taken, so
     # every chunk job names its scans as an unsplit run would.
     inputs = _collect(args.inputs, args.case_id_from, exclude=[args.out],  # --out may lie in an input folder
-                      connection=connection)
+                      connection=connection, whole_archive=args.whole_archive)
     files = inputs.files
     push = _pusher(args, connection, files, target)
     if not files:
@@ -654,7 +668,12 @@ def _push_target(args: argparse.Namespace) -> str | None:
         return None
     from urllib.parse import urlsplit
 
-    if urlsplit(args.push_url).query or urlsplit(args.push_url).fragment:
+    parts = urlsplit(args.push_url)
+    if parts.username or parts.password:
+        raise UsageError(f"--push-url {redact_url(args.push_url)}: credentials in the URL; give them in "
+                         "MEDSEG_DICOMWEB_USER and MEDSEG_DICOMWEB_PASSWORD, MEDSEG_DICOMWEB_TOKEN or an auth file "
+                         "(README: Scans from a PACS), never in a URL")
+    if parts.query or parts.fragment:
         raise UsageError(f"--push-url {redact_url(args.push_url)}: give the server's DICOMweb root, without a query "
                          "(e.g. https://pacs.example.org/dicom-web)")
     try:
@@ -998,7 +1017,8 @@ def cmd_list_inputs(args: argparse.Namespace) -> int:
     from medseg.atomic import write_text_atomic
     from medseg.ingest.inputs import list_file_line
 
-    inputs = _collect(args.inputs, args.case_id_from, connection=_dicomweb_connection(args))
+    inputs = _collect(args.inputs, args.case_id_from, connection=_dicomweb_connection(args),
+                      whole_archive=args.whole_archive)
     if not inputs.files:
         log.error("no input files found in %s", _shown_inputs(args.inputs))
         return EXIT_USAGE
@@ -1016,6 +1036,10 @@ def cmd_list_inputs(args: argparse.Namespace) -> int:
         log.error("list-inputs: %d of %d inputs could not be listed", len(unlisted), len(inputs.files))
         return EXIT_FAILURES
     return EXIT_OK
+
+
+WHOLE_ARCHIVE_HELP = ("allow a DICOMweb search without a filter (<root>/studies, <root>/series): it reads every "
+                      "image on the server (refused without this option)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1140,6 +1164,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "came from (STOW-RS), once: instances the server holds are not stored again")
     p.add_argument("--push-url", metavar="ROOT",
                    help="store them on this DICOMweb server instead (e.g. for scans read from files)")
+    p.add_argument("--whole-archive", action="store_true", help=WHOLE_ARCHIVE_HELP)
     p.add_argument("--dicomweb-auth", metavar="FILE",
                    help="DICOMweb credentials file ('token = ...', or 'username = ...' and 'password = ...'); "
                         "default: $MEDSEG_DICOMWEB_AUTH_FILE, $MEDSEG_DICOMWEB_TOKEN, or $MEDSEG_DICOMWEB_USER and "
@@ -1220,6 +1245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="list file to write (one line per input: absolute path or "
                                                 "DICOMweb instance URL, case ID and name, tab-separated)")
     p.add_argument("--dicomweb-auth", metavar="FILE", help="DICOMweb credentials file (as predict takes it)")
+    p.add_argument("--whole-archive", action="store_true", help=WHOLE_ARCHIVE_HELP)
     p.set_defaults(func=cmd_list_inputs)
 
     p = sub.add_parser("cv-start", help="create the MLflow parent run of a cross-validation")

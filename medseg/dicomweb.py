@@ -51,8 +51,10 @@ from urllib.parse import parse_qsl, urlsplit
 log = logging.getLogger(__name__)
 
 # dicomweb-client logs every request's URL at INFO, query values included
-# (which can be patient data): only its warnings reach medseg's logs.
-logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+# (which can be patient data), and a server's Warning header as it is (a
+# server may quote the query there): medseg says both itself, redacted
+# (_log_server_warning); only dicomweb-client's errors reach medseg's logs.
+logging.getLogger("dicomweb_client").setLevel(logging.ERROR)
 
 ENV_TOKEN = "MEDSEG_DICOMWEB_TOKEN"
 ENV_USER = "MEDSEG_DICOMWEB_USER"
@@ -186,6 +188,8 @@ class DicomWebSource:
         expected = ["studies", "series", "instances"]
         pairs = [rest[i:i + 2] for i in range(0, len(rest), 2)]
         for position, pair in enumerate(pairs):
+            if pair == ["instances"] and position == 1:  # ".../studies/<uid>/instances": the study's instances
+                return cls(base, Level.INSTANCES, study=uids.get("studies"), filters=filters)
             if position >= len(expected) or pair[0] != expected[position]:
                 break
             if len(pair) == 1:  # ".../studies/<uid>/series?..." : a search within the study
@@ -199,6 +203,12 @@ class DicomWebSource:
                        instance=uids.get("instances"), filters=filters)
         raise ValueError(f"DICOMweb URL {redact_url(text)}: expected <root>/studies/<uid>[/series/<uid>"
                          "[/instances/<uid>]] or a search (<root>/studies?..., /series?..., /instances?...)")
+
+    @property
+    def whole_archive(self) -> bool:
+        """A search with no filter and no study or series around it: it names
+        every study, series or instance on the server."""
+        return self.search is not None and not (self.study or self.series or self.filters)
 
     def display(self) -> str:
         """The source for logs: the URL with query keys but not their values."""
@@ -272,14 +282,14 @@ def read_auth_file(path: str | Path) -> ServerCredentials:
     Raises:
         ValueError: the file cannot be read, has another key, a section
             that is not an http(s) URL, a token beside a username, or holds
-            neither a token nor a username with a password (the message
-            never quotes a value).
+            neither a token nor a username with a password, or a key
+            given twice in a section (the message never quotes a value).
     """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"DICOMweb auth file {path}: is a folder; give the file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first key
     except OSError as err:
         raise ValueError(f"DICOMweb auth file {path}: cannot read it ({err.strerror or err})") from None
     sections: dict[str, dict[str, str]] = {"": {}}
@@ -302,6 +312,9 @@ def read_auth_file(path: str | Path) -> ServerCredentials:
         if not sep or key not in ("token", "username", "password"):
             raise ValueError(f"DICOMweb auth file {path}, line {number}: expected 'token = ...', "
                              "'username = ...', 'password = ...' or a section [<DICOMweb root>]")
+        if key in sections[current]:  # which one was meant? (never quoting either value)
+            raise ValueError(f"DICOMweb auth file {path}, line {number}: {key} is given twice"
+                             + (f" in [{current}]" if current else ""))
         sections[current][key] = _unquote(value.strip())
     servers = {root: _section_credentials(values, f"DICOMweb auth file {path}" + (f", [{root}]" if root else ""))
                for root, values in sections.items() if values or root}
@@ -388,10 +401,61 @@ def make_session(credentials: Mapping[str, str]):
     if credentials.get("token"):
         session = create_session()
         session.headers["Authorization"] = f"Bearer {credentials['token']}"
-        return session
-    if credentials.get("username"):
-        return create_session_from_user_pass(credentials["username"], credentials["password"])
-    return create_session()
+    elif credentials.get("username"):
+        session = create_session_from_user_pass(credentials["username"], credentials["password"])
+    else:
+        session = create_session()
+    adapter = _wildcard_adapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.hooks["response"].append(_log_server_warning)
+    return session
+
+
+def _wildcards_unescaped(url: str) -> str:
+    """``url`` with ``%2A`` and ``%3F`` in its query back to ``*`` and ``?``.
+
+    dicomweb-client percent-encodes every reserved character of a query
+    value; RFC 3986 (3.4) allows ``*`` and ``?`` in a query as they are, and
+    Orthanc's DICOMweb plugin (1.7, Debian 12) does not decode its query
+    values: ``PatientName=Smith%2A`` matched nothing there, ``Smith*`` does.
+    A server that decodes sees the same value either way. (``^`` must stay
+    encoded, RFC 3986: on such a server match it with ``?``.)
+    """
+    import re
+    from urllib.parse import urlunsplit
+
+    parts = urlsplit(url)
+    if "%" not in parts.query:
+        return url
+    query = re.sub("%3[Ff]", "?", re.sub("%2[Aa]", "*", parts.query))
+    return urlunsplit(parts._replace(query=query))
+
+
+def _log_server_warning(response, *args, **kwargs) -> None:
+    """Log a server's ``Warning`` header (PS3.18 6.7.1.2: a server that
+    does not return all results of a search says so there), query values
+    redacted."""
+    text = response.headers.get("Warning")
+    if not text:
+        return
+    for _, value in parse_qsl(urlsplit(response.url).query):
+        if value:
+            text = text.replace(value, "...")
+    log.warning("DICOMweb server warning for %s: %s", redact_url(response.url), text[:300])
+
+
+def _wildcard_adapter():
+    """requests' HTTP adapter, sending queries as :func:`_wildcards_unescaped`
+    writes them (requests is imported only when a session is made)."""
+    from requests.adapters import HTTPAdapter
+
+    class WildcardAdapter(HTTPAdapter):
+        def send(self, request, *args, **kwargs):
+            request.url = _wildcards_unescaped(request.url)
+            return super().send(request, *args, **kwargs)
+
+    return WildcardAdapter()
 
 
 def _normal_root(url: str) -> str:
@@ -439,16 +503,20 @@ class Connection:
     A request is tried :attr:`attempts` times when the connection fails or
     the server answers busy (HTTP 408/429/503/504), not when it accepted the
     request but did not answer within the read timeout (trying again would
-    only wait again). After :attr:`give_up_after` consecutive requests that
-    got no answer from a server, later requests to it fail at once (a server
-    that went away is not waited for once per remaining scan). A request
-    still unanswered after :attr:`still_waiting_after` seconds is logged, so
-    a slow server is never a silent hang.
+    only wait again). After a request that got no answer, the next request
+    to that server is preceded by a check (a one-study search waiting at
+    most :attr:`check_timeout` seconds, made by one thread while the others
+    wait for its verdict): if the server does not answer that either, it is
+    given up on and every later request to it fails at once, so a server
+    that went away costs one read timeout plus one check, not a wait per
+    remaining scan or per reading thread. A request still unanswered after
+    :attr:`still_waiting_after` seconds is logged, so a slow server is never
+    a silent hang.
     """
 
-    give_up_after = 3
     attempts = 3
     still_waiting_after = 15.0
+    check_timeout = 10.0
 
     def __init__(self, credentials: Mapping | None = None, *, source: str = "no credentials",
                  timeout: float | tuple[float, float] = DEFAULT_TIMEOUT) -> None:
@@ -469,8 +537,10 @@ class Connection:
         self.timeout = timeout
         self.answered: set[str] = set()  # roots that answered a request
         self._local = threading.local()
-        self._unreachable: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._unanswered: set[str] = set()  # roots whose last request got no answer
+        self._gone: dict[str, str] = {}  # roots given up on -> why
+        self._check_locks: dict[str, threading.Lock] = {}
         self._warned_plain_http: set[str] = set()
 
     @classmethod
@@ -544,11 +614,7 @@ class Connection:
 
         import requests
 
-        with self._lock:
-            failures = self._unreachable.get(base_url, 0)
-        if failures >= self.give_up_after:
-            raise DicomWebError(f"DICOMweb server {base_url} stopped answering ({failures} requests in a row "
-                                f"failed): not tried ({what}); run again when it is back", unreachable=True)
+        self._ensure_answering(base_url, what)
         waiting = threading.Timer(self.still_waiting_after, log.warning, args=(
             "still waiting for DICOMweb server %s (%s) after %.0f s; it is given up on after %s s without an answer",
             base_url, what, self.still_waiting_after, self._read_timeout()))
@@ -565,21 +631,20 @@ class Connection:
                         time.sleep(0.25 * 2 ** attempt)
                         continue
                     raise DicomWebError(self._refusal(base_url, what, status, err), status=status) from None
-                except requests.exceptions.SSLError as err:
-                    self._count_unreachable(base_url)
+                except requests.exceptions.SSLError as err:  # fails fast and alike each time: no check needed
                     raise DicomWebError(
                         f"DICOMweb server {base_url}: TLS connection failed ({what}: {_first_line(err)}); if the "
                         "server's certificate is from the hospital's own certificate authority, set "
                         "REQUESTS_CA_BUNDLE to that authority's certificate file", unreachable=True) from None
                 except requests.exceptions.ReadTimeout:
-                    self._count_unreachable(base_url)
+                    self._no_answer(base_url)
                     raise DicomWebError(f"DICOMweb server {base_url} did not answer within {self._read_timeout()} s "
                                         f"({what}); a slow server: set {ENV_TIMEOUT}", unreachable=True) from None
                 except (requests.ConnectionError, requests.Timeout) as err:
                     if attempt < self.attempts:
                         time.sleep(0.25 * 2 ** attempt)
                         continue
-                    self._count_unreachable(base_url)
+                    self._no_answer(base_url)
                     kind = "timed out" if isinstance(err, requests.Timeout) else "cannot connect"
                     raise DicomWebError(f"DICOMweb server {base_url} unreachable ({what}: {kind})",
                                         unreachable=True) from None
@@ -590,7 +655,7 @@ class Connection:
         finally:
             waiting.cancel()
         with self._lock:
-            self._unreachable[base_url] = 0
+            self._unanswered.discard(base_url)
             self.answered.add(base_url)
         return result
 
@@ -607,9 +672,49 @@ class Connection:
     def _read_timeout(self) -> float:
         return self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout
 
-    def _count_unreachable(self, base_url: str) -> None:
+    def _no_answer(self, base_url: str) -> None:
         with self._lock:
-            self._unreachable[base_url] = self._unreachable.get(base_url, 0) + 1
+            self._unanswered.add(base_url)
+
+    def _ensure_answering(self, base_url: str, what: str) -> None:
+        """Raise at once for a server given up on; check a server whose last
+        request got no answer (class docstring) before sending another."""
+        with self._lock:
+            check_lock = self._check_locks.setdefault(base_url, threading.Lock())
+        with check_lock:  # one thread checks, the others wait for its verdict
+            with self._lock:
+                gone, unanswered = self._gone.get(base_url), base_url in self._unanswered
+            if gone is None and unanswered:
+                gone = self._check_answers(base_url)
+        if gone is not None:
+            raise DicomWebError(f"DICOMweb server {base_url} stopped answering ({gone}): not tried ({what}); run "
+                                "again when it is back", unreachable=True)
+
+    def _check_answers(self, base_url: str) -> str | None:
+        """One study search with a short read timeout; None if the server
+        answered anything (even a refusal), else why it is given up on."""
+        import requests
+        from dicomweb_client import DICOMwebClient
+
+        connect = self.timeout[0] if isinstance(self.timeout, tuple) else self.timeout
+        read = min(self._read_timeout(), self.check_timeout)
+        credentials, _ = self.credentials_for(base_url)
+        probe = DICOMwebClient(base_url, session=make_session(credentials), timeout=(connect, read))
+        probe.set_http_retry_params(retry=False)
+        try:
+            probe.search_for_studies(limit=1)
+        except (requests.HTTPError, ValueError):
+            pass  # an answer: the server is there (what it refuses, the request itself says)
+        except requests.RequestException:
+            why = f"a request got no answer, nor a check {read:g} s long after it"
+            with self._lock:
+                self._gone[base_url] = why
+            log.warning("DICOMweb server %s stopped answering: the scans still to read from it or store on it fail "
+                        "at once (listed in failures.csv); run the same command again when it is back", base_url)
+            return why
+        with self._lock:
+            self._unanswered.discard(base_url)
+        return None
 
     def _refusal(self, base_url: str, what: str, status: int | None, err: Exception) -> str:
         if status in (401, 403):
@@ -618,11 +723,21 @@ class Connection:
             if credentials:
                 return (f"DICOMweb server {base_url} refused the credentials from {source} (HTTP {status} "
                         f"{word}) while trying to {what}: check them")
+            if self.servers:  # an auth file whose sections are all for other servers
+                return (f"DICOMweb server {base_url} needs credentials (HTTP {status} {word}) while trying to "
+                        f"{what}: {self.source} has no section for it and no credentials before its first section; "
+                        f"add [{base_url}] with its credentials")
             return (f"DICOMweb server {base_url} needs credentials (HTTP {status} {word}) while trying to {what}: "
                     f"set {ENV_TOKEN}, or {ENV_USER} and {ENV_PASSWORD}, or an auth file ({ENV_AUTH_FILE} or "
-                    "--dicomweb-auth)" + (f"; {source}" if self.servers else ""))
+                    "--dicomweb-auth)")
         reason = getattr(getattr(err, "response", None), "reason", "") or ""
-        return f"DICOMweb server {base_url} answered HTTP {status} {reason} while trying to {what}".rstrip()
+        message = f"DICOMweb server {base_url} answered HTTP {status} {reason}".rstrip() + f" while trying to {what}"
+        with self._lock:
+            answered_before = base_url in self.answered
+        if status in (400, 404, 405) and not answered_before:  # often the web server's root, not its DICOMweb one
+            message += (f"; is {base_url} the server's DICOMweb root? (Orthanc: http://<host>:8042/dicom-web, "
+                        "dcm4chee: .../dcm4chee-arc/aets/<AE>/rs)")
+        return message
 
 
 def _first_line(err: Exception) -> str:

@@ -59,6 +59,10 @@ PREDICT_CASES = [
     (("--pixel-spacing", "0"), "argument --pixel-spacing: must be a positive number of mm, got 0"),
     (("--pixel-spacing=-0.35",), "argument --pixel-spacing: must be a positive number of mm, got -0.35"),
     (("--pixel-spacing", "nan"), "argument --pixel-spacing: must be a positive number of mm, got nan"),
+    (("--push", "--no-seg"), "--push stores the DICOM SEG and structured report: leave out --no-seg"),
+    (("--push-url", "https://alice:pw-9@pacs/dicom-web"), "--push-url https://pacs/dicom-web: credentials in the URL"),
+    (("--push-url", "https://pacs/dicom-web?PatientID=X"), "without a query"),
+    (("--push-url", "ftp://pacs/dicom-web"), "not a DICOMweb root"),
 ]
 
 
@@ -73,7 +77,18 @@ def _assert_one_usage_error(rc: int, text: str, message: str) -> None:
 def test_predict_bad_usage_is_exit_2(folders, capsys, caplog, extra, message):
     rc, text = _run_in_process(_predict(folders, *extra), capsys, caplog)
     _assert_one_usage_error(rc, text, message)
-    assert not folders["out"].exists()
+    assert not folders["out"].exists() and "pw-9" not in text
+
+
+@pytest.mark.parametrize("command", ["predict", "list-inputs"])
+def test_an_input_url_that_is_not_http_is_named_as_such(folders, capsys, caplog, command):
+    """Second fresh-user trial: an ftp:// input was looked for as a file path."""
+    argv = [command, folders["tmp"] / "scans", "ftp://alice:pw-9@pacs/export/IM1.dcm", "--out", folders["out"]]
+    rc, text = _run_in_process(argv + (["--model", folders["tmp"] / "best.pt"] if command == "predict" else []),
+                               capsys, caplog)
+    _assert_one_usage_error(rc, text, "ftp://pacs/export/IM1.dcm: medseg reads files, folders, list files and "
+                                      "DICOMweb sources (http:// or https://), not ftp://")
+    assert not folders["out"].exists() and "pw-9" not in text
 
 
 def test_predict_missing_model_is_exit_2(folders, capsys, caplog):

@@ -118,9 +118,9 @@ def test_the_same_masks_are_the_same_instance_and_others_are_not(tmp_path):
     src_path = make_dicom(tmp_path / "src.dcm", synthetic_image(ROWS, COLS))
     masks = _masks(ROWS, COLS)
 
-    def uids(name: str, masks=masks, version="1.2.3") -> tuple[str, str]:
+    def uids(name: str, masks=masks, version="1.2.3", tta=False) -> tuple[str, str]:
         ds = pydicom.dcmread(write_dicom_seg(src_path, masks, tmp_path / name / "seg.dcm", model_name="unet-test",
-                                             model_version=version), stop_before_pixels=True)
+                                             model_version=version, tta=tta), stop_before_pixels=True)
         return ds.SeriesInstanceUID, ds.SOPInstanceUID
 
     first = uids("a")
@@ -131,7 +131,14 @@ def test_the_same_masks_are_the_same_instance_and_others_are_not(tmp_path):
     assert uids("c", masks=changed)[1] != first[1]
     assert uids("d", version="1.2.4")[1] != first[1]
     ds = pydicom.dcmread(tmp_path / "a" / "seg.dcm", stop_before_pixels=True)
-    assert ds.SeriesDescription == "unet-test segmentation (research use)"
+    assert ds.SeriesDescription == "unet-test segmentation (research use)" and ds.SeriesNumber == 900
+    # Test-time augmentation's result is told apart in a viewer (second
+    # fresh-user trial: both had one description and number), even when its
+    # masks are the same.
+    tta = uids("e", tta=True)
+    assert tta[0] != first[0] and tta[1] != first[1]
+    ds = pydicom.dcmread(tmp_path / "e" / "seg.dcm", stop_before_pixels=True)
+    assert ds.SeriesDescription == "unet-test TTA segmentation (research use)" and ds.SeriesNumber == 902
 
 
 def test_seg_from_legacy_file_without_type2_attributes(tmp_path):

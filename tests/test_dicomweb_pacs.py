@@ -115,10 +115,15 @@ def test_pull_predict_push_then_rerun_stores_nothing_twice(model_and_scans, orth
         assert read["thoracic_width_mm"] == pytest.approx(full["thoracic_width_mm"], abs=1e-9)
         assert "|".join(read["qc_flags"]) == (full["qc_flags"] or "")
 
-    # A rerun: everything finished and pushed; the server's SEG/SR are medseg's
-    # own results, skipped as non-images, not predicted.
+    # A search without a filter reads the whole archive (with --push it
+    # writes into every study): refused unless asked for (second trial).
     rc, log = run_in_process(_predict_args(model, f"{orthanc.dicomweb_url}/studies", out=out, extra=["--push"]),
                              capsys, caplog)
+    assert rc == 2 and "has no filter: it reads every image on the server" in log and "--whole-archive" in log
+    # A rerun: everything finished and pushed; the server's SEG/SR are medseg's
+    # own results, skipped as non-images, not predicted.
+    rc, log = run_in_process(_predict_args(model, f"{orthanc.dicomweb_url}/studies", out=out,
+                                           extra=["--push", "--whole-archive"]), capsys, caplog)
     assert rc == 0, log[-3000:]
     assert "12 other instance(s) skipped" in log
     assert "push 6/6 scans (0 stored, 6 already on the server, 0 failed)" in log
@@ -152,7 +157,7 @@ def test_credentials_from_env_or_file_wrong_ones_fail_at_once(model_and_scans, o
     model, _ = model_and_scans
     server = orthanc_factory(users={"alice": "s3cret-pw"})
     server.upload(pacs_scans[:2])
-    source = f"{server.dicomweb_url}/studies"
+    source = f"{server.dicomweb_url}/studies?ModalitiesInStudy=CR"
     for name in ("MEDSEG_DICOMWEB_AUTH_FILE", "MEDSEG_DICOMWEB_TOKEN", "MEDSEG_DICOMWEB_USER",
                  "MEDSEG_DICOMWEB_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
@@ -336,3 +341,20 @@ def test_a_study_uid_that_names_nothing_is_bad_usage_even_beside_good_inputs(ort
     rc, log = run_in_process(["list-inputs", f"{orthanc.dicomweb_url}/studies/{good}", "--out", listing],
                              capsys, caplog)
     assert rc == 0 and len(listing.read_text().splitlines()) == 1, log[-2000:]
+
+
+def test_patient_name_wildcards_find_scans_on_orthanc(orthanc, pacs_scans, tmp_path, capsys, caplog):
+    """Found by the second fresh-user trial: PatientName=Phantom* found
+    nothing on Orthanc (the * went as %2A, which its DICOMweb plugin does
+    not decode). ^ must go encoded (RFC 3986), which Orthanc does not match:
+    ? stands for it (README)."""
+    orthanc.upload(pacs_scans)
+    for query, expected in (("series?PatientName=Phantom*", 6), ("studies?PatientName=Phantom?Secret1", 1),
+                            ("studies/{study}/instances", 1)):
+        if "{study}" in query:
+            query = query.format(study=pydicom.dcmread(pacs_scans[0], stop_before_pixels=True).StudyInstanceUID)
+        listing = tmp_path / "list.txt"
+        rc, log = run_in_process(["list-inputs", f"{orthanc.dicomweb_url}/{query}", "--out", listing], capsys, caplog)
+        assert rc == 0, log[-2000:]
+        assert len(listing.read_text().splitlines()) == expected, query
+        _no_patient_data(log)

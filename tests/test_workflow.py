@@ -259,14 +259,15 @@ def test_rerun_after_killed_training_resumes(workdir):
 
 
 def test_inference_batch_from_a_dicomweb_source_pushes_results(local_workflow_run, orthanc, tmp_path):
-    """config inference.inputs names a DICOMweb series search and push is
-    source: the chunk jobs retrieve the scans from Orthanc and store each
-    one's SEG and SR back on it."""
+    """config inference.inputs names a DICOMweb series search (the whole of
+    this test server's archive: whole_archive true) and push is source: the
+    chunk jobs retrieve the scans from Orthanc and store each one's SEG and
+    SR back on it."""
     workdir = local_workflow_run
     sources = sorted((workdir / "results" / "e2e" / "raw" / "images").glob("*.dcm"))[:2]
     orthanc.upload(sources)
-    inference = (f"inference={{'inputs': ['{orthanc.dicomweb_url}/series?Modality=CR'], 'name': 'dicomweb', "
-                 "'push': 'source'}")
+    inference = (f"inference={{'inputs': ['{orthanc.dicomweb_url}/series'], 'name': 'dicomweb', "
+                 "'push': 'source', 'whole_archive': True}")
     run_snakemake(workdir, "--config", *TEST_CONFIG, inference, "--",
                   "results/e2e/predictions/dicomweb/results.csv")
     batch = workdir / "results" / "e2e" / "predictions" / "dicomweb"

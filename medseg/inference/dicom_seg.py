@@ -191,8 +191,9 @@ def write_dicom_seg(
     model_name: str,
     model_version: str,
     structures_info: Mapping[str, tuple[str, str]] | None = None,
-    series_number: int = 900,
+    series_number: int | None = None,
     instance_number: int = 1,
+    tta: bool = False,
 ) -> Path:
     """Write ``masks`` as a BINARY DICOM SEG derived from ``source``.
 
@@ -210,7 +211,11 @@ def write_dicom_seg(
         structures_info: label -> (category keyword, type keyword) in
             ``pydicom.sr.codedict.codes.SCT``; defaults to
             :data:`DEFAULT_STRUCTURES_INFO` (entries given here override).
-        series_number, instance_number: of the new SEG series / instance.
+        series_number, instance_number: of the new SEG series / instance
+            (Series Number default: 900, with ``tta`` 902).
+        tta: the masks come from test-time augmentation: "TTA" in the Series
+            Description, and its own Series Number, so that a viewer tells
+            them from the plain prediction's stored beside them.
 
     Returns:
         ``Path(out_path)``.
@@ -269,12 +274,15 @@ def write_dicom_seg(
             )
         )
 
+    description = f"{str(model_name)[:30]}{' TTA' if tta else ''} segmentation ({RESEARCH_USE})"  # LO: 64 chars
+    if series_number is None:
+        series_number = 902 if tta else 900
     uids = result_uids(
-        "SEG", src.SOPInstanceUID, model_name, model_version, list(masks), pixel_array.tobytes()
+        "SEG", src.SOPInstanceUID, model_name, model_version, list(masks), pixel_array.tobytes(), description
     )
     with no_person_name_warnings():
         seg = _build_segmentation(
-            src, pixel_array, descriptions, model_name, series_number, instance_number, uids
+            src, pixel_array, descriptions, model_name, description, series_number, instance_number, uids
         )
     _drop_unreadable_pixel_measures(seg)
     with atomic_path(out_path) as tmp:
@@ -287,6 +295,7 @@ def _build_segmentation(
     pixel_array: np.ndarray,
     descriptions: list[hd.seg.SegmentDescription],
     model_name: str,
+    series_description: str,
     series_number: int,
     instance_number: int,
     uids: tuple[str, str],
@@ -305,7 +314,7 @@ def _build_segmentation(
         manufacturer_model_name=str(model_name)[:64],
         software_versions=f"medseg {medseg.__version__}",
         device_serial_number=_DEVICE_SERIAL,
-        series_description=f"{str(model_name)[:34]} segmentation ({RESEARCH_USE})",  # LO: 64 chars
+        series_description=series_description,
         # Keep a frame for every segment, even an empty one, so reading back
         # always yields every label.
         omit_empty_frames=False,

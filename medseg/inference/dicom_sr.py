@@ -120,6 +120,7 @@ QC_FLAG_CODES: dict[str, Code] = {
 }
 
 SERIES_DESCRIPTION = f"medseg CTR report ({RESEARCH_USE})"
+SERIES_DESCRIPTION_TTA = f"medseg CTR report, TTA ({RESEARCH_USE})"
 _MANUFACTURER = "medseg"
 _DEVICE_SERIAL = "0"
 _TRACKING_IDENTIFIER = "medseg CTR measurements"
@@ -233,8 +234,9 @@ def write_ctr_report(
     *,
     model_name: str,
     model_version: str,
-    series_number: int = 901,
+    series_number: int | None = None,
     instance_number: int = 1,
+    tta: bool = False,
 ) -> Path:
     """Write the CTR measurements of one radiograph as a DICOM SR (TID 1500).
 
@@ -255,7 +257,11 @@ def write_ctr_report(
         model_name: the device observer's name and model name, the
             algorithm name and Manufacturer's Model Name.
         model_version: the algorithm version.
-        series_number, instance_number: of the new SR series / instance.
+        series_number, instance_number: of the new SR series / instance
+            (Series Number default: 901, with ``tta`` 903).
+        tta: the measurements come from test-time augmentation masks: "TTA"
+            in the Series Description (:data:`SERIES_DESCRIPTION_TTA`) and
+            its own Series Number, as for the SEG.
 
     Returns:
         ``Path(out_path)``.
@@ -277,9 +283,12 @@ def write_ctr_report(
     if seg is not None:
         evidence.append(_read_seg(Path(seg), src))
     # Same report of the same image and model -> same UIDs (result_uids).
+    description = SERIES_DESCRIPTION_TTA if tta else SERIES_DESCRIPTION
+    if series_number is None:
+        series_number = 903 if tta else 901
     series_uid, sop_uid = result_uids(
         "SR", src.SOPInstanceUID, model_name, model_version,
-        [str(ds.SOPInstanceUID) for ds in evidence[1:]], _content_key(ctr), flag_list,
+        [str(ds.SOPInstanceUID) for ds in evidence[1:]], _content_key(ctr), flag_list, description,
     )
 
     qc_name = _concept(CODES["qc_flag"])
@@ -325,7 +334,7 @@ def write_ctr_report(
             is_complete=True,
             is_final=False,
             is_verified=False,
-            series_description=SERIES_DESCRIPTION,
+            series_description=description,
             manufacturer_model_name=str(model_name)[:64],
             software_versions=f"medseg {medseg.__version__}",
             device_serial_number=_DEVICE_SERIAL,

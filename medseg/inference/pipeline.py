@@ -13,10 +13,17 @@ heavy parts, so the stages share the cores.
 Both helpers keep a bounded number of items in flight, so memory stays flat
 whatever the number of scans, and give results back in input order, so
 progress lines, the failures table and the results are as a sequential run's.
+
+Reading threads do not hold the process open: when the consumer stops (an
+error, Ctrl-C) a read still in flight, e.g. a DICOMweb request waiting on a
+server, is abandoned, not waited for (up to the read timeout). Writes are
+always waited for: each is short and local, and atomic.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +48,43 @@ def _outcome(item: T, future: Future) -> Outcome:
         return Outcome(item, future.result())
     except Exception as err:  # noqa: BLE001 - handed to the caller, who names the item
         return Outcome(item, error=err)
+
+
+class _DaemonThreads:
+    """A minimal thread pool whose threads are daemons.
+
+    ``ThreadPoolExecutor``'s threads are joined when the interpreter exits,
+    so Ctrl-C waited for every read in flight; daemon threads are not.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}_{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, work: Callable[[T], R], item: T) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, work, item))
+        return future
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, work, item = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(work(item))
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer through the future
+                future.set_exception(err)
+
+    def shutdown(self, wait: bool) -> None:
+        """Stop the threads once their current task is done; ``wait``: join them."""
+        for _ in self._threads:
+            self._tasks.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
 
 def read_ahead(items: Iterable[T], work: Callable[[T], R], *, workers: int, ahead: int) -> Iterator[Outcome[T, R]]:
@@ -73,17 +117,20 @@ def read_ahead(items: Iterable[T], work: Callable[[T], R], *, workers: int, ahea
         return
     pending: deque[tuple[T, Future]] = deque()
     iterator = iter(items)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-read") as pool:
-        try:
-            for item in iterator:
-                pending.append((item, pool.submit(work, item)))
-                if len(pending) >= ahead:
-                    yield _outcome(*pending.popleft())
-            while pending:
+    pool = _DaemonThreads(workers, "medseg-read")
+    finished = False
+    try:
+        for item in iterator:
+            pending.append((item, pool.submit(work, item)))
+            if len(pending) >= ahead:
                 yield _outcome(*pending.popleft())
-        finally:  # the consumer stopped early (an error, a closed generator): drop what was not started
-            for _, future in pending:
-                future.cancel()
+        while pending:
+            yield _outcome(*pending.popleft())
+        finished = True
+    finally:  # the consumer stopped early (an error, Ctrl-C, a closed generator): drop what was not started
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=finished)  # a read in flight is not waited for when nobody wants its result
 
 
 class WriteBehind(Generic[T, R]):

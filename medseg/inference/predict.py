@@ -392,7 +392,7 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
         from medseg.inference.dicom_seg import write_dicom_seg
         from medseg.inference.dicom_sr import write_ctr_report
 
-        model_args = dict(model_name=model.uri or "medseg", model_version=__version__)
+        model_args = dict(model_name=model.uri or "medseg", model_version=__version__, tta=settings.tta)
         seg_written = _write_dicom_result(prep.entry.name, "DICOM SEG", lambda: write_dicom_seg(
             prep.path, masks, case_dir / "seg.dcm", **model_args))
         sr_written = _write_dicom_result(prep.entry.name, "DICOM SR", lambda: write_ctr_report(
@@ -888,31 +888,28 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
 def _push_all(push: Callable[[Path, InputFile], Sequence[str]], out_dir: Path, entries: Sequence[InputFile],
               workers: int) -> list[tuple[InputFile, str]]:
     """Call ``push`` for every finished scan (a few at a time: each waits on
-    the network); log progress; return (entry, problem) per scan it failed for."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    the network; Ctrl-C does not wait for a push in flight, see
+    :mod:`medseg.inference.pipeline`); log progress; return (entry, problem)
+    per scan it failed for."""
     problems: list[tuple[InputFile, str]] = []
     counts = Counter()
     start = time.perf_counter()
     step = max(1, len(entries) // 10)
-
-    def one(entry: InputFile) -> tuple[InputFile, Sequence[str] | None, str]:
-        try:
-            return entry, push(out_dir / entry.case_id, entry), ""
-        except Exception as err:  # noqa: BLE001 - one scan's failure must not stop the others
-            return entry, None, str(err) if isinstance(err, (OSError, RuntimeError)) else f"{type(err).__name__}: {err}"
-
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, 4))) as pool:
-        for number, (entry, stored, problem) in enumerate(pool.map(one, entries), start=1):
-            if stored is None:
-                problems.append((entry, problem))
-                counts["failed"] += 1
-            else:
-                counts["stored" if stored else "already"] += 1
-            if number % step == 0 or number == len(entries):
-                log.info("push %d/%d scans (%d stored, %d already on the server, %d failed) %.1f s", number,
-                         len(entries), counts["stored"], counts["already"], counts["failed"],
-                         time.perf_counter() - start)
+    threads = max(1, min(workers, 4))
+    outcomes = read_ahead(entries, lambda entry: push(out_dir / entry.case_id, entry), workers=threads,
+                          ahead=2 * threads)
+    for number, outcome in enumerate(outcomes, start=1):
+        if outcome.error is not None:  # one scan's failure must not stop the others
+            err = outcome.error
+            problems.append((outcome.item, str(err) if isinstance(err, (OSError, RuntimeError))
+                             else f"{type(err).__name__}: {err}"))
+            counts["failed"] += 1
+        else:
+            counts["stored" if outcome.result else "already"] += 1
+        if number % step == 0 or number == len(entries):
+            log.info("push %d/%d scans (%d stored, %d already on the server, %d failed) %.1f s", number,
+                     len(entries), counts["stored"], counts["already"], counts["failed"],
+                     time.perf_counter() - start)
     return problems
 
 

@@ -49,7 +49,9 @@ def push_scan(connection: Connection, base_url: str, case_dir: str | Path) -> li
     Raises:
         medseg.dicomweb.DicomWebError: a search or the store was refused, or
             the server could not be reached; or the server answered that it
-            did not store an instance (STOW-RS Failed SOP Sequence).
+            did not store an instance (STOW-RS Failed SOP Sequence), or
+            answered without storing it. Messages name the scan (its
+            folder's name), not the result's UIDs.
         FileNotFoundError: the folder holds no DICOM result to store.
     """
     case_dir = Path(case_dir)
@@ -57,28 +59,44 @@ def push_scan(connection: Connection, base_url: str, case_dir: str | Path) -> li
     if not datasets:
         raise FileNotFoundError(f"{case_dir}: no seg.dcm or sr.dcm to store (DICOM results are written for DICOM "
                                 "sources, unless --no-seg)")
+    scan = case_dir.name  # the scan's case ID (its SOP Instance UID for a DICOMweb source): what failures name
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
     # The server is always asked: pushed.json is a record, not proof (the
     # server may have lost or deleted an instance since).
-    present: set[str] = set()
-    for ds in datasets:
-        study, uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
-        found = connection.call(base_url, f"search for instance {uid}", lambda c: c.search_for_instances(
-            study_instance_uid=study, search_filters={"SOPInstanceUID": uid}))
-        if any(_sop_uid(item) == uid for item in found):
-            present.add(uid)
-    to_store = [ds for ds in datasets if str(ds.SOPInstanceUID) not in present]
+    to_store = [ds for ds in datasets if not _on_server(connection, base_url, ds, scan)]
     if to_store:
-        response = connection.call(base_url, f"store {len(to_store)} instance(s) of {case_dir.name}",
-                                   lambda c: c.store_instances(to_store))
+        what = f"store the {' and '.join(str(ds.Modality) for ds in to_store)} of scan {scan}"
+        try:
+            response = connection.call(base_url, what, lambda c: c.store_instances(to_store))
+        except (AttributeError, TypeError, KeyError, IndexError):  # dicomweb-client read an answer that is no
+            response = None  # dataset (e.g. []): whether it stored them is asked below
         failed = [str(item.get("ReferencedSOPInstanceUID", "?")) for item in
                   getattr(response, "FailedSOPSequence", None) or []]
         if failed:
-            raise DicomWebError(f"DICOMweb server {base_url} did not store {', '.join(failed)} (STOW-RS Failed "
-                                "SOP Sequence)")
+            kinds = " and ".join(str(ds.Modality) for ds in to_store if str(ds.SOPInstanceUID) in failed)
+            raise DicomWebError(f"DICOMweb server {base_url} did not store the {kinds or 'results'} of scan {scan} "
+                                "(STOW-RS Failed SOP Sequence)")
+        acknowledged = {str(item.get("ReferencedSOPInstanceUID")) for item in
+                        getattr(response, "ReferencedSOPSequence", None) or []}
+        # An answer that does not list an instance as stored (an empty body,
+        # not a STOW-RS response) is no proof: the server is asked.
+        missing = [ds for ds in to_store if str(ds.SOPInstanceUID) not in acknowledged
+                   and not _on_server(connection, base_url, ds, scan)]
+        if missing:
+            raise DicomWebError(f"DICOMweb server {base_url} answered the store of scan {scan} without storing its "
+                                f"{' and '.join(str(ds.Modality) for ds in missing)} (not found after it); "
+                                "run again to retry")
     write_text_atomic(case_dir / PUSHED_RECORD,
                       json.dumps({"server": base_url, "sop_instance_uids": uids}, indent=1) + "\n")
     return [str(ds.SOPInstanceUID) for ds in to_store]
+
+
+def _on_server(connection: Connection, base_url: str, ds, scan: str) -> bool:
+    """The server holds ``ds`` (a QIDO-RS search by its SOP Instance UID within its study)."""
+    study, uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+    found = connection.call(base_url, f"search for the {ds.Modality} of scan {scan}", lambda c: c.search_for_instances(
+        study_instance_uid=study, search_filters={"SOPInstanceUID": uid}))
+    return any(_sop_uid(item) == uid for item in found)
 
 
 def _sop_uid(item: dict) -> str | None:

@@ -99,6 +99,7 @@ rule inference_inputs:
     params:
         inputs=" ".join(shlex.quote(str(p)) for p in INFERENCE["inputs"]),
         case_ids=case_id_argument(),
+        whole_archive="--whole-archive" if INFERENCE.get("whole_archive") else "",
     log:
         "results/{dataset}/logs/inference_inputs_{batch}.log",
     threads: 1
@@ -108,7 +109,7 @@ rule inference_inputs:
     shell:
         # Case IDs are fixed here, over the whole batch, so that every chunk
         # job names its scans the same way.
-        "{MEDSEG} list-inputs {params.inputs} {params.case_ids} --out {output} > {log} 2>&1"
+        "{MEDSEG} list-inputs {params.inputs} {params.case_ids} {params.whole_archive} --out {output} > {log} 2>&1"
 
 
 rule predict_chunk:
