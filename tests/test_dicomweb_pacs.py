@@ -358,3 +358,68 @@ def test_patient_name_wildcards_find_scans_on_orthanc(orthanc, pacs_scans, tmp_p
         assert rc == 0, log[-2000:]
         assert len(listing.read_text().splitlines()) == expected, query
         _no_patient_data(log)
+
+
+def test_ctrl_c_does_not_wait_for_a_server_that_holds_a_retrieve(model_and_scans, tmp_path):
+    """Found by the second fresh-user trial: Ctrl-C waited for the reads in
+    flight, up to the read timeout (60 s), before medseg exited. A DICOMweb
+    server that answers searches but never the retrieve (a stalled archive):
+    SIGINT during the batch exits 130 at once, saying how to go on."""
+    import http.server
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    study, series = "1.2.826.0.1.3680043.8.498.10", "1.2.826.0.1.3680043.8.498.11"
+    instances = [{"0020000D": {"vr": "UI", "Value": [study]}, "0020000E": {"vr": "UI", "Value": [series]},
+                  "00080018": {"vr": "UI", "Value": [f"1.2.826.0.1.3680043.8.498.2{i}"]},
+                  "00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.1"]}} for i in range(4)]
+    release = threading.Event()
+
+    class Stalled(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if "/instances/" in self.path:  # a retrieve: held until the test ends
+                release.wait(120)
+                return
+            body = json.dumps([] if "offset=0" not in self.path and "offset" in self.path else instances).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalled)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    model, _ = model_and_scans
+    source = f"http://127.0.0.1:{server.server_address[1]}/dicom-web/studies/{study}/instances"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDSEG_DICOMWEB")}
+    proc = subprocess.Popen([sys.executable, "-m", "medseg", "predict", source, "--out", str(tmp_path / "out"),
+                             "--model", str(model), "--backend", "pytorch", "--batch-size", "2", "--workers", "2"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        for line in proc.stderr:  # until the batch has started (its reads are then held by the server)
+            lines.append(line)
+            if "predicting 4 file(s)" in line:
+                break
+        time.sleep(1.0)
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+        waited = time.monotonic() - interrupted
+    finally:
+        release.set()
+        proc.kill()
+        server.shutdown()
+        server.server_close()
+    log = "".join(lines) + rest
+    assert proc.returncode == 130, log[-3000:]
+    assert "interrupted: the scans finished so far are kept" in log
+    assert waited < 10, f"{waited:.1f} s after Ctrl-C"  # the read timeout is 60 s
