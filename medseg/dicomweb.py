@@ -18,7 +18,11 @@ says what went wrong.
   (PS3.18 10.6 query parameters: attribute keywords or tags).
 
 Query parameters after a study or series URL narrow its instances
-(``.../studies/1.2.3?Modality=CR``).
+(``.../studies/1.2.3?Modality=CR``); ``<root>/studies/<uid>/instances``
+searches a study's instances. A search with neither filter nor study
+(``<root>/studies``) names the whole archive
+(:attr:`DicomWebSource.whole_archive`; the command line refuses it unless
+told ``--whole-archive``).
 
 **Credentials** never come from the command line (it ends up in shell
 history, ``ps`` and logs) and never in the URL: :func:`credentials_from_environment`
