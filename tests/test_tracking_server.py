@@ -187,8 +187,8 @@ def test_two_trainings_logging_at_once_both_land_intact(stack, phantoms, tmp_pat
     # retries): this test is about two runs' data landing intact, and on a
     # loaded 2-core CI machine the server answered late enough once for a
     # run to go offline.
-    patient = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "120", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5"}
-    procs = [_train_process(config, manifest, splits, out, stack.url, seed, patient)
+    generous = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "120", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5"}
+    procs = [_train_process(config, manifest, splits, out, stack.url, seed, generous)
              for out, seed in zip(outs, (1, 2))]
     try:
         for out, proc in zip(outs, procs):
