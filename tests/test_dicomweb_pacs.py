@@ -20,6 +20,7 @@ import pandas as pd
 import pydicom
 import pytest
 from cli_runner import run_in_process
+from http_stub import stub_server  # noqa: F401 - fixture
 from orthanc_server import OrthancServer, orthanc, orthanc_factory  # noqa: F401 - fixtures
 
 from medseg.inference.dicom_sr import read_ctr_report
@@ -360,12 +361,11 @@ def test_patient_name_wildcards_find_scans_on_orthanc(orthanc, pacs_scans, tmp_p
         _no_patient_data(log)
 
 
-def test_ctrl_c_does_not_wait_for_a_server_that_holds_a_retrieve(model_and_scans, tmp_path):
+def test_ctrl_c_does_not_wait_for_a_server_that_holds_a_retrieve(model_and_scans, tmp_path, stub_server):
     """Found by the second fresh-user trial: Ctrl-C waited for the reads in
     flight, up to the read timeout (60 s), before medseg exited. A DICOMweb
     server that answers searches but never the retrieve (a stalled archive):
     SIGINT during the batch exits 130 at once, saying how to go on."""
-    import http.server
     import os
     import signal
     import subprocess
@@ -379,26 +379,16 @@ def test_ctrl_c_does_not_wait_for_a_server_that_holds_a_retrieve(model_and_scans
                   "00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.1"]}} for i in range(4)]
     release = threading.Event()
 
-    class Stalled(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            if "/instances/" in self.path:  # a retrieve: held until the test ends
-                release.wait(120)
-                return
-            body = json.dumps([] if "offset=0" not in self.path and "offset" in self.path else instances).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(method, target):
+        if "/instances/" in target:  # a retrieve: held until the test ends
+            release.wait(120)
+            return 503, {}, b""
+        first_page = "offset=0" in target or "offset" not in target
+        return 200, {"Content-Type": "application/dicom+json"}, json.dumps(instances if first_page else []).encode()
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalled)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stub_server["answer"] = answer
     model, _ = model_and_scans
-    source = f"http://127.0.0.1:{server.server_address[1]}/dicom-web/studies/{study}/instances"
+    source = f"{stub_server['url']}/dicom-web/studies/{study}/instances"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDSEG_DICOMWEB")}
     proc = subprocess.Popen([sys.executable, "-m", "medseg", "predict", source, "--out", str(tmp_path / "out"),
                              "--model", str(model), "--backend", "pytorch", "--batch-size", "2", "--workers", "2"],
@@ -417,8 +407,6 @@ def test_ctrl_c_does_not_wait_for_a_server_that_holds_a_retrieve(model_and_scans
     finally:
         release.set()
         proc.kill()
-        server.shutdown()
-        server.server_close()
     log = "".join(lines) + rest
     assert proc.returncode == 130, log[-3000:]
     assert "interrupted: the scans finished so far are kept" in log

@@ -12,6 +12,7 @@ from medseg.dicomweb import (
     credentials_from_environment, is_dicomweb_source, make_session, read_auth_file, redact_url,
 )
 from medseg.ingest.inputs import collect_inputs
+from http_stub import stub_server  # noqa: F401 - fixture
 
 ROOT = "https://pacs.example.org:8443/dicom-web"
 
@@ -331,42 +332,6 @@ def model_free_seg_folder(tmp_path):
     case_dir = tmp_path / "1.2.826.0.1.3680043.8.498.1"
     write_dicom_seg(source, masks, case_dir / "seg.dcm", model_name="unet-test", model_version="1")
     return case_dir
-
-
-@pytest.fixture
-def stub_server():
-    """An HTTP server answering as ``answer(method, path_and_query)`` says
-    ((status, headers, body)); ``requests`` lists the request lines it got."""
-    import http.server
-    import threading
-
-    state = {"answer": lambda method, target: (200, {"Content-Type": "application/dicom+json"}, b"[]"),
-             "requests": []}
-
-    class Stub(http.server.BaseHTTPRequestHandler):
-        def _reply(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-            state["requests"].append((self.command, self.path))
-            status, headers, body = state["answer"](self.command, self.path)
-            self.send_response(status)
-            for key, value in {**headers, "Content-Length": str(len(body))}.items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = _reply  # noqa: N815 - http.server's names
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
-    yield state
-    server.shutdown()
-    server.server_close()
 
 
 def test_wildcards_reach_the_server_as_they_are(stub_server):
