@@ -194,6 +194,10 @@ def _collect(inputs: Sequence[str], case_id_from: str = "filename", exclude: Seq
         if scheme and scheme.group(1).lower() not in ("http", "https"):
             raise UsageError(f"{redact_url(item)}: medseg reads files, folders, list files and DICOMweb sources "
                              f"(http:// or https://), not {scheme.group(1)}://")
+        if re.match(r"https?(:/?[^/]|//)", str(item), re.IGNORECASE) and not Path(item).exists():
+            # "http:/host", "http//host": a glob of that name would match nothing (and log its query)
+            shown = re.split(r"[?;]", str(item), maxsplit=1)[0] + ("..." if re.search(r"[?;]", str(item)) else "")
+            raise UsageError(f"{shown}: a mistyped URL? A DICOMweb source starts http:// or https://")
 
     def remote(text: str):
         source = DicomWebSource.parse(text)
@@ -1032,6 +1036,10 @@ def cmd_list_inputs(args: argparse.Namespace) -> int:
                       "folder directly)", f.path)
     write_text_atomic(args.out, "".join(lines))
     log.info("%d input files -> %s (%d non-image files skipped)", len(lines), args.out, len(inputs.skipped))
+    if _searches(args.inputs):  # a cap is invisible to QIDO-RS: only the user can compare
+        log.info("a DICOMweb server may cap a search's results without saying so (Orthanc: LimitFindResults): "
+                 "compare %d with the archive's own count before a first --push (README: Scans from a PACS)",
+                 len(lines))
     if unlisted:
         log.error("list-inputs: %d of %d inputs could not be listed", len(unlisted), len(inputs.files))
         return EXIT_FAILURES

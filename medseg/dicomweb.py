@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -110,10 +111,22 @@ def is_dicomweb_source(text: str | os.PathLike) -> bool:
 _NOT_FILTERS = {"limit", "offset", "includefield", "fuzzymatching"}
 
 
+# A DICOM UID (PS3.5 9.1): digit groups joined by dots, at most 64 characters.
+_UID_SYNTAX = re.compile(r"(?=.{1,64}$)[0-9]+(\.[0-9]+)*")
+# A DA query value (PS3.18 8.3.4.1, PS3.4 C.2.2.2.5): a date or a range.
+_DATE_MATCH = re.compile(r"[0-9]{8}|[0-9]{8}-|-[0-9]{8}|[0-9]{8}-[0-9]{8}")
+
+
+def _is_date_key(key: str) -> bool:
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(key)
+    return tag is not None and dictionary_VR(tag) == "DA"
+
+
 def _is_attribute(key: str) -> bool:
     """A QIDO-RS filter key: a DICOM keyword or 8-digit hex tag, or a dotted
     sequence path of them (PS3.18 8.3.4.1)."""
-    import re
 
     from pydicom.datadict import tag_for_keyword
 
@@ -154,7 +167,23 @@ class DicomWebSource:
         if parts.username or parts.password:
             raise ValueError(f"credentials in the DICOMweb URL {redact_url(text)}: give them in {ENV_USER} and "
                              f"{ENV_PASSWORD}, {ENV_TOKEN} or an auth file ({ENV_AUTH_FILE}), never in a URL")
-        filters = dict(parse_qsl(parts.query, keep_blank_values=True))
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"DICOMweb URL {parts.scheme}://{parts.netloc.rpartition('@')[2]}/...: not a valid "
+                             "port (1-65535)") from None
+        if ";" in parts.path:  # path parameters: a mistyped '?' (a query that would be ignored)
+            raise ValueError(f"DICOMweb URL {redact_url(text)}: ';' in the path; a search's filters follow '?'")
+        query = [part for part in parts.query.split("&") if part]
+        if any("=" not in part for part in query):  # never echoed: a value without its key (an ID)
+            raise ValueError(f"DICOMweb URL {redact_url(text)}: every query part is key=value (e.g. Modality=CR); "
+                             "one has no '='")
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        filters = dict(pairs)
+        repeated = sorted({k for k, _ in pairs if [key for key, _ in pairs].count(k) > 1})
+        if repeated:  # dict() kept the last value only: a search for one of them, silently
+            raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(repeated)} is given more than once; a "
+                             "search takes one value per key: give each value as a source of its own")
         paging = sorted(k for k in filters if k.lower() in _NOT_FILTERS)
         if paging:
             raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(paging)} is not a search filter; medseg "
@@ -169,6 +198,10 @@ class DicomWebSource:
             raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(unknown)} is not a DICOM attribute "
                              "keyword or tag (keywords are case-sensitive: StudyDate, Modality, ModalitiesInStudy, "
                              "AccessionNumber, ...)")
+        bad_dates = sorted(k for k, v in filters.items() if _is_date_key(k) and not _DATE_MATCH.fullmatch(v))
+        if bad_dates:  # never echoed: PatientBirthDate is patient data
+            raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(bad_dates)}: a date is YYYYMMDD, a range "
+                             "YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD (PS3.18 8.3.4.1)")
         segments = [s for s in parts.path.split("/") if s]
         root = f"{parts.scheme}://{parts.netloc}"
         # The last "studies" / "series" / "instances" segment that ends the
@@ -201,6 +234,9 @@ class DicomWebSource:
                     return cls(base, Level(pair[0]), study=uids.get("studies"), series=uids.get("series"),
                                filters=filters)
                 break
+            if not _UID_SYNTAX.fullmatch(pair[1]):  # never echoed: a patient ID typed where a UID goes
+                raise ValueError(f"DICOMweb URL {base}/{'/'.join(rest[:2 * position + 1])}/...: the {pair[0]} "
+                                 "segment is not a DICOM UID (digits and dots, at most 64 characters)")
             uids[pair[0]] = pair[1]
         else:
             return cls(base, None, study=uids.get("studies"), series=uids.get("series"),
@@ -230,13 +266,24 @@ class DicomWebSource:
 
 
 def redact_url(text: str) -> str:
-    """A URL without credentials or query values (for error messages)."""
+    """A URL without credentials, query values or path parameters (for
+    error messages)."""
     parts = urlsplit(str(text))
     netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    query = "&".join(f"{k}=..." for k, _ in parse_qsl(parts.query, keep_blank_values=True))
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    try:
+        if parts.port:
+            netloc += f":{parts.port}"
+    except ValueError:  # not a valid port: shown as written
+        netloc = parts.netloc.rpartition("@")[2]
+    path = parts.path.split(";", 1)[0] + (";..." if ";" in parts.path else "")
+    return f"{parts.scheme}://{netloc}{path}" + _redacted_query(parts.query)
+
+
+def _redacted_query(query: str) -> str:
+    """``?key=...&...`` for a query string: keys kept, values (and a part
+    without a key, which may be a value) replaced by ``...``; "" for none."""
+    shown = [f"{part.split('=', 1)[0]}=..." if "=" in part else "..." for part in query.split("&") if part]
+    return f"?{'&'.join(shown)}" if shown else ""
 
 
 def instance_url(base_url: str, study: str, series: str, instance: str) -> str:
@@ -426,7 +473,6 @@ def _wildcards_unescaped(url: str) -> str:
     A server that decodes sees the same value either way. (``^`` must stay
     encoded, RFC 3986: on such a server match it with ``?``.)
     """
-    import re
     from urllib.parse import urlunsplit
 
     parts = urlsplit(url)
@@ -747,7 +793,6 @@ class Connection:
 def _first_line(err: Exception) -> str:
     """The first line of an exception from requests, its URLs' query values
     redacted (a search may be by patient: ``PatientID=...``)."""
-    import re
 
     text = str(err).strip().splitlines()
     line = text[0] if text else type(err).__name__

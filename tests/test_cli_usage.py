@@ -80,15 +80,24 @@ def test_predict_bad_usage_is_exit_2(folders, capsys, caplog, extra, message):
     assert not folders["out"].exists() and "pw-9" not in text
 
 
+NOT_HTTP_CASES = [
+    # Second fresh-user trial: an ftp:// input was looked for as a file path.
+    ("ftp://alice:pw-9@pacs/export/IM1.dcm", "ftp://pacs/export/IM1.dcm: medseg reads files, folders, list files "
+                                             "and DICOMweb sources (http:// or https://), not ftp://"),
+    # Third: a mistyped scheme became a glob, its query (a patient) logged.
+    ("http:/pacs/dicom-web/studies?PatientName=Secret*", "http:/pacs/dicom-web/studies...: a mistyped URL?"),
+    ("HTTPS//pacs/dicom-web/studies?PatientID=SECRETID1", "HTTPS//pacs/dicom-web/studies...: a mistyped URL?"),
+]
+
+
 @pytest.mark.parametrize("command", ["predict", "list-inputs"])
-def test_an_input_url_that_is_not_http_is_named_as_such(folders, capsys, caplog, command):
-    """Second fresh-user trial: an ftp:// input was looked for as a file path."""
-    argv = [command, folders["tmp"] / "scans", "ftp://alice:pw-9@pacs/export/IM1.dcm", "--out", folders["out"]]
+@pytest.mark.parametrize("url, message", NOT_HTTP_CASES, ids=["ftp", "http:/", "https//"])
+def test_an_input_url_that_is_not_http_is_named_as_such(folders, capsys, caplog, command, url, message):
+    argv = [command, folders["tmp"] / "scans", url, "--out", folders["out"]]
     rc, text = _run_in_process(argv + (["--model", folders["tmp"] / "best.pt"] if command == "predict" else []),
                                capsys, caplog)
-    _assert_one_usage_error(rc, text, "ftp://pacs/export/IM1.dcm: medseg reads files, folders, list files and "
-                                      "DICOMweb sources (http:// or https://), not ftp://")
-    assert not folders["out"].exists() and "pw-9" not in text
+    _assert_one_usage_error(rc, text, message)
+    assert not folders["out"].exists() and "pw-9" not in text and "Secret" not in text and "SECRETID" not in text
 
 
 def test_predict_missing_model_is_exit_2(folders, capsys, caplog):

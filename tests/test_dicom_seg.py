@@ -15,7 +15,7 @@ from conftest import shared_data_dir
 from dicom_factory import PATIENT_ID, make_dicom, make_legacy_without_type2, synthetic_image
 from requirements_switch import skip_or_fail
 from medseg.errors import InputError
-from medseg.inference.dicom_seg import read_dicom_seg, write_dicom_seg
+from medseg.inference.dicom_seg import read_dicom_seg, series_description, write_dicom_seg
 
 ROWS, COLS = 300, 200  # non-square, so a transpose would show
 LEGACY_NAME = "CR-MONO1-10-chest.dcm"
@@ -118,9 +118,9 @@ def test_the_same_masks_are_the_same_instance_and_others_are_not(tmp_path):
     src_path = make_dicom(tmp_path / "src.dcm", synthetic_image(ROWS, COLS))
     masks = _masks(ROWS, COLS)
 
-    def uids(name: str, masks=masks, version="1.2.3", tta=False) -> tuple[str, str]:
+    def uids(name: str, masks=masks, version="1.2.3", variant="") -> tuple[str, str]:
         ds = pydicom.dcmread(write_dicom_seg(src_path, masks, tmp_path / name / "seg.dcm", model_name="unet-test",
-                                             model_version=version, tta=tta), stop_before_pixels=True)
+                                             model_version=version, variant=variant), stop_before_pixels=True)
         return ds.SeriesInstanceUID, ds.SOPInstanceUID
 
     first = uids("a")
@@ -132,13 +132,16 @@ def test_the_same_masks_are_the_same_instance_and_others_are_not(tmp_path):
     assert uids("d", version="1.2.4")[1] != first[1]
     ds = pydicom.dcmread(tmp_path / "a" / "seg.dcm", stop_before_pixels=True)
     assert ds.SeriesDescription == "unet-test segmentation (research use)" and ds.SeriesNumber == 900
-    # Test-time augmentation's result is told apart in a viewer (second
-    # fresh-user trial: both had one description and number), even when its
-    # masks are the same.
-    tta = uids("e", tta=True)
+    # A result of non-default settings (TTA, a threshold) is told apart in a
+    # viewer (fresh-user trials: both had one description and number), even
+    # when its masks are the same.
+    tta = uids("e", variant="TTA, threshold 0.45")
     assert tta[0] != first[0] and tta[1] != first[1]
     ds = pydicom.dcmread(tmp_path / "e" / "seg.dcm", stop_before_pixels=True)
-    assert ds.SeriesDescription == "unet-test TTA segmentation (research use)" and ds.SeriesNumber == 902
+    assert ds.SeriesDescription == "unet-test TTA, threshold 0.45 (research use)" and ds.SeriesNumber == 902
+    long = series_description("models:/medseg-chest-xray-unet-ensemble@champion", "TTA, threshold 0.45, raw masks")
+    assert long == "models:/medseg-che TTA, threshold 0.45, raw masks (research use)" and len(long) == 64
+    assert series_description("m" * 80, "v" * 80).endswith(" (research use)")
 
 
 def test_seg_from_legacy_file_without_type2_attributes(tmp_path):

@@ -263,7 +263,7 @@ def test_the_same_report_is_the_same_instance_and_another_is_not(case, tmp_path)
     assert uids("e", model_version="1.2.4")[1] != first[1]
     assert len(set(first)) == 2 and all(pydicom.uid.UID(uid).is_valid for uid in first)
     # Test-time augmentation's report is told apart in a viewer.
-    assert uids("f", tta=True)[1] != first[1]
+    assert uids("f", variant="TTA")[1] != first[1]
     plain, tta = (pydicom.dcmread(tmp_path / name / "sr.dcm", stop_before_pixels=True) for name in ("a", "f"))
     assert (plain.SeriesDescription, plain.SeriesNumber) == ("medseg CTR report (research use)", 901)
     assert (tta.SeriesDescription, tta.SeriesNumber) == ("medseg CTR report, TTA (research use)", 903)

@@ -47,11 +47,39 @@ def test_a_source_url_names_its_server_root_and_what_to_read(url, expected):
     ("https://pacs/dicom-web/studies?StudyDate=20240101&limit=10", "limit is not a search filter"),
     ("https://pacs/dicom-web/studies?StudyData=20240101", "StudyData is not a DICOM attribute"),
     ("https://pacs/dicom-web/series?modality=MR", "modality is not a DICOM attribute"),
+    # Third fresh-user trial: each of these reached the server, or echoed a
+    # patient ID, or searched for the last of two values only.
+    ("http://127.0.0.1:99999/dicom-web/studies/1.2", "http://127.0.0.1:99999/...: not a valid port"),
+    ("https://pacs/dicom-web/studies/SECRETID00001", "the studies segment is not a DICOM UID"),
+    ("https://pacs/dicom-web/studies/1.2/series/SECRET-9/instances/3.4", "the series segment is not a DICOM UID"),
+    ("https://pacs/dicom-web/studies;PatientID=SECRETID00001", "';' in the path"),
+    ("https://pacs/dicom-web/studies?SECRETID00001", "every query part is key=value"),
+    ("https://pacs/dicom-web/studies?ModalitiesInStudy=CR&ModalitiesInStudy=DX",
+     "ModalitiesInStudy is given more than once"),
+    ("https://pacs/dicom-web/studies?PatientBirthDate=1970-01-01", "PatientBirthDate: a date is YYYYMMDD"),
 ])
 def test_bad_source_urls_are_refused_without_echoing_secrets(url, problem):
     with pytest.raises(ValueError, match=problem) as caught:
         DicomWebSource.parse(url)
-    assert "secret" not in str(caught.value)
+    assert "secret" not in str(caught.value).lower() and "1970" not in str(caught.value)
+
+
+def test_dates_and_ranges_are_accepted():
+    for value in ("20240101", "20240101-20240131", "20240101-", "-20240131"):
+        assert DicomWebSource.parse(f"{ROOT}/studies?StudyDate={value}").filters == {"StudyDate": value}
+
+
+def test_a_list_file_line_must_be_an_instance_url(tmp_path):
+    """Third fresh-user trial: a study or search URL in a list file was taken
+    for one instance, failed at retrieval and put the query (a patient name)
+    into the log and failures.csv."""
+    listing = tmp_path / "list.txt"
+    for line in (f"{ROOT}/studies?PatientName=Phantom?Secret1", f"{ROOT}/studies/1.2",
+                 f"{ROOT}/studies/1.2/series/3.4", f"{ROOT}/studies/SECRETID1/series/3.4/instances/5.6"):
+        listing.write_text(f"{ROOT}/studies/1.2/series/3.4/instances/5.6\n{line}\n")
+        with pytest.raises(ValueError, match=r"list.txt:2: ") as caught:
+            collect_inputs([listing], remote=lambda text: ([], []))
+        assert "Secret" not in str(caught.value) and "SECRETID" not in str(caught.value)
 
 
 def test_a_search_without_filter_or_study_is_the_whole_archive():

@@ -159,6 +159,19 @@ def _read_source(source: Path) -> Dataset:
 RESEARCH_USE = "research use"
 
 
+def series_description(model_name: str, variant: str = "") -> str:
+    """A SEG's Series Description, at most 64 characters (VR LO): "<model>
+    segmentation (research use)", or "<model> <variant> (research use)";
+    the model name (then the variant) is shortened to fit, "research use"
+    never."""
+    end = f" ({RESEARCH_USE})"
+    middle = f" {variant}" if variant else " segmentation"
+    room = 64 - len(end) - len(middle)
+    if room < 8:
+        middle, room = middle[:64 - len(end) - 8], 8
+    return str(model_name)[:room] + middle + end
+
+
 def result_uids(kind: str, source_uid: str, model_name: str, model_version: str,
                 *content: object) -> tuple[str, str]:
     """(Series Instance UID, SOP Instance UID) of a result, derived from what
@@ -193,7 +206,7 @@ def write_dicom_seg(
     structures_info: Mapping[str, tuple[str, str]] | None = None,
     series_number: int | None = None,
     instance_number: int = 1,
-    tta: bool = False,
+    variant: str = "",
 ) -> Path:
     """Write ``masks`` as a BINARY DICOM SEG derived from ``source``.
 
@@ -212,10 +225,12 @@ def write_dicom_seg(
             ``pydicom.sr.codedict.codes.SCT``; defaults to
             :data:`DEFAULT_STRUCTURES_INFO` (entries given here override).
         series_number, instance_number: of the new SEG series / instance
-            (Series Number default: 900, with ``tta`` 902).
-        tta: the masks come from test-time augmentation: "TTA" in the Series
-            Description, and its own Series Number, so that a viewer tells
-            them from the plain prediction's stored beside them.
+            (Series Number default: 900, with a ``variant`` 902).
+        variant: the settings the masks came from where they are not the
+            defaults, in a few words (e.g. "TTA, threshold 0.45"; "" for
+            the defaults): in the Series Description, and the Series Number
+            is 902, so that a viewer tells them from the default
+            prediction's stored beside them (:func:`series_description`).
 
     Returns:
         ``Path(out_path)``.
@@ -274,9 +289,9 @@ def write_dicom_seg(
             )
         )
 
-    description = f"{str(model_name)[:30]}{' TTA' if tta else ''} segmentation ({RESEARCH_USE})"  # LO: 64 chars
+    description = series_description(model_name, variant)
     if series_number is None:
-        series_number = 902 if tta else 900
+        series_number = 902 if variant else 900
     uids = result_uids(
         "SEG", src.SOPInstanceUID, model_name, model_version, list(masks), pixel_array.tobytes(), description
     )

@@ -120,7 +120,6 @@ QC_FLAG_CODES: dict[str, Code] = {
 }
 
 SERIES_DESCRIPTION = f"medseg CTR report ({RESEARCH_USE})"
-SERIES_DESCRIPTION_TTA = f"medseg CTR report, TTA ({RESEARCH_USE})"
 _MANUFACTURER = "medseg"
 _DEVICE_SERIAL = "0"
 _TRACKING_IDENTIFIER = "medseg CTR measurements"
@@ -236,7 +235,7 @@ def write_ctr_report(
     model_version: str,
     series_number: int | None = None,
     instance_number: int = 1,
-    tta: bool = False,
+    variant: str = "",
 ) -> Path:
     """Write the CTR measurements of one radiograph as a DICOM SR (TID 1500).
 
@@ -258,10 +257,11 @@ def write_ctr_report(
             algorithm name and Manufacturer's Model Name.
         model_version: the algorithm version.
         series_number, instance_number: of the new SR series / instance
-            (Series Number default: 901, with ``tta`` 903).
-        tta: the measurements come from test-time augmentation masks: "TTA"
-            in the Series Description (:data:`SERIES_DESCRIPTION_TTA`) and
-            its own Series Number, as for the SEG.
+            (Series Number default: 901, with a ``variant`` 903).
+        variant: the non-default settings the measurements came from (as
+            for :func:`medseg.inference.dicom_seg.write_dicom_seg`; 30
+            characters of it): in the Series Description, and Series
+            Number 903.
 
     Returns:
         ``Path(out_path)``.
@@ -283,9 +283,9 @@ def write_ctr_report(
     if seg is not None:
         evidence.append(_read_seg(Path(seg), src))
     # Same report of the same image and model -> same UIDs (result_uids).
-    description = SERIES_DESCRIPTION_TTA if tta else SERIES_DESCRIPTION
+    description = (f"medseg CTR report, {variant[:30]} ({RESEARCH_USE})" if variant else SERIES_DESCRIPTION)
     if series_number is None:
-        series_number = 903 if tta else 901
+        series_number = 903 if variant else 901
     series_uid, sop_uid = result_uids(
         "SR", src.SOPInstanceUID, model_name, model_version,
         [str(ds.SOPInstanceUID) for ds in evidence[1:]], _content_key(ctr), flag_list, description,

@@ -332,6 +332,17 @@ def overlay_legend(labels: Sequence[str], ctr) -> list[LegendEntry]:
     return legend
 
 
+def _variant(settings: PredictSettings) -> str:
+    """The settings that make a result differ from the default prediction's,
+    in words, for the SEG's and SR's Series Description ("" for none)."""
+    words = ["TTA"] if settings.tta else []
+    if settings.threshold is not None:
+        words.append(f"threshold {settings.threshold:g}")
+    if not settings.postprocess:
+        words.append("raw masks")
+    return ", ".join(words)
+
+
 def _write_dicom_result(name: str, what: str, write: Callable[[], object]) -> bool:
     """``write()`` one DICOM result of scan ``name``; False, with the reason
     logged, when it fails (the masks and tables stand without it)."""
@@ -392,7 +403,7 @@ def _finish_scan(prep: _Prepared, probabilities: np.ndarray, model: LoadedModel,
         from medseg.inference.dicom_seg import write_dicom_seg
         from medseg.inference.dicom_sr import write_ctr_report
 
-        model_args = dict(model_name=model.uri or "medseg", model_version=__version__, tta=settings.tta)
+        model_args = dict(model_name=model.uri or "medseg", model_version=__version__, variant=_variant(settings))
         seg_written = _write_dicom_result(prep.entry.name, "DICOM SEG", lambda: write_dicom_seg(
             prep.path, masks, case_dir / "seg.dcm", **model_args))
         sr_written = _write_dicom_result(prep.entry.name, "DICOM SR", lambda: write_ctr_report(
@@ -645,6 +656,14 @@ def save_overlay_sheet(path: Path, out_dir: Path, case_ids: Sequence[str], batch
     return shown
 
 
+# Start of the problem of a scan predicted but not stored on the DICOMweb server.
+NOT_PUSHED = "results written, not pushed"
+
+
+def _not_pushed(failures: Sequence[Failure]) -> int:
+    return sum(f.problem.startswith(NOT_PUSHED) for f in failures)
+
+
 def batch_summary(table: pd.DataFrame, failures: Sequence[Failure], shown: int) -> str:
     """``summary.txt`` of a batch: scans and failures, CTRs above 0.5, the
     overlays shown. Numbers and plain words only: the report's captions
@@ -659,9 +678,11 @@ def batch_summary(table: pd.DataFrame, failures: Sequence[Failure], shown: int) 
     if n > len(values):
         ctr_line += (f" {n - len(values)} without one (not an upright frontal chest film, or a structure missing: "
                      "see the QC flags).")
+    unpushed = _not_pushed(failures)
     lines = [
         f"{n} scan{'s' if n != 1 else ''} predicted, {len(failures)} input{'s' if len(failures) != 1 else ''} "
-        "failed (failures.csv).",
+        "failed (failures.csv)." + (f" {unpushed} of those were predicted but not stored on the DICOMweb server "
+                                    "(the same command again stores them)." if unpushed else ""),
         ctr_line,
         f"overlays.png shows {shown} of {n} scans.",
     ]
@@ -862,7 +883,7 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
     if push is not None:
         finished = set(case_ids)
         for entry, problem in _push_all(push, out_dir, [f for f in files if f.case_id in finished], workers):
-            fail(entry.url or entry.path, f"results written, not pushed: {problem}", entry.name)
+            fail(entry.url or entry.path, f"{NOT_PUSHED}: {problem}", entry.name)
     try:
         (out_dir / RETRIEVED_FOLDER).rmdir()  # the DICOMweb copies' folder, once each copy is removed
     except OSError:
@@ -880,6 +901,10 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
         write_failures(failures_path, failures)
     for warning in reading_warnings(table):  # once per batch, just above the closing summary
         log.warning("predict: %s", warning)
+    unpushed = _not_pushed(failures)
+    if unpushed:  # "32 of 32 inputs failed" alone alarms when most only await storing
+        log.warning("predict: %d of the failed inputs have their results written and were only not stored on the "
+                    "DICOMweb server; the same command again stores them", unpushed)
     report_failures(failures, len(files), "predict" if chunk is None else f"predict {chunk.name}",
                     skipped=len(skipped))
     return table, failures

@@ -393,6 +393,8 @@ def _list_file_entries(path: Path) -> Iterable[tuple[InputFile, str | None]]:
             continue
         fields = line.rstrip("\r\n").split("\t")
         url = fields[0].strip() if _is_url(fields[0].strip()) else ""
+        if url:
+            _check_instance_url(url, f"{path}:{number}")
         entry = Path(url.rsplit("/", 1)[-1] + ".dcm") if url else Path(fields[0].strip())
         file = entry if entry.is_absolute() or url else base / entry
         case_id = fields[1].strip() if len(fields) > 1 and fields[1].strip() else None
@@ -402,6 +404,22 @@ def _list_file_entries(path: Path) -> Iterable[tuple[InputFile, str | None]]:
                              f"'.', '_', '-', at most {MAX_CASE_ID_LENGTH} characters, and not end like an output "
                              "file (.csv, .png, .json, ...)")
         yield InputFile(file, name, explicit=True, url=url), case_id
+
+
+def _check_instance_url(url: str, where: str) -> None:
+    """Raise ValueError unless ``url`` is a DICOMweb instance URL (a list
+    file's lines name single images; a study or a search there would be
+    retrieved as if it were one)."""
+    from medseg.dicomweb import DicomWebSource, redact_url
+
+    try:
+        source = DicomWebSource.parse(url)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if source.search is not None or not source.instance or source.filters:
+        raise ValueError(f"{where}: {redact_url(url)} is not a DICOMweb instance URL (<root>/studies/<uid>/series/"
+                         "<uid>/instances/<uid>, as list-inputs writes them); give a study, series or search on the "
+                         "command line, or list it first: medseg list-inputs SOURCE --out list.txt")
 
 
 def _is_url(text: str) -> bool:
