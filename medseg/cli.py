@@ -183,21 +183,9 @@ def _collect(inputs: Sequence[str], case_id_from: str = "filename", exclude: Seq
     (:class:`medseg.dicomweb.Connection`); a refused or failed search is bad
     usage too (wrong credentials are said at once, not once per scan), and
     so is a search of the whole archive (no filter) unless ``whole_archive``."""
-    import re
-
-    from medseg.dicomweb import DicomWebError, DicomWebSource, redact_url
+    from medseg.dicomweb import DicomWebError, DicomWebSource
     from medseg.ingest.inputs import collect_inputs
     from medseg.ingest.remote import list_instances
-
-    for item in inputs:  # ftp://, dicom://, s3://: not a path either, and not DICOMweb
-        scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(item))
-        if scheme and scheme.group(1).lower() not in ("http", "https"):
-            raise UsageError(f"{redact_url(item)}: medseg reads files, folders, list files and DICOMweb sources "
-                             f"(http:// or https://), not {scheme.group(1)}://")
-        if re.match(r"https?(:/?[^/]|//)", str(item), re.IGNORECASE) and not Path(item).exists():
-            # "http:/host", "http//host": a glob of that name would match nothing (and log its query)
-            shown = re.split(r"[?;]", str(item), maxsplit=1)[0] + ("..." if re.search(r"[?;]", str(item)) else "")
-            raise UsageError(f"{shown}: a mistyped URL? A DICOMweb source starts http:// or https://")
 
     def remote(text: str):
         source = DicomWebSource.parse(text)
@@ -205,6 +193,10 @@ def _collect(inputs: Sequence[str], case_id_from: str = "filename", exclude: Seq
             raise ValueError(f"DICOMweb source {source.display()} has no filter: it reads every image on the server "
                              "(the whole archive); narrow it (e.g. /series?Modality=CR, /studies?StudyDate=20240101-"
                              "20240131) or, if the whole archive is meant, give --whole-archive")
+        if source.optional_filters:
+            log.warning("DICOMweb source %s: %s is not among the attributes every server must match (PS3.18 "
+                        "10.6.1.2.3): a server that does not match it ignores it and the search reads more than "
+                        "meant; check the count below", source.display(), ", ".join(source.optional_filters))
         files, skipped = list_instances(connection, source)
         if source.search is None and not files and not skipped:  # UIDs that name nothing: a typo, as a missing path
             raise DicomWebError(f"DICOMweb source {source.display()}: no such study, series or instance on the server")

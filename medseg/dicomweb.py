@@ -111,10 +111,39 @@ def is_dicomweb_source(text: str | os.PathLike) -> bool:
 _NOT_FILTERS = {"limit", "offset", "includefield", "fuzzymatching"}
 
 
+# Attributes every QIDO-RS server must match (PS3.18 10.6.1.2.3, the Studies,
+# Series and Instances tables of required matching attributes); a server may
+# ignore a filter on any other, and the search then reads more than meant.
+REQUIRED_MATCHING = frozenset({
+    "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName", "PatientName",
+    "PatientID", "StudyInstanceUID", "StudyID", "Modality", "SeriesInstanceUID", "SeriesNumber",
+    "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+    "RequestAttributesSequence.ScheduledProcedureStepID", "RequestAttributesSequence.RequestedProcedureID",
+    "SOPClassUID", "SOPInstanceUID", "InstanceNumber"})
+
 # A DICOM UID (PS3.5 9.1): digit groups joined by dots, at most 64 characters.
 _UID_SYNTAX = re.compile(r"(?=.{1,64}$)[0-9]+(\.[0-9]+)*")
 # A DA query value (PS3.18 8.3.4.1, PS3.4 C.2.2.2.5): a date or a range.
 _DATE_MATCH = re.compile(r"[0-9]{8}|[0-9]{8}-|-[0-9]{8}|[0-9]{8}-[0-9]{8}")
+
+
+def _keyword(key: str) -> str:
+    """A filter key as DICOM keywords (a tag such as 00100010 -> PatientName)."""
+    from pydicom.datadict import keyword_for_tag
+
+    return ".".join(keyword_for_tag(int(part, 16)) or part if re.fullmatch(r"[0-9A-Fa-f]{8}", part) else part
+                    for part in key.split("."))
+
+
+def _valid_date_range(value: str) -> bool:
+    """A DA query value whose dates exist, a range's start not after its end."""
+    import datetime
+
+    try:
+        dates = [datetime.datetime.strptime(d, "%Y%m%d") for d in value.split("-") if d]
+    except ValueError:
+        return False
+    return dates == sorted(dates)
 
 
 def _is_date_key(key: str) -> bool:
@@ -180,7 +209,8 @@ class DicomWebSource:
                              "one has no '='")
         pairs = parse_qsl(parts.query, keep_blank_values=True)
         filters = dict(pairs)
-        repeated = sorted({k for k, _ in pairs if [key for key, _ in pairs].count(k) > 1})
+        keywords = [_keyword(k) for k, _ in pairs]  # PatientName and 00100010 are one key
+        repeated = sorted({k for k in keywords if keywords.count(k) > 1})
         if repeated:  # dict() kept the last value only: a search for one of them, silently
             raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(repeated)} is given more than once; a "
                              "search takes one value per key: give each value as a source of its own")
@@ -198,10 +228,11 @@ class DicomWebSource:
             raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(unknown)} is not a DICOM attribute "
                              "keyword or tag (keywords are case-sensitive: StudyDate, Modality, ModalitiesInStudy, "
                              "AccessionNumber, ...)")
-        bad_dates = sorted(k for k, v in filters.items() if _is_date_key(k) and not _DATE_MATCH.fullmatch(v))
+        bad_dates = sorted(k for k, v in filters.items() if _is_date_key(_keyword(k))
+                           and not (_DATE_MATCH.fullmatch(v) and _valid_date_range(v)))
         if bad_dates:  # never echoed: PatientBirthDate is patient data
-            raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(bad_dates)}: a date is YYYYMMDD, a range "
-                             "YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD (PS3.18 8.3.4.1)")
+            raise ValueError(f"DICOMweb URL {redact_url(text)}: {', '.join(bad_dates)}: a date is YYYYMMDD (a real "
+                             "one), a range YYYYMMDD-YYYYMMDD (start first), YYYYMMDD- or -YYYYMMDD (PS3.18 8.3.4.1)")
         segments = [s for s in parts.path.split("/") if s]
         root = f"{parts.scheme}://{parts.netloc}"
         # The last "studies" / "series" / "instances" segment that ends the
@@ -243,6 +274,13 @@ class DicomWebSource:
                        instance=uids.get("instances"), filters=filters)
         raise ValueError(f"DICOMweb URL {redact_url(text)}: expected <root>/studies/<uid>[/series/<uid>"
                          "[/instances/<uid>]] or a search (<root>/studies?..., /series?..., /instances?...)")
+
+    @property
+    def optional_filters(self) -> list[str]:
+        """Filter keys outside :data:`REQUIRED_MATCHING`: a server need not
+        match them, and one that does not ignores them (the search then
+        names more than meant)."""
+        return sorted(k for k in self.filters if _keyword(k) not in REQUIRED_MATCHING)
 
     @property
     def whole_archive(self) -> bool:
@@ -689,7 +727,8 @@ class Connection:
                 except requests.exceptions.ReadTimeout:
                     self._no_answer(base_url)
                     raise DicomWebError(f"DICOMweb server {base_url} did not answer within {self._read_timeout()} s "
-                                        f"({what}); a slow server: set {ENV_TIMEOUT}", unreachable=True) from None
+                                        f"({what}); if it is slow rather than gone, set {ENV_TIMEOUT}",
+                                        unreachable=True) from None
                 except (requests.ConnectionError, requests.Timeout) as err:
                     if attempt < self.attempts:
                         time.sleep(0.25 * 2 ** attempt)

@@ -87,11 +87,14 @@ NOT_HTTP_CASES = [
     # Third: a mistyped scheme became a glob, its query (a patient) logged.
     ("http:/pacs/dicom-web/studies?PatientName=Secret*", "http:/pacs/dicom-web/studies...: a mistyped URL?"),
     ("HTTPS//pacs/dicom-web/studies?PatientID=SECRETID1", "HTTPS//pacs/dicom-web/studies...: a mistyped URL?"),
+    # Fourth: without its scheme, or with a space in it.
+    ("127.0.0.1:8042/dicom-web/studies?PatientID=SECRETID1", "127.0.0.1:8042/dicom-web/studies...: a mistyped URL?"),
+    ("http ://pacs/dicom-web/studies?PatientID=SECRETID1", "http ://pacs/dicom-web/studies...: a mistyped URL?"),
 ]
 
 
 @pytest.mark.parametrize("command", ["predict", "list-inputs"])
-@pytest.mark.parametrize("url, message", NOT_HTTP_CASES, ids=["ftp", "http:/", "https//"])
+@pytest.mark.parametrize("url, message", NOT_HTTP_CASES, ids=["ftp", "http:/", "https//", "no-scheme", "space"])
 def test_an_input_url_that_is_not_http_is_named_as_such(folders, capsys, caplog, command, url, message):
     argv = [command, folders["tmp"] / "scans", url, "--out", folders["out"]]
     rc, text = _run_in_process(argv + (["--model", folders["tmp"] / "best.pt"] if command == "predict" else []),

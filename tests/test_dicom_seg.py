@@ -142,6 +142,9 @@ def test_the_same_masks_are_the_same_instance_and_others_are_not(tmp_path):
     long = series_description("models:/medseg-chest-xray-unet-ensemble@champion", "TTA, threshold 0.45, raw masks")
     assert long == "models:/medseg-che TTA, threshold 0.45, raw masks (research use)" and len(long) == 64
     assert series_description("m" * 80, "v" * 80).endswith(" (research use)")
+    # Fourth trial: cut mid-name, double space, an unclosed bracket.
+    assert series_description("jsrt-cpu (shipped with medseg)", "TTA, threshold 0.45, raw masks") == \
+        "jsrt-cpu TTA, threshold 0.45, raw masks (research use)"
 
 
 def test_seg_from_legacy_file_without_type2_attributes(tmp_path):

@@ -295,8 +295,8 @@ def test_server_gone_mid_batch_lists_scans_not_done_and_rerun_finishes(model_and
     failures = pd.read_csv(out / "failures.csv")
     assert len(failures) == 4 and failures.problem.str.contains("not pushed").all(), failures.problem.tolist()
     # Said plainly: most "failed" inputs only await storing (third trial).
-    assert "4 of the failed inputs have their results written and were only not stored" in log
-    assert "4 of those were predicted but not stored on the DICOMweb server" in (out / "summary.txt").read_text()
+    assert "4 of the failed inputs have their results written and only their storing" in log
+    assert "4 of those were predicted but not confirmed stored on the DICOMweb" in (out / "summary.txt").read_text()
 
     orthanc.start()
     assert {k: len(v) for k, v in _by_modality(orthanc).items()} == {"CR": 6, "SEG": 2, "SR": 2}

@@ -57,6 +57,10 @@ def test_a_source_url_names_its_server_root_and_what_to_read(url, expected):
     ("https://pacs/dicom-web/studies?ModalitiesInStudy=CR&ModalitiesInStudy=DX",
      "ModalitiesInStudy is given more than once"),
     ("https://pacs/dicom-web/studies?PatientBirthDate=1970-01-01", "PatientBirthDate: a date is YYYYMMDD"),
+    # Fourth trial: a month 13, a range backwards, a key as keyword and tag.
+    ("https://pacs/dicom-web/studies?StudyDate=20261315", "StudyDate: a date is YYYYMMDD \\(a real one\\)"),
+    ("https://pacs/dicom-web/studies?StudyDate=20260131-20260101", "StudyDate: a date is"),
+    ("https://pacs/dicom-web/studies?PatientName=A*&00100010=B", "PatientName is given more than once"),
 ])
 def test_bad_source_urls_are_refused_without_echoing_secrets(url, problem):
     with pytest.raises(ValueError, match=problem) as caught:
@@ -65,8 +69,15 @@ def test_bad_source_urls_are_refused_without_echoing_secrets(url, problem):
 
 
 def test_dates_and_ranges_are_accepted():
-    for value in ("20240101", "20240101-20240131", "20240101-", "-20240131"):
+    for value in ("20240101", "20240101-20240131", "20240101-", "-20240131", "20240229"):
         assert DicomWebSource.parse(f"{ROOT}/studies?StudyDate={value}").filters == {"StudyDate": value}
+
+
+def test_filters_a_server_need_not_match_are_named():
+    """A server ignores a filter it does not match (Orthanc: PixelData): the
+    search reads more than meant; medseg names such keys (PS3.18 10.6.1.2.3)."""
+    assert DicomWebSource.parse(f"{ROOT}/studies?PixelData=X&ModalitiesInStudy=CR").optional_filters == ["PixelData"]
+    assert DicomWebSource.parse(f"{ROOT}/series?Modality=CR&00100020=X&StudyDate=20240101").optional_filters == []
 
 
 def test_a_list_file_line_must_be_an_instance_url(tmp_path):
@@ -80,6 +91,19 @@ def test_a_list_file_line_must_be_an_instance_url(tmp_path):
         with pytest.raises(ValueError, match=r"list.txt:2: ") as caught:
             collect_inputs([listing], remote=lambda text: ([], []))
         assert "Secret" not in str(caught.value) and "SECRETID" not in str(caught.value)
+    # Fourth trial: a mistyped URL line was taken for a path (its query, a
+    # patient ID, echoed as "file not found"), also as a list's only line;
+    # a BOM (Notepad) made the first URL a path.
+    for line in ("http:/pacs/dicom-web/studies?PatientID=SECRETID1", "HTTPS//pacs/x", "ftp://pacs/x",
+                 "pacs:8042/dicom-web/studies?PatientID=SECRETID1"):
+        for content in (f"{line}\n", f"{ROOT}/studies/1.2/series/3.4/instances/5.6\n{line}\n"):
+            listing.write_text(content)
+            with pytest.raises(ValueError, match=r"list.txt:\d: .*(mistyped URL|not ftp://)") as caught:
+                collect_inputs([listing], remote=lambda text: ([], []))
+            assert "SECRETID" not in str(caught.value)
+    listing.write_bytes(f"\ufeff{ROOT}/studies/1.2/series/3.4/instances/5.6\r\n".encode())
+    [entry] = collect_inputs([listing], remote=lambda text: ([], [])).files
+    assert entry.url == f"{ROOT}/studies/1.2/series/3.4/instances/5.6"
 
 
 def test_a_search_without_filter_or_study_is_the_whole_archive():

@@ -168,8 +168,12 @@ def series_description(model_name: str, variant: str = "") -> str:
     middle = f" {variant}" if variant else " segmentation"
     room = 64 - len(end) - len(middle)
     if room < 8:
-        middle, room = middle[:64 - len(end) - 8], 8
-    return str(model_name)[:room] + middle + end
+        middle, room = middle[:64 - len(end) - 8].rstrip(" ,"), 8
+    model = str(model_name)
+    if len(model) > room:  # cut at a word, without an unclosed "(" ("jsrt-cpu (shipped with medseg)")
+        model = model[:room]
+        model = (model.rsplit(" (", 1)[0] if " (" in model else model).rstrip()
+    return model + middle + end
 
 
 def result_uids(kind: str, source_uid: str, model_name: str, model_version: str,

@@ -681,8 +681,9 @@ def batch_summary(table: pd.DataFrame, failures: Sequence[Failure], shown: int) 
     unpushed = _not_pushed(failures)
     lines = [
         f"{n} scan{'s' if n != 1 else ''} predicted, {len(failures)} input{'s' if len(failures) != 1 else ''} "
-        "failed (failures.csv)." + (f" {unpushed} of those were predicted but not stored on the DICOMweb server "
-                                    "(the same command again stores them)." if unpushed else ""),
+        "failed (failures.csv)." + (f" {unpushed} of those were predicted but not confirmed stored on the DICOMweb "
+                                    "server (the same command again asks it and stores what it lacks)."
+                                    if unpushed else ""),
         ctr_line,
         f"overlays.png shows {shown} of {n} scans.",
     ]
@@ -903,8 +904,9 @@ def predict_files(files: Sequence[InputFile], model: LoadedModel, settings: Pred
         log.warning("predict: %s", warning)
     unpushed = _not_pushed(failures)
     if unpushed:  # "32 of 32 inputs failed" alone alarms when most only await storing
-        log.warning("predict: %d of the failed inputs have their results written and were only not stored on the "
-                    "DICOMweb server; the same command again stores them", unpushed)
+        log.warning("predict: %d of the failed inputs have their results written and only their storing on the "
+                    "DICOMweb server was not confirmed; the same command again asks it and stores what it lacks",
+                    unpushed)
     report_failures(failures, len(files), "predict" if chunk is None else f"predict {chunk.name}",
                     skipped=len(skipped))
     return table, failures

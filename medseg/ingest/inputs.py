@@ -369,12 +369,12 @@ def _names_an_input(path: Path) -> bool:
     input that fails as "not an image" instead of a list whose every line
     (patient details, perhaps) would be echoed as a missing file."""
     entries = 0
-    for line in path.read_text(errors="replace").splitlines():
+    for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         entries += 1
         first = line.rstrip("\r\n").split("\t")[0].strip()
-        if _is_url(first):  # a DICOMweb instance (medseg list-inputs of a DICOMweb source)
+        if _is_url(first) or url_problem(first):  # a DICOMweb instance (or a mistyped one, said as such)
             return True
         entry = Path(first)
         try:
@@ -388,13 +388,18 @@ def _names_an_input(path: Path) -> bool:
 def _list_file_entries(path: Path) -> Iterable[tuple[InputFile, str | None]]:
     """(input, its case ID if the line gives one) per line of a list file."""
     base = path.parent
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    # utf-8-sig: a BOM (Windows editors) is not part of the first line's URL or path
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.rstrip("\r\n").split("\t")
         url = fields[0].strip() if _is_url(fields[0].strip()) else ""
         if url:
             _check_instance_url(url, f"{path}:{number}")
+        else:
+            problem = url_problem(fields[0].strip(), f"{path}:{number}")
+            if problem and not os.path.lexists(base / fields[0].strip()):  # not a path beside the list either
+                raise ValueError(problem)
         entry = Path(url.rsplit("/", 1)[-1] + ".dcm") if url else Path(fields[0].strip())
         file = entry if entry.is_absolute() or url else base / entry
         case_id = fields[1].strip() if len(fields) > 1 and fields[1].strip() else None
@@ -404,6 +409,33 @@ def _list_file_entries(path: Path) -> Iterable[tuple[InputFile, str | None]]:
                              f"'.', '_', '-', at most {MAX_CASE_ID_LENGTH} characters, and not end like an output "
                              "file (.csv, .png, .json, ...)")
         yield InputFile(file, name, explicit=True, url=url), case_id
+
+
+def url_problem(text: str, where: str = "") -> str | None:
+    """Why ``text``, which is not an http(s) URL, looks like a URL that is
+    wrong (``ftp://...``; ``http:/host``, ``http//host``; ``host:8042/
+    dicom-web/studies?PatientID=...`` without its scheme), or None (a path).
+
+    A path of that form would be globbed or looked for as a file, and its
+    query (a patient name or ID, perhaps) echoed as "no file matches ...":
+    the message shows the text up to its query only. A path that exists is
+    never a problem.
+    """
+    if _is_url(text) or os.path.lexists(text):
+        return None
+    shown = re.split(r"[?;#]", text, maxsplit=1)[0].strip() + ("..." if re.search(r"[?;#]", text) else "")
+    where = f"{where}: " if where else ""
+    scheme = re.match(r"\s*([A-Za-z][A-Za-z0-9+.-]+)://", text)
+    if scheme and scheme.group(1).lower() not in ("http", "https"):
+        from medseg.dicomweb import redact_url
+
+        return (f"{where}{redact_url(text)}: medseg reads files, folders, list files and DICOMweb sources (http:// "
+                f"or https://), not {scheme.group(1)}://")
+    mistyped = re.match(r"\s*https?\s*(:\s*/?\s*(?!/)|//|:\s*//)", text, re.IGNORECASE)
+    schemeless = re.search(r"\?[^/?]*=", text) or re.match(r"[\w.-]+:[0-9]+/", text)
+    if mistyped or schemeless:
+        return f"{where}{shown}: a mistyped URL? A DICOMweb source starts http:// or https://"
+    return None
 
 
 def _check_instance_url(url: str, where: str) -> None:
@@ -455,12 +487,19 @@ def collect_inputs(inputs: Sequence[str | Path], case_id_from: str = "filename",
 
     Raises:
         ValueError: ``case_id_from`` unknown; a list file gives an unsafe case
-            ID or one case ID to two files; a DICOMweb source without ``remote``.
+            ID or one case ID to two files, or a line that is no instance
+            URL but looks like a URL; an input that looks like a mistyped or
+            non-http URL (:func:`url_problem`); a DICOMweb source without
+            ``remote``.
         FileNotFoundError: an input that is not a glob (a folder, list file
             or file) does not exist; the message names every such input.
     """
     if case_id_from not in CASE_ID_SOURCES:
         raise ValueError(f"case_id_from must be one of {CASE_ID_SOURCES}, got {case_id_from!r}")
+    for item in inputs:
+        problem = url_problem(str(item))
+        if problem:
+            raise ValueError(problem)
     missing = [str(item) for item in inputs if not _is_url(str(item))
                and not any(ch in str(item) for ch in "*?[") and not os.path.lexists(str(item))]
     if missing:
@@ -663,7 +702,7 @@ def sop_instance_uid(path: Path) -> str | None:
     return str(uid).strip() or None if uid else None
 
 
-__all__ = ["CASE_ID_SOURCES", "NOT_IMAGE_SUFFIXES", "InputFile", "ambiguity_note", "InputSet", "Skipped",
+__all__ = ["CASE_ID_SOURCES", "NOT_IMAGE_SUFFIXES", "InputFile", "ambiguity_note", "InputSet", "Skipped", "url_problem",
            "assign_case_ids", "base_case_id", "collect_inputs", "is_safe_case_id", "list_file_line",
            "list_image_files", "lookup_keys", "non_image_name_reason", "non_image_reason", "safe_case_id",
            "short_hash", "sop_instance_uid"]
