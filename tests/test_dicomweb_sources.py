@@ -86,7 +86,9 @@ def test_a_list_file_line_must_be_an_instance_url(tmp_path):
     into the log and failures.csv."""
     listing = tmp_path / "list.txt"
     for line in (f"{ROOT}/studies?PatientName=Phantom?Secret1", f"{ROOT}/studies/1.2",
-                 f"{ROOT}/studies/1.2/series/3.4", f"{ROOT}/studies/SECRETID1/series/3.4/instances/5.6"):
+                 f"{ROOT}/studies/1.2/series/3.4", f"{ROOT}/studies/SECRETID1/series/3.4/instances/5.6",
+                 f"{ROOT}/studies/1.2/series/3.4/instances/5.6?PatientID=SECRETID1",
+                 f"{ROOT}/studies/1.2/series/3.4/instances/5.6#SECRETID1"):
         listing.write_text(f"{ROOT}/studies/1.2/series/3.4/instances/5.6\n{line}\n")
         with pytest.raises(ValueError, match=r"list.txt:2: ") as caught:
             collect_inputs([listing], remote=lambda text: ([], []))

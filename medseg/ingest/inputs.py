@@ -442,8 +442,13 @@ def _check_instance_url(url: str, where: str) -> None:
     """Raise ValueError unless ``url`` is a DICOMweb instance URL (a list
     file's lines name single images; a study or a search there would be
     retrieved as if it were one)."""
+    from urllib.parse import urlsplit
+
     from medseg.dicomweb import DicomWebSource, redact_url
 
+    if urlsplit(url).query or urlsplit(url).fragment:
+        raise ValueError(f"{where}: {redact_url(url)}: an instance URL takes no query or '#' part (as list-inputs "
+                         "writes them)")
     try:
         source = DicomWebSource.parse(url)
     except ValueError as err:
