@@ -121,6 +121,8 @@ REQUIRED_MATCHING = frozenset({
     "RequestAttributesSequence.ScheduledProcedureStepID", "RequestAttributesSequence.RequestedProcedureID",
     "SOPClassUID", "SOPInstanceUID", "InstanceNumber"})
 
+# A tag as a query key (PS3.18 8.3.4.1): 8 hex digits, e.g. 00100010.
+_TAG = re.compile(r"[0-9A-Fa-f]{8}")
 # A DICOM UID (PS3.5 9.1): digit groups joined by dots, at most 64 characters.
 _UID_SYNTAX = re.compile(r"(?=.{1,64}$)[0-9]+(\.[0-9]+)*")
 # A DA query value (PS3.18 8.3.4.1, PS3.4 C.2.2.2.5): a date or a range.
@@ -131,7 +133,7 @@ def _keyword(key: str) -> str:
     """A filter key as DICOM keywords (a tag such as 00100010 -> PatientName)."""
     from pydicom.datadict import keyword_for_tag
 
-    return ".".join(keyword_for_tag(int(part, 16)) or part if re.fullmatch(r"[0-9A-Fa-f]{8}", part) else part
+    return ".".join(keyword_for_tag(int(part, 16)) or part if _TAG.fullmatch(part) else part
                     for part in key.split("."))
 
 
@@ -156,11 +158,9 @@ def _is_date_key(key: str) -> bool:
 def _is_attribute(key: str) -> bool:
     """A QIDO-RS filter key: a DICOM keyword or 8-digit hex tag, or a dotted
     sequence path of them (PS3.18 8.3.4.1)."""
-
     from pydicom.datadict import tag_for_keyword
 
-    return all(tag_for_keyword(part) is not None or re.fullmatch(r"[0-9A-Fa-f]{8}", part)
-               for part in key.split("."))
+    return all(tag_for_keyword(part) is not None or _TAG.fullmatch(part) for part in key.split("."))
 
 
 @dataclass(frozen=True)
@@ -661,18 +661,22 @@ class Connection:
 
     def client(self, base_url: str):
         """This thread's ``dicomweb_client.DICOMwebClient`` for ``base_url``."""
-        from dicomweb_client import DICOMwebClient
-
         clients = self._local.__dict__.setdefault("clients", {})
         if base_url not in clients:
-            credentials, _ = self.credentials_for(base_url)
-            self._warn_if_plain_http(base_url, credentials)
-            client = DICOMwebClient(base_url, session=make_session(credentials), timeout=self.timeout)
-            # Retries are call()'s: dicomweb-client would also retry a read
-            # timeout (5 x the timeout per request to a hung server).
-            client.set_http_retry_params(retry=False)
-            clients[base_url] = client
+            clients[base_url] = self._new_client(base_url, self.timeout)
         return clients[base_url]
+
+    def _new_client(self, base_url: str, timeout: float | tuple[float, float]):
+        """A ``DICOMwebClient`` with ``base_url``'s credentials and no retries
+        of its own (:meth:`call`'s: dicomweb-client would also retry a read
+        timeout, 5 x the timeout per request to a hung server)."""
+        from dicomweb_client import DICOMwebClient
+
+        credentials, _ = self.credentials_for(base_url)
+        self._warn_if_plain_http(base_url, credentials)
+        client = DICOMwebClient(base_url, session=make_session(credentials), timeout=timeout)
+        client.set_http_retry_params(retry=False)
+        return client
 
     def _warn_if_plain_http(self, base_url: str, credentials: Mapping[str, str]) -> None:
         parts = urlsplit(base_url)
@@ -783,15 +787,11 @@ class Connection:
         """One study search with a short read timeout; None if the server
         answered anything (even a refusal), else why it is given up on."""
         import requests
-        from dicomweb_client import DICOMwebClient
 
         connect = self.timeout[0] if isinstance(self.timeout, tuple) else self.timeout
         read = min(self._read_timeout(), self.check_timeout)
-        credentials, _ = self.credentials_for(base_url)
-        probe = DICOMwebClient(base_url, session=make_session(credentials), timeout=(connect, read))
-        probe.set_http_retry_params(retry=False)
         try:
-            probe.search_for_studies(limit=1)
+            self._new_client(base_url, (connect, read)).search_for_studies(limit=1)
         except (requests.HTTPError, ValueError):
             pass  # an answer: the server is there (what it refuses, the request itself says)
         except requests.RequestException:
@@ -832,7 +832,6 @@ class Connection:
 def _first_line(err: Exception) -> str:
     """The first line of an exception from requests, its URLs' query values
     redacted (a search may be by patient: ``PatientID=...``)."""
-
     text = str(err).strip().splitlines()
     line = text[0] if text else type(err).__name__
     line = re.sub(r"([?&][^=&\s'\")]+)=[^&\s'\")]*", r"\1=...", line)
@@ -840,6 +839,7 @@ def _first_line(err: Exception) -> str:
 
 
 __all__ = ["Connection", "DEFAULT_TIMEOUT", "DicomWebError", "DicomWebSource", "ENV_AUTH_FILE", "ENV_PASSWORD",
-           "ENV_TIMEOUT", "ENV_TOKEN", "ENV_USER", "Level", "ServerCredentials", "credentials_from_environment",
+           "ENV_TIMEOUT", "ENV_TOKEN", "ENV_USER", "Level", "REQUIRED_MATCHING", "ServerCredentials",
+           "credentials_from_environment",
            "instance_url", "is_dicomweb_source", "make_session", "read_auth_file", "redact_url",
            "timeout_from_environment"]

@@ -65,7 +65,7 @@ def push_scan(connection: Connection, base_url: str, case_dir: str | Path) -> li
     # server may have lost or deleted an instance since).
     to_store = [ds for ds in datasets if not _on_server(connection, base_url, ds, scan)]
     if to_store:
-        what = f"store the {' and '.join(str(ds.Modality) for ds in to_store)} of scan {scan}"
+        what = f"store the {_kinds(to_store)} of scan {scan}"
         try:
             response = connection.call(base_url, what, lambda c: c.store_instances(to_store))
         except (AttributeError, TypeError, KeyError, IndexError):  # dicomweb-client read an answer that is no
@@ -73,7 +73,7 @@ def push_scan(connection: Connection, base_url: str, case_dir: str | Path) -> li
         failed = [str(item.get("ReferencedSOPInstanceUID", "?")) for item in
                   getattr(response, "FailedSOPSequence", None) or []]
         if failed:
-            kinds = " and ".join(str(ds.Modality) for ds in to_store if str(ds.SOPInstanceUID) in failed)
+            kinds = _kinds(ds for ds in to_store if str(ds.SOPInstanceUID) in failed)
             raise DicomWebError(f"DICOMweb server {base_url} did not store the {kinds or 'results'} of scan {scan} "
                                 "(STOW-RS Failed SOP Sequence)")
         acknowledged = {str(item.get("ReferencedSOPInstanceUID")) for item in
@@ -84,11 +84,16 @@ def push_scan(connection: Connection, base_url: str, case_dir: str | Path) -> li
                    and not _on_server(connection, base_url, ds, scan)]
         if missing:
             raise DicomWebError(f"DICOMweb server {base_url} answered the store of scan {scan} without storing its "
-                                f"{' and '.join(str(ds.Modality) for ds in missing)} (not found after it); "
+                                f"{_kinds(missing)} (not found after it); "
                                 "run again to retry")
     write_text_atomic(case_dir / PUSHED_RECORD,
                       json.dumps({"server": base_url, "sop_instance_uids": uids}, indent=1) + "\n")
     return [str(ds.SOPInstanceUID) for ds in to_store]
+
+
+def _kinds(datasets) -> str:
+    """The results' kinds in words ("SEG and SR"), for messages."""
+    return " and ".join(str(ds.Modality) for ds in datasets)
 
 
 def _on_server(connection: Connection, base_url: str, ds, scan: str) -> bool:

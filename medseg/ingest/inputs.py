@@ -446,7 +446,8 @@ def _check_instance_url(url: str, where: str) -> None:
 
     from medseg.dicomweb import DicomWebSource, redact_url
 
-    if urlsplit(url).query or urlsplit(url).fragment:
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
         raise ValueError(f"{where}: {redact_url(url)}: an instance URL takes no query or '#' part (as list-inputs "
                          "writes them)")
     try:
